@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op (kernel + launcher + autograd Function). Imported as grm_engine.kernels."""
