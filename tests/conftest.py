@@ -1,7 +1,13 @@
 import os
 
-import pytest
 import torch
+
+# On a machine without CUDA, Triton kernels run under the interpreter. Triton reads the
+# variable when a kernel is decorated, so it is set here, before any test imports a kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -12,11 +18,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture
-def interpret_triton(monkeypatch):
-    """Triton kernels on the CPU: TRITON_INTERPRET=1 must be set before triton is imported,
-    so the CPU lane sets it for the whole session in .ci/run; this fixture skips if it is not set."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by .ci/run)")
