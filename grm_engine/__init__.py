@@ -1,6 +1,8 @@
 """grm-engine: a lean, custom-kernel engine for generative reward models (DeepSeek-GRM style)."""
 from ._backends import backends
 from .parsing import ParsedScores, ParseStatus, parse_scores
+from .protocol import build_meta_prompt, build_prompt
+from .voting import VoteResult, is_correct, rule_reward, vote
 
 __version__ = "0.1.0"
 
@@ -9,4 +11,10 @@ __all__ = [
     "ParsedScores",
     "ParseStatus",
     "parse_scores",
+    "build_prompt",
+    "build_meta_prompt",
+    "VoteResult",
+    "is_correct",
+    "rule_reward",
+    "vote",
 ]

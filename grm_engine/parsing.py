@@ -75,7 +75,8 @@ def parse_one(text: str, num_responses: int, lo: float = 1, hi: float = 10) -> t
     return values, ParseStatus.OK
 
 
-def _normalize_counts(texts: Sequence[str], num_responses) -> np.ndarray:
+def _normalize_counts(texts: Sequence[str], num_responses) -> tuple[np.ndarray, int]:
+    """Per-text response counts [N] and the width n_max of the score matrix."""
     if isinstance(texts, str):
         raise TypeError("parse_scores takes a list of critiques, not one string; wrap it: [text]")
     n = len(texts)
@@ -89,12 +90,15 @@ def _normalize_counts(texts: Sequence[str], num_responses) -> np.ndarray:
     if n and counts.min() < 1:
         bad = int(np.argmin(counts))
         raise ValueError(f"num_responses[{bad}] = {counts[bad]}: every critique scores at least one response")
-    return counts
+    if isinstance(num_responses, (int, np.integer)):
+        if num_responses < 1:
+            raise ValueError(f"num_responses = {num_responses}: every critique scores at least one response")
+        return counts, int(num_responses)
+    return counts, int(counts.max()) if n else 0
 
 
 def parse_scores_reference(texts: Sequence[str], num_responses, *, lo: float = 1, hi: float = 10) -> ParsedScores:
-    counts = _normalize_counts(texts, num_responses)
-    n_max = int(counts.max()) if len(counts) else 0
+    counts, n_max = _normalize_counts(texts, num_responses)
     scores = np.full((len(texts), n_max), np.nan, dtype=np.float32)
     status = np.zeros(len(texts), dtype=np.int8)
     for i, text in enumerate(texts):
@@ -103,7 +107,8 @@ def parse_scores_reference(texts: Sequence[str], num_responses, *, lo: float = 1
         values, st = parse_one(text, int(counts[i]), lo, hi)
         status[i] = st
         if values is not None:
-            scores[i, : len(values)] = values
+            with np.errstate(over="ignore"):  # a huge value becomes inf in float32, as in C++
+                scores[i, : len(values)] = values
     return ParsedScores(torch.from_numpy(scores), torch.from_numpy(status))
 
 
@@ -111,8 +116,8 @@ def parse_scores_cpp(texts: Sequence[str], num_responses, *, lo: float = 1, hi: 
                      num_threads: int = 0) -> ParsedScores:
     if _C is None:
         raise RuntimeError("grm_engine._C is not built; reinstall grm-engine from source (pip install .)")
-    counts = _normalize_counts(texts, num_responses)
-    scores, status = _C.parse_scores(list(texts), counts, float(lo), float(hi), int(num_threads))
+    counts, n_max = _normalize_counts(texts, num_responses)
+    scores, status = _C.parse_scores(list(texts), counts, n_max, float(lo), float(hi), int(num_threads))
     return ParsedScores(torch.from_numpy(scores), torch.from_numpy(status))
 
 

@@ -19,15 +19,19 @@ namespace {
 constexpr size_t kMinTextsPerThread = 2048;
 
 py::tuple parse_scores(py::list texts, py::array_t<int64_t, py::array::c_style | py::array::forcecast> counts,
-                       double lo, double hi, int num_threads) {
+                       int64_t n_max, double lo, double hi, int num_threads) {
   const size_t n = texts.size();
   if (static_cast<size_t>(counts.size()) != n) {
     throw py::value_error("parse_scores: counts has " + std::to_string(counts.size()) + " entries for " +
                           std::to_string(n) + " texts");
   }
   const int64_t* count = counts.data();
-  int64_t n_max = 0;
-  for (size_t i = 0; i < n; ++i) n_max = std::max(n_max, count[i]);
+  for (size_t i = 0; i < n; ++i) {
+    if (count[i] < 1 || count[i] > n_max) {
+      throw py::value_error("parse_scores: counts[" + std::to_string(i) + "] = " + std::to_string(count[i]) +
+                            " is outside 1..n_max = " + std::to_string(n_max));
+    }
+  }
 
   // UTF-8 views, taken with the GIL held. Compact ASCII strings give their own buffer at no
   // cost; a string with lone surrogates cannot be UTF-8 encoded strictly, so it is encoded
@@ -89,8 +93,8 @@ py::tuple parse_scores(py::list texts, py::array_t<int64_t, py::array::c_style |
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "grm-engine CPU kernels (C++)";
-  m.def("parse_scores", &parse_scores, py::arg("texts"), py::arg("counts"), py::arg("lo"), py::arg("hi"),
+  m.def("parse_scores", &parse_scores, py::arg("texts"), py::arg("counts"), py::arg("n_max"), py::arg("lo"), py::arg("hi"),
         py::arg("num_threads") = 0,
-        "Parse critiques: returns (scores float32 [N, n_max] NaN-filled, status int8 [N]). "
+        "Parse critiques: returns (scores float32 [N, n_max], NaN where absent, status int8 [N]). "
         "Same rule as grm_engine.parsing.parse_scores_reference.");
 }

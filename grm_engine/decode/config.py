@@ -1,0 +1,69 @@
+"""User-facing settings of the decoder: what to sample (SamplingParams) and how to run (DecoderConfig)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to sample the completions of one prompt.
+
+    temperature 0 is greedy. top_k 0 / top_p 1.0 disable those filters. The noise of sample j of
+    request r at position p is a pure function of (seed, r, j, p), so a completion does not depend on
+    which other requests share its batch or on preemption. seed None draws one seed per generate().
+    logprobs True returns, per generated token, log_softmax(logits / temperature)[token]
+    (temperature 0 counts as 1), the quantity GRPO calls old_logp.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, "n must be an int >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an int >= 0 (0 disables it)"),
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an int >= 1"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ints >= 0"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "seed must be None or an int in [0, 2**63)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams: {message} (got {self})")
+
+
+@dataclass
+class DecoderConfig:
+    """Engine settings. num_kv_blocks None sizes the pool from free memory (kv_cache_memory_fraction)."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"DecoderConfig: block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"DecoderConfig: kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("DecoderConfig: max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"DecoderConfig: num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

@@ -1,0 +1,139 @@
+"""The GRM prompt protocol: what the model reads (METHOD.md, "Pointwise generative reward model").
+
+The wording is ours; the structure is the released DeepSeek-GRM one, so its checkpoints work:
+responses delimited by `[The Begin of Response i]` ... `[The End of Response i]`, an answer in
+three parts headed `Specific Criteria:`, `Analysis:`, `Scores:`, and a last line `\\boxed{s1, s2, ...}`.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
+Query = Union[str, Sequence[Message]]
+
+TEMPLATES = ("default", "single")
+# The score range each template asks for: what `parse_scores(lo=, hi=)` should check.
+SCORE_RANGE = {"default": (1, 10), "single": (0, 1)}
+
+_INSTRUCTION = (
+    "You are an expert evaluator of assistant responses. Read the conversation below (its last turn is "
+    "the user's query) and the candidate responses. First write the specific criteria that matter for "
+    "this query, each with a weight; then analyse every response against those criteria; then give "
+    "each response one overall score."
+)
+_FORMAT_DEFAULT = (
+    "Answer in exactly three parts:\n"
+    "Specific Criteria: the criteria for this query and their weights.\n"
+    "Analysis: a critique of each response against the criteria.\n"
+    "Scores: one integer from 1 to 10 per response (higher is better), in the order the responses "
+    "appear above, written on the last line as \\boxed{{{example}}}."
+)
+_FORMAT_SINGLE = (
+    "Answer in exactly three parts:\n"
+    "Specific Criteria: the criteria for this query and their weights.\n"
+    "Analysis: a critique of the response against the criteria.\n"
+    "Scores: 1 if the response is correct and acceptable, 0 otherwise, written on the last line as \\boxed{x}."
+)
+_META_INSTRUCTION = "Please score the responses."
+
+
+def _check_query(query: Query) -> None:
+    if isinstance(query, str):
+        if not query.strip():
+            raise ValueError("query is empty")
+        return
+    if not isinstance(query, (list, tuple)) or not query:
+        raise ValueError(f"query must be a string or a non-empty list of chat messages, got {type(query).__name__}")
+    for i, message in enumerate(query):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"query[{i}] must be a dict with 'role' and 'content', got {message!r:.80}")
+        if message["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"query[{i}]['role'] = {message['role']!r}; expected system, user or assistant")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"query[{i}]['content'] must be a string")
+    if query[-1]["role"] != "user":
+        raise ValueError(f"the last message of the query must be the user's, got role {query[-1]['role']!r}")
+
+
+def format_conversation(query: Query) -> str:
+    """The conversation as plain text; the last turn is the user's query."""
+    _check_query(query)
+    if isinstance(query, str):
+        return f"User: {query}"
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in query)
+
+
+def format_responses(responses: Sequence[str]) -> str:
+    if isinstance(responses, str) or not isinstance(responses, (list, tuple)) or not responses:
+        raise ValueError("responses must be a non-empty list of strings")
+    for i, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise ValueError(f"responses[{i}] is {type(response).__name__}, expected str")
+    return "\n\n".join(
+        f"[The Begin of Response {i}]\n{response}\n[The End of Response {i}]"
+        for i, response in enumerate(responses, start=1)
+    )
+
+
+def apply_chat_template(messages: Sequence[Message], tokenizer, *, add_generation_prompt: bool) -> str:
+    """The tokenizer's chat template when it has one, a plain rendering otherwise."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "\n\n".join(m["content"] if m["role"] == "user" and len(messages) == 1 else
+                       f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+    if add_generation_prompt and len(messages) > 1:
+        text += "\n\nAssistant:"
+    return text
+
+
+def build_prompt(query: Query, responses: Sequence[str], *, template: str = "default",
+                 hint: int | None = None, tokenizer=None) -> str:
+    """The GRM's user turn for one query and its responses, in the order given.
+
+    template "default": n >= 1 responses, one score 1..10 each. "single": exactly one response,
+    a binary verdict \\boxed{0|1} (the single-response training variant). hint: the 0-based
+    position (in the order given) of the best response; adds the hinted-sampling line.
+    With a tokenizer, its chat template is applied (with the generation prompt).
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"template {template!r} is not one of {TEMPLATES}")
+    body = format_responses(responses)
+    if template == "single":
+        if len(responses) != 1:
+            raise ValueError(f"template 'single' takes exactly one response, got {len(responses)}")
+        output_format = _FORMAT_SINGLE
+    else:
+        example = ", ".join(f"s{i}" for i in range(1, len(responses) + 1))
+        output_format = _FORMAT_DEFAULT.format(example=example)
+    parts = [
+        _INSTRUCTION,
+        "#### Conversation ####\n" + format_conversation(query),
+        "#### Responses to be Scored ####\n" + body,
+        "#### Output Format ####\n" + output_format,
+    ]
+    if hint is not None:
+        if not isinstance(hint, int) or not 0 <= hint < len(responses):
+            raise ValueError(f"hint = {hint!r} must be a response position in 0..{len(responses) - 1}")
+        parts.append(f"The best response is: Response {hint + 1}")
+    prompt = "\n\n".join(parts)
+    if tokenizer is not None:
+        return apply_chat_template([{"role": "user", "content": prompt}], tokenizer, add_generation_prompt=True)
+    return prompt
+
+
+def build_meta_messages(query: Query, responses: Sequence[str], critique: str) -> list[Message]:
+    """The meta RM's conversation: the query and responses as the user turn, the critique as the assistant turn."""
+    if not isinstance(critique, str):
+        raise ValueError(f"critique must be a string, got {type(critique).__name__}")
+    user = "\n\n".join([
+        _META_INSTRUCTION,
+        "#### Conversation ####\n" + format_conversation(query),
+        "#### Responses to be Scored ####\n" + format_responses(responses),
+    ])
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": critique}]
+
+
+def build_meta_prompt(query: Query, responses: Sequence[str], critique: str, *, tokenizer=None) -> str:
+    """The meta RM's input text (METHOD.md): rendered with the tokenizer's chat template when it has one."""
+    return apply_chat_template(build_meta_messages(query, responses, critique), tokenizer, add_generation_prompt=False)
