@@ -1,5 +1,7 @@
 """grm-engine: a lean, custom-kernel engine for generative reward models (DeepSeek-GRM style)."""
 from ._backends import backends
+from .data import DataError, Example, ExampleSet, load_examples
+from .metrics import accuracy, accuracy_by_subset, best_of_n_accuracy, example_credits, rewardbench_scores
 from .parsing import ParsedScores, ParseStatus, parse_scores
 from .protocol import build_meta_prompt, build_prompt
 from .voting import VoteResult, is_correct, rule_reward, vote
@@ -11,6 +13,15 @@ __all__ = [
     "ParsedScores",
     "ParseStatus",
     "parse_scores",
+    "DataError",
+    "Example",
+    "ExampleSet",
+    "load_examples",
+    "accuracy",
+    "accuracy_by_subset",
+    "best_of_n_accuracy",
+    "example_credits",
+    "rewardbench_scores",
     "build_prompt",
     "build_meta_prompt",
     "VoteResult",
