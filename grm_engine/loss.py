@@ -1,0 +1,290 @@
+"""GRPO loss: the plain PyTorch reference (the specification), input checks and the dispatcher.
+
+Semantics follow TRL's GRPOTrainer loss (token-level importance ratio, k3 KL, grpo / bnpo / dr_grpo
+reductions), so a user switching from TRL gets the same numbers. Choices TRL leaves open, made here:
+  * masked counts are clamped to 1: a fully masked sequence contributes 0 to the loss, never NaN,
+    and kl / clip_frac of an all-masked batch are 0;
+  * the mask is boolean (any nonzero entry counts as a completion token);
+  * masked positions report logp = 0 (the fast path never reads their logits);
+  * the exponents of both ratios (logp - old_logp, ref_logp - logp) are clamped at LOG_RATIO_MAX
+    (torch.clamp semantics: zero gradient beyond it) so extreme but finite inputs never give Inf/NaN;
+    exp(60) ~ 1e26, far beyond any ratio a real run produces, so ordinary numbers equal TRL's;
+  * kl in GRPOStats is 0 when it is not computed (ref_logp None or beta == 0), as TRL skips it.
+The Triton fast paths (grm_engine.kernels.grpo_loss / linear_grpo) must agree with this file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._backends import forced_backend
+
+LOG_RATIO_MAX = 60.0
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+@dataclass
+class GRPOStats:
+    kl: torch.Tensor  # scalar fp32: masked mean of the per-token k3 KL (0 when not computed)
+    clip_frac: torch.Tensor  # scalar fp32: fraction of masked tokens where the clip was active
+    logp: torch.Tensor  # [B, T] fp32, detached; 0 at masked positions
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """A = (r - group mean) / (std + eps); std unbiased, of the group ("group") or the batch ("batch").
+
+    rewards: [B] with consecutive groups of `group_size` samples of one prompt. Returns fp32 [B].
+    A group whose rewards are all equal gets A = 0 (std 0, divided by eps).
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale={scale!r} is not one of {ADVANTAGE_SCALES}")
+    batch = rewards.shape[0]
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if batch % group_size != 0:
+        raise ValueError(f"rewards has {batch} entries, not divisible by group_size={group_size}")
+    if scale == "group" and group_size == 1:
+        raise ValueError("group_size=1 with scale='group': the std of a one-sample group is undefined; "
+                         "use scale='batch' or scale='none'")
+    if scale == "batch" and batch < 2:
+        raise ValueError("scale='batch' needs at least 2 rewards for an unbiased std")
+    grouped = rewards.float().view(-1, group_size)  # [B/G, G]
+    centered = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # [B]
+    if scale == "none":
+        return centered
+    if scale == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size)  # [B]
+    else:
+        std = rewards.float().std()
+    return centered / (std + eps)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_bt(name, tensor, batch, length, device, allow_1d=False):
+    if tensor is None:
+        return
+    shapes = [(batch, length)] + ([(batch,)] if allow_1d else [])
+    if tuple(tensor.shape) not in shapes:
+        want = " or ".join(str(list(s)) for s in shapes)
+        raise ValueError(f"{name} must have shape {want}, got {list(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but logits are on {device}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
+
+
+def check_loss_inputs(batch, length, device, completion_ids, mask, *, advantages, rewards, group_size,
+                      old_logp, ref_logp, loss_type, temperature, max_completion_length):
+    """Validate everything except the logits/hidden tensor; raises with the offending argument's name."""
+    if tuple(completion_ids.shape) != (batch, length):
+        raise ValueError(f"completion_ids must have shape [{batch}, {length}], got {list(completion_ids.shape)}")
+    if completion_ids.dtype.is_floating_point or completion_ids.dtype == torch.bool:
+        raise TypeError(f"completion_ids must be an integer tensor, got {completion_ids.dtype}")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"mask must have shape [{batch}, {length}], got {list(mask.shape)}")
+    for name, tensor in (("completion_ids", completion_ids), ("mask", mask)):
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but logits are on {device}")
+    if (advantages is None) == (rewards is None):
+        raise ValueError("pass exactly one of advantages= ([B] or [B, T]) or rewards= (with group_size=)")
+    _check_bt("advantages", advantages, batch, length, device, allow_1d=True)
+    if rewards is not None:
+        if group_size is None:
+            raise ValueError("rewards= needs group_size=")
+        _check_bt("rewards", rewards, batch, length, device, allow_1d=True)
+        if rewards.dim() != 1:
+            raise ValueError(f"rewards must be 1-D [B], got shape {list(rewards.shape)}")
+        if not isinstance(group_size, int) or group_size < 2 or batch % group_size:
+            raise ValueError(f"group_size={group_size!r} must be an int >= 2 dividing the batch size {batch}")
+    _check_bt("old_logp", old_logp, batch, length, device)
+    _check_bt("ref_logp", ref_logp, batch, length, device)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if max_completion_length is not None and max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+
+
+def check_token_ids(completion_ids, valid, vocab_size):
+    """An id outside [0, V) at a completion position is a caller bug that would read out of bounds."""
+    bad = valid & ((completion_ids < 0) | (completion_ids >= vocab_size))
+    if bool(bad.any()):
+        index = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"completion_ids{list(index)} = {int(completion_ids[index])} is outside the vocabulary [0, {vocab_size})")
+
+
+def token_weights(valid: torch.Tensor, loss_type: str, max_completion_length=None) -> torch.Tensor:
+    """Per-token weight w [B, T] fp32 with loss = sum(w * loss_tok); 0 exactly at masked tokens."""
+    valid = valid.float()
+    batch, length = valid.shape
+    if loss_type == "grpo":
+        return valid / (valid.sum(dim=1, keepdim=True).clamp(min=1.0) * batch)
+    if loss_type == "bnpo":
+        return valid / valid.sum().clamp(min=1.0)
+    return valid / (batch * (max_completion_length or length))
+
+
+# ----------------------------------------------------------------------------- reference
+
+def per_token_loss_reference(logp, valid, advantages, old_logp, ref_logp, beta, eps_low, eps_high):
+    """logp [B, T] fp32 with grad -> (loss_tok, kl, clipped), each [B, T] fp32; TRL's per-token formulas."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]  # [B, 1]: one advantage for every token of a sequence
+    advantages = advantages.float()
+    if old_logp is None:
+        # 1, with the gradient of the ratio; a -inf logp (banned target) gets ratio 1 and no gradient
+        ratio = torch.exp(torch.where(torch.isfinite(logp), logp - logp.detach(), 0.0))
+    else:
+        ratio = torch.exp((logp - old_logp.float()).clamp(max=LOG_RATIO_MAX))
+    clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
+    loss_tok = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and beta != 0:
+        log_ratio = (ref_logp.float() - logp).clamp(max=LOG_RATIO_MAX)
+        kl = torch.exp(log_ratio) - log_ratio - 1
+        loss_tok = loss_tok + beta * kl
+    # where, not multiply: a masked token may hold Inf (e.g. a banned target) and 0 * Inf is NaN
+    zero = torch.zeros_like(logp)
+    return torch.where(valid, loss_tok, zero), torch.where(valid, kl, zero), (clipped & valid).float()
+
+
+def reduce_stats(loss_tok, kl, clipped, valid, loss_type, max_completion_length):
+    weights = token_weights(valid, loss_type, max_completion_length)
+    count = valid.float().sum().clamp(min=1.0)
+    return (loss_tok * weights).sum(), kl.sum() / count, clipped.sum() / count
+
+
+def grpo_loss_reference(logits, completion_ids, mask, *, advantages=None, rewards=None, group_size=None,
+                        old_logp=None, ref_logp=None, beta=0.08, eps_low=0.2, eps_high=0.2, temperature=1.0,
+                        loss_type="grpo", max_completion_length=None):
+    """The specification: fp32 log_softmax over the whole [B, T, V] logits, then TRL's per-token loss."""
+    valid = mask != 0
+    if advantages is None:
+        advantages = group_advantages(rewards, group_size)
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, T, V]
+    safe_ids = torch.where(valid, completion_ids, 0).long()
+    logp = log_probs.gather(-1, safe_ids[..., None]).squeeze(-1)  # [B, T]
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    loss_tok, kl, clipped = per_token_loss_reference(logp, valid, advantages, old_logp, ref_logp, beta, eps_low, eps_high)
+    loss, kl_mean, clip_frac = reduce_stats(loss_tok, kl, clipped, valid, loss_type, max_completion_length)
+    return loss, GRPOStats(kl=kl_mean.detach(), clip_frac=clip_frac.detach(), logp=logp.detach())
+
+
+def token_logprobs_reference(logits, completion_ids, *, mask=None, temperature=1.0, return_entropy=False):
+    """log_softmax(logits / T)[id] in fp32 [B, T] (0 where masked); optionally the entropy [B, T]."""
+    valid = torch.ones(completion_ids.shape, dtype=torch.bool, device=logits.device) if mask is None else mask != 0
+    with torch.no_grad():
+        log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, T, V]
+        safe_ids = torch.where(valid, completion_ids, 0).long()
+        logp = torch.where(valid, log_probs.gather(-1, safe_ids[..., None]).squeeze(-1), 0.0)
+        if not return_entropy:
+            return logp
+        probs = log_probs.exp()
+        entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1)  # 0 * -inf would be NaN
+        return logp, torch.where(valid, entropy, 0.0)
+
+
+def fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, *, bias=None, **kwargs):
+    """Unfused: the full [B, T, V] logits in the hidden dtype (as an lm_head would), then the reference loss."""
+    logits = hidden @ weight.t()  # [B, T, V]
+    if bias is not None:
+        logits = logits + bias
+    return grpo_loss_reference(logits, completion_ids, mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    forced = forced_backend()
+    if forced == "reference":
+        return False
+    if forced == "triton":
+        return True
+    return tensor.is_cuda
+
+
+def _check_logits(logits):
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {list(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+
+
+def grpo_loss(logits, completion_ids, mask, *, advantages=None, rewards=None, group_size=None, old_logp=None,
+              ref_logp=None, beta=0.08, eps_low=0.2, eps_high=0.2, temperature=1.0, loss_type="grpo",
+              max_completion_length=None, inplace=True):
+    """GRPO loss over logits [B, T, V] (logits[:, t] predicts completion_ids[:, t]) -> (loss, GRPOStats).
+
+    inplace=True (Triton path): the gradient is written into the logits buffer during the forward,
+    so after this call the logits hold dlogits; pass inplace=False to keep them.
+    """
+    _check_logits(logits)
+    batch, length, vocab = logits.shape
+    options = dict(advantages=advantages, rewards=rewards, group_size=group_size, old_logp=old_logp,
+                   ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
+                   loss_type=loss_type, max_completion_length=max_completion_length)
+    check_loss_inputs(batch, length, logits.device, completion_ids, mask,
+                      **{k: v for k, v in options.items() if k not in ("beta", "eps_low", "eps_high")})
+    check_token_ids(completion_ids, mask != 0, vocab)
+    if not _use_triton(logits):
+        return grpo_loss_reference(logits, completion_ids, mask, **options)
+    from .kernels.grpo_loss import grpo_loss_triton
+
+    return grpo_loss_triton(logits, completion_ids, mask, inplace=inplace, **options)
+
+
+def token_logprobs(logits, completion_ids, *, mask=None, temperature=1.0, return_entropy=False):
+    """Forward-only log-probs [B, T] fp32 (for old/ref log-probs), same numerics as grpo_loss."""
+    _check_logits(logits)
+    batch, length, vocab = logits.shape
+    if tuple(completion_ids.shape) != (batch, length):
+        raise ValueError(f"completion_ids must have shape [{batch}, {length}], got {list(completion_ids.shape)}")
+    if mask is not None and tuple(mask.shape) != (batch, length):
+        raise ValueError(f"mask must have shape [{batch}, {length}], got {list(mask.shape)}")
+    check_token_ids(completion_ids, torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0, vocab)
+    if not _use_triton(logits):
+        return token_logprobs_reference(logits, completion_ids, mask=mask, temperature=temperature,
+                                        return_entropy=return_entropy)
+    from .kernels.grpo_loss import token_logprobs_triton
+
+    return token_logprobs_triton(logits, completion_ids, mask=mask, temperature=temperature,
+                                 return_entropy=return_entropy)
+
+
+def fused_linear_grpo_loss(hidden, weight, completion_ids, mask, *, bias=None, chunk_size=None, **options):
+    """The GRPO loss with the lm_head fused in: hidden [B, T, H], weight [V, H] -> (loss, GRPOStats).
+
+    The Triton path never builds the full [B*T, V] logits (chunks of compacted unmasked tokens).
+    """
+    if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden [B, T, H] and weight [V, H] do not match: {list(hidden.shape)} vs {list(weight.shape)}")
+    if weight.device != hidden.device or weight.dtype != hidden.dtype:
+        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, {hidden.device})")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+    batch, length, _ = hidden.shape
+    options.setdefault("beta", 0.08)
+    check_loss_inputs(batch, length, hidden.device, completion_ids, mask,
+                      **{k: options.get(k) for k in ("advantages", "rewards", "group_size", "old_logp", "ref_logp",
+                                                     "max_completion_length")},
+                      loss_type=options.get("loss_type", "grpo"), temperature=options.get("temperature", 1.0))
+    check_token_ids(completion_ids, mask != 0, weight.shape[0])
+    if not _use_triton(hidden):
+        return fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, bias=bias, **options)
+    from .kernels.linear_grpo import fused_linear_grpo_loss_triton
+
+    return fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, bias=bias, chunk_size=chunk_size,
+                                         **options)
+
+
+__all__ = ["GRPOStats", "group_advantages", "grpo_loss", "token_logprobs", "fused_linear_grpo_loss",
+           "grpo_loss_reference", "token_logprobs_reference", "fused_linear_grpo_loss_reference"]
