@@ -1,0 +1,113 @@
+"""Fused lm_head + GRPO loss: masked tokens are compacted away, then per chunk of C tokens logits [C, V] =
+h @ W^T (cuBLAS), the row kernel of kernels/grpo_loss.py turns them into dlogits in place, and
+grad_hidden = dlogits @ W, grad_weight += dlogits^T @ h (cuBLAS). Full [B*T, V] logits never exist.
+Cost: three GEMMs of 2*N*V*H FLOPs over the N unmasked tokens plus ~3 passes over one [C, V] chunk buffer.
+Reference: grm_engine.loss.fused_linear_grpo_loss_reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from grm_engine.loss import GRPOStats, group_advantages, token_weights
+
+from .grpo_loss import launch_rows
+
+CHUNK_BYTES_MAX = 512 * 1024**2  # one chunk's logits; with a bf16 grad_weight this keeps extra memory ~2 GB at V=152k
+
+
+def auto_chunk_size(num_tokens: int, vocab: int, element_size: int, device: torch.device) -> int:
+    """Tokens per chunk: the logits buffer takes at most 1/8 of free memory and CHUNK_BYTES_MAX."""
+    budget = CHUNK_BYTES_MAX
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 8)
+    chunk = budget // (vocab * element_size)
+    chunk = max(128, chunk // 128 * 128)  # GEMM-friendly multiple of 128
+    return max(1, min(chunk, num_tokens))
+
+
+def _gather(tensor, index, batch, length):
+    """[B] or [B, T] per-token quantity -> [N] at the flat token positions `index`."""
+    if tensor is None:
+        return None
+    if tensor.dim() == 1:
+        tensor = tensor[:, None].expand(batch, length)
+    return tensor.reshape(-1).index_select(0, index).float()
+
+
+class _FusedLinearGRPOFunction(torch.autograd.Function):
+    """All three gradients are produced in the forward for an upstream gradient of 1; backward rescales."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, completion_ids, weights, advantages, old_logp, ref_logp, options, chunk_size):
+        batch, length, hidden_size = hidden.shape
+        vocab = weight.shape[0]
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        any_grad = need_hidden or need_weight or need_bias
+        token_index = (weights.reshape(-1) != 0).nonzero().squeeze(1)  # [N] unmasked flat positions (one sync)
+        num_tokens = token_index.numel()
+        flat_hidden = hidden.reshape(-1, hidden_size)  # [B*T, H]
+        ids = completion_ids.reshape(-1).index_select(0, token_index)  # [N]
+        token_w = weights.reshape(-1).index_select(0, token_index).contiguous()  # [N] fp32
+        adv = _gather(advantages, token_index, batch, length)
+        old = _gather(old_logp, token_index, batch, length)
+        ref = _gather(ref_logp, token_index, batch, length)
+
+        logp = torch.zeros(batch * length, device=hidden.device, dtype=torch.float32)  # [B*T]
+        grad_hidden = torch.zeros_like(flat_hidden) if need_hidden else None  # masked rows stay 0
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
+        loss_parts, kl_parts, clip_parts = [], [], []
+        chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size(), hidden.device)
+        for start in range(0, num_tokens, chunk):
+            end = min(start + chunk, num_tokens)
+            index = token_index[start:end]
+            h = flat_hidden.index_select(0, index)  # [C, H]
+            logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # [C, V], hidden dtype
+            rows = slice(start, end)
+            out = launch_rows(
+                logits[None], ids[None, rows], token_w[None, rows], advantages=adv[None, rows],
+                old_logp=None if old is None else old[None, rows], ref_logp=None if ref is None else ref[None, rows],
+                grad=logits[None] if any_grad else None, **options)
+            logp.index_copy_(0, index, out["logp"][0])
+            loss_parts.append(out["loss"].sum())
+            kl_parts.append(out["kl"].sum())
+            clip_parts.append(out["clip"].sum())
+            if need_hidden:
+                grad_hidden.index_copy_(0, index, logits @ weight)  # [C, H]
+            if need_weight:
+                grad_weight.addmm_(logits.t(), h)  # [V, H] += [V, C] @ [C, H]
+            if need_bias:
+                grad_bias += logits.float().sum(0)
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        loss = torch.stack(loss_parts).sum() if loss_parts else zero
+        kl_sum = torch.stack(kl_parts).sum() if kl_parts else zero.clone()
+        clip_sum = torch.stack(clip_parts).sum() if clip_parts else zero.clone()
+        ctx.grads = (None if grad_hidden is None else grad_hidden.view_as(hidden), grad_weight,
+                     None if grad_bias is None else grad_bias.to(bias.dtype))
+        logp = logp.view(batch, length)
+        ctx.mark_non_differentiable(logp, kl_sum, clip_sum)
+        return loss, logp, kl_sum, clip_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        grads, ctx.grads = ctx.grads, None
+        scale = bool(grad_loss != 1)
+        grads = [g.mul_(grad_loss.to(g.dtype)) if (g is not None and scale) else g for g in grads]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, *, bias=None, chunk_size=None, advantages=None,
+                                  rewards=None, group_size=None, old_logp=None, ref_logp=None, beta=0.08, eps_low=0.2,
+                                  eps_high=0.2, temperature=1.0, loss_type="grpo", max_completion_length=None,
+                                  block_v=None, num_warps=None):
+    """Inputs already checked by grm_engine.loss.fused_linear_grpo_loss. Returns (loss, GRPOStats)."""
+    valid = mask != 0
+    weights = token_weights(valid, loss_type, max_completion_length).contiguous()  # [B, T] fp32
+    if advantages is None:
+        advantages = group_advantages(rewards, group_size)
+    options = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
+                   block_v=block_v, num_warps=num_warps)
+    loss, logp, kl_sum, clip_sum = _FusedLinearGRPOFunction.apply(
+        hidden, weight, bias, completion_ids, weights, advantages, old_logp, ref_logp, options, chunk_size)
+    count = valid.sum().clamp(min=1).float()
+    return loss, GRPOStats(kl=kl_sum / count, clip_frac=clip_sum / count, logp=logp)
