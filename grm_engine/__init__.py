@@ -1,5 +1,6 @@
 """grm-engine: a lean, custom-kernel engine for generative reward models (DeepSeek-GRM style)."""
 from ._backends import backends
+from .loss import GRPOStats, fused_linear_grpo_loss, group_advantages, grpo_loss, token_logprobs
 from .data import DataError, Example, ExampleSet, load_examples
 from .metrics import accuracy, accuracy_by_subset, best_of_n_accuracy, example_credits, rewardbench_scores
 from .parsing import ParsedScores, ParseStatus, parse_scores
@@ -9,6 +10,11 @@ from .voting import VoteResult, is_correct, rule_reward, vote
 __version__ = "0.1.0"
 
 __all__ = [
+    "GRPOStats",
+    "group_advantages",
+    "grpo_loss",
+    "fused_linear_grpo_loss",
+    "token_logprobs",
     "backends",
     "ParsedScores",
     "ParseStatus",
