@@ -1,16 +1,20 @@
 """Accuracy of picking the best response, with an explicit tie policy, and benchmark summaries.
 
 A prediction per example is either a score vector (one total per response, e.g. VoteResult.totals)
-or a predicted best index (-1 = a tied top). Credit per example (n >= 2, best = ground truth b):
+or a predicted best index (-1 = a tied top). A vector may be padded with NaN past the example's
+n responses (as vote() pads ragged groups). Credit per example (n >= 2, best = ground truth b):
   strict      1 iff totals[b] is STRICTLY greater than every other total (paper Eq. 10), else 0.
   half        1 for a unique top at b; 1/2 if the top is tied and b is among the tied (however many
               are tied); 0 otherwise.
   fractional  1/m if b is among the m responses sharing the top, else 0 (RewardBench 2 rule).
   random      the tie is broken uniformly at random: 1 if the draw picks b. One numpy generator
-              seeded with `seed`, drawn from in example order, only for tied examples.
+              seeded with `seed`, drawn from in example order, once per example whose
+              tied top contains b (every other example needs no draw).
 NaN totals mean "no score": they are never the top; if totals[b] is NaN the credit is 0. If every
-total is NaN, the credit is 0. A predicted index only carries the strict rule (-1 scores 0): for the
-other policies pass score vectors, which say who is tied.
+total is NaN, the credit is 0. vote() gives all-zero totals (a full tie) to an example with no valid
+sample; set such rows to NaN (totals[~used.any(1)] = nan) so half/fractional/random give them no
+credit. A predicted index only carries the strict rule (-1 scores 0): for the other policies pass
+score vectors, which say who is tied.
 Single-response examples (n = 1) have a `label`: credit 1 iff the one score equals it (Eq. 10).
 """
 from __future__ import annotations
@@ -56,7 +60,9 @@ def _as_rows(predictions: Any) -> list:
         predictions = predictions.detach().cpu().numpy()
     if isinstance(predictions, np.ndarray):
         return predictions.tolist()
-    return list(predictions)
+    # rows may themselves be tensors or arrays (e.g. a list of VoteResult.totals rows)
+    return [row.detach().cpu().tolist() if hasattr(row, "detach") else row.tolist() if hasattr(row, "tolist")
+            else row for row in predictions]
 
 
 def _truth(example: Any, i: int) -> tuple[int | None, float | None, int | None, str]:
@@ -65,6 +71,16 @@ def _truth(example: Any, i: int) -> tuple[int | None, float | None, int | None, 
         return int(example), None, None, f"examples[{i}]"
     name = f"example {example.id!r} (examples[{i}])"
     return example.best, example.label, example.num_responses, name
+
+
+def _fit(totals: list[float], n: int | None, i: int, name: str) -> list[float]:
+    """A score vector cut to the example's n responses; padding past n must be NaN (as vote() pads)."""
+    if n is not None and len(totals) != n:
+        if len(totals) < n or not all(math.isnan(v) for v in totals[n:]):
+            raise ValueError(f"predictions[{i}] has {len(totals)} scores but {name} has {n} responses "
+                             "(padding past n must be NaN)")
+        totals = totals[:n]
+    return totals
 
 
 def _credit_from_scores(totals: list[float], best: int, tie_policy: str, rng: np.random.Generator) -> float:
@@ -108,9 +124,7 @@ def example_credits(predictions, examples: Sequence, *, tie_policy: str = "stric
                                  "(an index cannot say which responses tied)")
             credits[i] = float(int(row) == best and row >= 0)
             continue
-        totals = [float(v) for v in (row if isinstance(row, (list, tuple)) else [row])]
-        if n is not None and len(totals) != n:
-            raise ValueError(f"predictions[{i}] has {len(totals)} scores but {name} has {n} responses")
+        totals = _fit([float(v) for v in (row if isinstance(row, (list, tuple)) else [row])], n, i, name)
         if label is not None:
             credits[i] = float(totals[0] == label)
             continue
@@ -128,8 +142,9 @@ def accuracy(predictions, examples: Sequence, *, tie_policy: str = "strict", see
 
 
 def best_of_n_accuracy(predictions, examples: Sequence) -> float:
-    """RMB best-of-N: an example counts only if the best response's total beats EVERY other response's
-    total (strictly; NaN never beats anything). Indices count when they equal the best (-1 never)."""
+    """RMB best-of-N: an example counts only if the best response's total is strictly greater than
+    EVERY loser's total (a NaN total is "no score": a NaN best wins nothing, a NaN loser is beaten).
+    Predicted indices count when they equal the best (-1 never). Equals accuracy(tie_policy="strict")."""
     rows = _as_rows(predictions)
     if len(rows) != len(examples) or not rows:
         raise ValueError(f"{len(rows)} predictions for {len(examples)} examples; give one per example (N > 0)")
@@ -141,9 +156,10 @@ def best_of_n_accuracy(predictions, examples: Sequence) -> float:
         if isinstance(row, (int, np.integer)):
             wins += int(row == best)
             continue
-        if n is not None and len(row) != n:
-            raise ValueError(f"predictions[{i}] has {len(row)} scores but {name} has {n} responses")
-        wins += all(float(row[best]) > float(row[j]) for j in range(len(row)) if j != best)
+        row = _fit([float(v) for v in row], n, i, name)
+        mine = float(row[best])
+        wins += not math.isnan(mine) and all(math.isnan(float(row[j])) or mine > float(row[j])
+                                             for j in range(len(row)) if j != best)
     return wins / len(rows)
 
 
