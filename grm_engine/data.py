@@ -239,7 +239,10 @@ def _from_ppe_preference(row, make, error):
             raise error("winner", f"is {winner!r}: a tie names no best response, so the row cannot be "
                         "scored; drop ties or load with skip_invalid=True")
         raise error("winner", f"must be 'model_a' or 'model_b', got {winner!r}")
-    responses = [_require(row, "response_1", error), _require(row, "response_2", error)]
+    responses = [_require(row, key, error) for key in ("response_1", "response_2")]
+    for key, response in zip(("response_1", "response_2"), responses):
+        if not isinstance(response, str):
+            raise error(key, f"must be a string, got {type(response).__name__}")
     return [make(id=_row_id(row, error), query=_prompt(_require(row, "prompt", error), "prompt", error),
                  responses=responses, best=PPE_WINNERS[winner], subset=row.get("subset"))]
 
@@ -252,6 +255,9 @@ def _from_ppe_correctness(row, make, error):
     if not numbers or numbers != list(range(1, len(numbers) + 1)):
         raise error("response_1", f"responses must be response_1..response_K without gaps, found {numbers}")
     responses = [row[f"response_{k}"] for k in numbers]
+    for k, response in zip(numbers, responses):
+        if not isinstance(response, str):
+            raise error(f"response_{k}", f"must be a string, got {type(response).__name__}")
     scores = _require(row, "scores", error)
     if not isinstance(scores, list) or len(scores) != len(responses):
         raise error("scores", f"must be a list with one value per response ({len(responses)})")

@@ -161,6 +161,9 @@ def test_ppe_human_preference_rows(tmp_path):
     write_jsonl(path, [dict(base, question_id="q5", winner="model_c")])
     with pytest.raises(DataError, match="'model_a' or 'model_b'"):
         load_examples(path, format="ppe")
+    write_jsonl(path, [dict(base, question_id="q6", winner="model_a", response_2=None)])
+    with pytest.raises(DataError, match="field 'response_2': must be a string"):
+        load_examples(path, format="ppe")
 
 
 def test_ppe_correctness_rows_expand_to_conflict_pairs(tmp_path):
