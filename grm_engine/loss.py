@@ -134,22 +134,27 @@ def token_weights(valid: torch.Tensor, loss_type: str, max_completion_length=Non
 
 # ----------------------------------------------------------------------------- reference
 
+def _upcast(tensor):
+    """fp32 math for bf16/fp16/fp32 inputs; fp64 stays fp64 (tests use it as the high-precision truth)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def per_token_loss_reference(logp, valid, advantages, old_logp, ref_logp, beta, eps_low, eps_high):
     """logp [B, T] fp32 with grad -> (loss_tok, kl, clipped), each [B, T] fp32; TRL's per-token formulas."""
     if advantages.dim() == 1:
         advantages = advantages[:, None]  # [B, 1]: one advantage for every token of a sequence
-    advantages = advantages.float()
+    advantages = advantages.to(logp.dtype)
     if old_logp is None:
         # 1, with the gradient of the ratio; a -inf logp (banned target) gets ratio 1 and no gradient
         ratio = torch.exp(torch.where(torch.isfinite(logp), logp - logp.detach(), 0.0))
     else:
-        ratio = torch.exp((logp - old_logp.float()).clamp(max=LOG_RATIO_MAX))
+        ratio = torch.exp((logp - old_logp.to(logp.dtype)).clamp(max=LOG_RATIO_MAX))
     clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
     loss_tok = -torch.min(ratio * advantages, clipped_ratio * advantages)
     clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
     kl = torch.zeros_like(logp)
     if ref_logp is not None and beta != 0:
-        log_ratio = (ref_logp.float() - logp).clamp(max=LOG_RATIO_MAX)
+        log_ratio = (ref_logp.to(logp.dtype) - logp).clamp(max=LOG_RATIO_MAX)
         kl = torch.exp(log_ratio) - log_ratio - 1
         loss_tok = loss_tok + beta * kl
     # where, not multiply: a masked token may hold Inf (e.g. a banned target) and 0 * Inf is NaN
@@ -170,7 +175,7 @@ def grpo_loss_reference(logits, completion_ids, mask, *, advantages=None, reward
     valid = mask != 0
     if advantages is None:
         advantages = group_advantages(rewards, group_size)
-    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, T, V]
+    log_probs = torch.log_softmax(_upcast(logits) / temperature, dim=-1)  # [B, T, V]
     safe_ids = torch.where(valid, completion_ids, 0).long()
     logp = log_probs.gather(-1, safe_ids[..., None]).squeeze(-1)  # [B, T]
     logp = torch.where(valid, logp, torch.zeros_like(logp))
@@ -183,7 +188,7 @@ def token_logprobs_reference(logits, completion_ids, *, mask=None, temperature=1
     """log_softmax(logits / T)[id] in fp32 [B, T] (0 where masked); optionally the entropy [B, T]."""
     valid = torch.ones(completion_ids.shape, dtype=torch.bool, device=logits.device) if mask is None else mask != 0
     with torch.no_grad():
-        log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, T, V]
+        log_probs = torch.log_softmax(_upcast(logits) / temperature, dim=-1)  # [B, T, V]
         safe_ids = torch.where(valid, completion_ids, 0).long()
         logp = torch.where(valid, log_probs.gather(-1, safe_ids[..., None]).squeeze(-1), 0.0)
         if not return_entropy:
