@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("jsonl", "rewardbench", "ppe", "rmb")
 
 
 class DataError(ValueError):
@@ -81,9 +80,7 @@ class Example:
         if self.subset is not None and not isinstance(self.subset, str):
             raise self._error("subset", f"must be a string, got {type(self.subset).__name__}")
 
-    @property
-    def num_responses(self) -> int:
-        return len(self.responses)
+    num_responses = property(lambda self: len(self.responses))
 
     def _error(self, field_name: str, problem: str) -> DataError:
         return DataError(problem, source=self.source, line=self.line, field=field_name, unit=self._unit)
@@ -342,7 +339,9 @@ def _rows(path: Path) -> Iterator[tuple[int, str, Any]]:
         for number, row in enumerate(rows, start=1):
             yield number, "item", row
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines would also cut at U+2028, U+0085 or form feeds that JSON
+    # strings may hold raw (jsonl written with ensure_ascii=False)
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -371,7 +370,7 @@ def load_examples(path, *, format: str = "jsonl", skip_invalid: bool = False) ->
     in the result's `.skipped` (the errors are kept in `.errors`). The result is a list of Example.
     """
     if format not in ADAPTERS:
-        raise ValueError(f"format={format!r}: expected one of {', '.join(FORMATS)}")
+        raise ValueError(f"format={format!r}: expected one of {', '.join(ADAPTERS)}")
     adapter = ADAPTERS[format]
     result = ExampleSet()
     first_line_of_id: dict[str, tuple[str, int]] = {}

@@ -208,3 +208,12 @@ def test_rmb_rows(tmp_path):
     (tmp_path / "S3.json").write_text(json.dumps([no_user]))
     with pytest.raises(DataError, match=r"field 'conversation_input\[0\]\.role'"):
         load_examples(tmp_path / "S3.json", format="rmb")
+
+
+def test_raw_unicode_line_separators_inside_strings(tmp_path):
+    row = {"id": "u", "query": "a\u2028b\x85c\x0cd", "responses": ["x\u2029y", "z"], "best": 0}
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\r\n" + json.dumps(dict(row, id="v")) + "\n",
+                    encoding="utf-8")
+    examples = load_examples(path)
+    assert [e.id for e in examples] == ["u", "v"] and examples[0].query == "a\u2028b\x85c\x0cd"
