@@ -1,0 +1,317 @@
+"""Decoder: the user-facing engine. from_pretrained builds model, KV pool, scheduler; generate runs requests."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import loader
+from .block_manager import BlockManager
+from .config import DecoderConfig, SamplingParams
+from .model_runner import ModelRunner
+from .models import model_class
+from .sampler import sample
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence
+
+
+@dataclass
+class SampleOutput:
+    index: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length" (max_tokens or context end)
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_index: int
+    prompt_token_ids: list[int]
+    outputs: list[SampleOutput]
+
+
+@dataclass
+class DecoderStats:
+    """Counters of the last generate() call."""
+
+    prefill_tokens: int = 0  # tokens whose K/V was computed in prefill steps (recompute included)
+    prefix_cache_hit_tokens: int = 0  # prompt tokens served from cached blocks
+    peak_blocks_in_use: int = 0
+    preemptions: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _default_device_dtype(device, dtype, config):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Decoder: device {device} requested but CUDA is not available")
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = dtype if device.type == "cuda" and dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"Decoder: dtype must be float32, bfloat16 or float16, got {dtype}")
+    return device, dtype
+
+
+class Decoder:
+    def __init__(self, model, tokenizer, config: DecoderConfig, eos_token_ids: list[int], max_model_len: int,
+                 shares_live_weights: bool):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.shares_live_weights = shares_live_weights
+        self.vocab_size = model.lm_head.shape[0]
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.stats = DecoderStats()
+        self._next_seq_id = 0
+
+    @classmethod
+    def from_pretrained(cls, path_or_module, *, tokenizer=None, dtype=None, device=None, block_size: int = 16,
+                        kv_cache_memory_fraction: float = 0.9, max_num_seqs: int = 256, num_kv_blocks: int | None = None,
+                        max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
+                        enable_prefix_caching: bool = True) -> "Decoder":
+        """path_or_module: a Hugging Face checkpoint directory (config.json + *.safetensors) or a live
+        transformers causal LM (its weights are shared, not copied, when dtype/device match)."""
+        live = isinstance(path_or_module, torch.nn.Module)
+        if live:
+            config = path_or_module.config
+            param = next(path_or_module.parameters())
+            device, dtype = torch.device(device or param.device), dtype or param.dtype
+            device, dtype = _default_device_dtype(device, dtype, config)
+            cls_ = model_class(config)
+            weights = loader.weights_from_module(path_or_module, device, dtype)
+        elif isinstance(path_or_module, str):
+            config = loader.load_config(path_or_module)
+            cls_ = model_class(config)
+            device, dtype = _default_device_dtype(device, dtype, config)
+            weights = loader.load_safetensors_dir(path_or_module, device, dtype)
+            if tokenizer is None:
+                tokenizer = _try_tokenizer(path_or_module)
+        else:
+            raise TypeError(f"Decoder.from_pretrained: expected a directory path or a torch.nn.Module, got {type(path_or_module).__name__}")
+        context = loader.max_context(config)
+        max_model_len = min(max_model_len or context, context)
+        model = cls_(config, weights, max_positions=max_model_len)
+        dconfig = DecoderConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory_fraction=kv_cache_memory_fraction,
+                                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching)
+        return cls(model, tokenizer, dconfig, loader.generation_eos_ids(path_or_module, config), max_model_len, live)
+
+    def _blocks_from_memory(self) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(self.model, self.config.block_size)
+        if self.model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.model.device)
+            hidden = self.model.config.hidden_size
+            inter = getattr(self.model.config, "intermediate_size", 4 * hidden)
+            # activations of the largest prefill step and the sampler's [seqs, vocab] fp32 temporaries
+            reserve = self.config.max_num_batched_tokens * (3 * inter + 8 * hidden) * self.model.dtype.itemsize
+            reserve += 8 * self.config.max_num_seqs * self.vocab_size * 4
+            budget = free * self.config.kv_cache_memory_fraction - reserve
+        else:
+            budget = min(2 << 30, self.config.max_num_seqs * self.max_model_len * per_block // self.config.block_size)
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise RuntimeError(f"Decoder: no memory left for the KV cache ({budget / 2**30:.2f} GiB after weights)")
+        return num_blocks
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached blocks (the weights changed, e.g. between GRPO steps)."""
+        for block in self.block_manager.blocks:
+            assert block.ref_count == 0, "reset_prefix_cache during generation"
+            block.hash, block.parent_hash, block.token_ids = None, None, ()
+        self.block_manager.hash_to_block.clear()
+
+    # ---- input checks (before any work) ----
+    def _tokenize(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("generate: prompts must be a non-empty list of strings or token id lists")
+        token_lists = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"generate: prompt {i} is a string but the decoder has no tokenizer; pass tokenizer= or token ids")
+                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            else:
+                ids = [int(t) for t in prompt]
+            if not ids:
+                raise ValueError(f"generate: prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"generate: prompt {i} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
+            if len(ids) >= self.max_model_len:
+                raise ValueError(f"generate: prompt {i} has {len(ids)} tokens; the model context is {self.max_model_len}")
+            token_lists.append(ids)
+        return token_lists
+
+    def _check_params(self, token_lists, params_list) -> None:
+        bs, pool = self.config.block_size, self.block_manager.num_blocks
+        for i, (ids, params) in enumerate(zip(token_lists, params_list)):
+            if not isinstance(params, SamplingParams):
+                raise TypeError(f"generate: sampling_params[{i}] is {type(params).__name__}, not SamplingParams")
+            if params.n > self.config.max_num_seqs:
+                raise ValueError(f"generate: request {i} asks n={params.n} samples but max_num_seqs={self.config.max_num_seqs}")
+            if params.stop and self.tokenizer is None:
+                raise ValueError(f"generate: request {i} has stop strings but the decoder has no tokenizer")
+            longest = min(len(ids) + params.max_tokens, self.max_model_len)
+            if -(-longest // bs) > pool:
+                raise ValueError(f"generate: request {i} may reach {longest} tokens, more than the KV pool holds "
+                                 f"({pool} blocks of {bs}); lower max_tokens or give the cache more memory")
+            bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"generate: request {i} stop_token_ids {bad} are outside the vocabulary ({self.vocab_size})")
+
+    # ---- the loop ----
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        token_lists = self._tokenize(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
+        if len(params_list) != len(token_lists):
+            raise ValueError(f"generate: {len(params_list)} SamplingParams for {len(token_lists)} prompts")
+        self._check_params(token_lists, params_list)
+        if self.shares_live_weights:
+            self.reset_prefix_cache()
+        call_seed = random.randrange(2**63)
+        seeds = [p.seed if p.seed is not None else call_seed for p in params_list]
+
+        scheduler = Scheduler(self.config, self.block_manager)
+        self.block_manager.peak_blocks_in_use = self.block_manager.num_blocks_in_use
+        stats = DecoderStats()
+        results: list[list[SampleOutput | None]] = [[None] * p.n for p in params_list]
+        for r, (ids, params) in enumerate(zip(token_lists, params_list)):
+            scheduler.add(Sequence(self._new_id(), r, 0, ids, len(ids), params, num_samples_to_fork=params.n))
+        total = sum(p.n for p in params_list)
+        bar = _progress(total, use_tqdm)
+        start = time.perf_counter()
+        while scheduler.has_work():
+            batch = scheduler.schedule()
+            if not batch.seqs:
+                raise RuntimeError("Decoder: the scheduler found nothing to run (KV pool too small for any sequence)")
+            logits = self.runner.run(batch)
+            needs_logits = [batch.needs_logits(i) for i in range(len(batch.seqs))]
+            scheduler.finish_step(batch)
+            if batch.is_prefill:
+                stats.prefill_steps += 1
+                stats.prefill_tokens += sum(batch.num_new_tokens)
+            else:
+                stats.decode_steps += 1
+            sampled, finished = self._sample_and_append(batch, needs_logits, logits, scheduler, seeds, results)
+            stats.generated_tokens += sampled
+            if bar is not None:
+                bar.update(finished)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix_str(f"{(stats.generated_tokens + stats.prefill_tokens) / max(elapsed, 1e-9):.0f} tok/s")
+        if bar is not None:
+            bar.close()
+        stats.seconds = time.perf_counter() - start
+        stats.prefix_cache_hit_tokens = scheduler.num_prefix_hit_tokens
+        stats.peak_blocks_in_use = self.block_manager.peak_blocks_in_use
+        stats.preemptions = scheduler.num_preemptions
+        self.stats = stats
+        return [RequestOutput(r, token_lists[r], list(outs)) for r, outs in enumerate(results)]
+
+    def _new_id(self) -> int:
+        self._next_seq_id += 1
+        return self._next_seq_id
+
+    def _sample_and_append(self, batch: ScheduledBatch, needs_logits, logits, scheduler, seeds, results) -> tuple[int, int]:
+        """Sample one token per sequence that reached its end (n tokens for a prompt that forks).
+        -> (tokens sampled, samples finished)."""
+        rows, seqs = [], []
+        row = 0
+        for seq, need in zip(batch.seqs, needs_logits):
+            if not need:
+                continue
+            family = [seq]
+            if seq.num_samples_to_fork > 1:  # the prompt is done: fork its samples, sharing its blocks
+                for j in range(1, seq.num_samples_to_fork):
+                    child = seq.fork(self._new_id(), j)
+                    self.block_manager.fork(seq, child)
+                    scheduler.add_running(child)
+                    family.append(child)
+                seq.num_samples_to_fork = 1
+            rows.extend([row] * len(family))
+            seqs.extend(family)
+            row += 1
+        if not seqs:
+            return 0, 0
+        device = logits.device
+        row_logits = logits[torch.tensor(rows, device=device)] if len(rows) != logits.shape[0] or rows != list(range(len(rows))) else logits
+        keys = torch.tensor([[seeds[s.request_index], s.request_index, s.sample_index, len(s)] for s in seqs], dtype=torch.int64, device=device)
+        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=device)
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=device)
+        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64, device=device)
+        want_logprobs = any(s.params.logprobs for s in seqs)
+        tokens, logprobs = sample(row_logits, temperature, top_k, top_p, keys, want_logprobs)
+        tokens = tokens.tolist()
+        logprobs = logprobs.tolist() if logprobs is not None else None
+        finished = 0
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            seq.token_ids.append(token)
+            if seq.params.logprobs:
+                seq.logprobs.append(logprobs[i])
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                scheduler.finish(seq, reason)
+                results[seq.request_index][seq.sample_index] = self._output(seq, reason)
+                finished += 1
+        return len(seqs), finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
+            return "stop"
+        if params.stop and self._stop_string_at_end(seq):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _stop_string_at_end(self, seq: Sequence) -> bool:
+        """Did the last token complete a stop string? Decodes only a tail window of the output."""
+        window = max(len(s) for s in seq.params.stop) + 8
+        tail = self.tokenizer.decode(seq.output_token_ids[-window:], skip_special_tokens=True)
+        last = self.tokenizer.decode(seq.output_token_ids[-window:-1], skip_special_tokens=True) if seq.num_output_tokens > 1 else ""
+        return any(s in tail and s not in last for s in seq.params.stop)
+
+    def _output(self, seq: Sequence, reason: str) -> SampleOutput:
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            if seq.params.stop:
+                cut = min((text.find(s) for s in seq.params.stop if s in text), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+        return SampleOutput(seq.sample_index, seq.output_token_ids, text, reason, list(seq.logprobs) if seq.params.logprobs else None)
+
+
+def _try_tokenizer(path: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate", unit="sample", dynamic_ncols=True)

@@ -1,0 +1,116 @@
+"""Llama family for decoding: Llama 2/3, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k RMSNorm per head).
+
+Weights are the checkpoint's own tensors under their transformers names (model.layers.0.self_attn.q_proj.weight,
+...), used in place: loaded from a live nn.Module they are views of its parameters, so the decoder always
+runs the current policy. Numerics follow transformers (norms in fp32, rotary tables in fp32 cast to the dtype).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import AttentionMetadata, decode_attention, default_scale, prefill_attention, store_kv
+from .layers import RotaryEmbedding, rms_norm
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def layer_windows(config) -> list[int | None]:
+    """Sliding window per layer (None = full attention), as transformers decides it for each family."""
+    num_layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and config.model_type != "mistral":
+        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise NotImplementedError(f"{config.model_type}: layer types {sorted(unknown)} are not supported")
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    if config.model_type == "mistral" and window is not None:
+        return [window] * num_layers
+    return [None] * num_layers
+
+
+class LlamaForCausalLM:
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+
+    def __init__(self, config, weights: dict[str, torch.Tensor], max_positions: int):
+        self.config = config
+        self.weights = weights
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")
+        if act not in ACTIVATIONS:
+            raise NotImplementedError(f"{config.model_type}: activation {act!r} is not supported ({sorted(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[act]
+        self.windows = layer_windows(config)
+        embed = self.w("model.embed_tokens.weight")
+        self.device, self.dtype = embed.device, embed.dtype
+        self.rotary = RotaryEmbedding(config, self.head_dim, max_positions, self.device, self.dtype)
+        self.scale = default_scale(self.head_dim)
+        self.softcap: float | None = None
+        self.lm_head = weights.get("lm_head.weight", embed) if not getattr(config, "tie_word_embeddings", False) else embed
+
+    def w(self, name: str) -> torch.Tensor:
+        try:
+            return self.weights[name]
+        except KeyError:
+            raise KeyError(f"{self.config.model_type}: checkpoint lacks weight {name!r}") from None
+
+    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return rms_norm(x, self.w(name), self.eps)
+
+    def linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        return F.linear(x, self.w(prefix + ".weight"), self.weights.get(prefix + ".bias"))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.w("model.embed_tokens.weight"))
+
+    def attention(self, x, layer: int, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; stores this step's K/V into the layer's pages first."""
+        prefix = f"model.layers.{layer}.self_attn"
+        q = self.linear(x, prefix + ".q_proj").view(-1, self.num_heads, self.head_dim)
+        k = self.linear(x, prefix + ".k_proj").view(-1, self.num_kv_heads, self.head_dim)
+        v = self.linear(x, prefix + ".v_proj").view(-1, self.num_kv_heads, self.head_dim)
+        if prefix + ".q_norm.weight" in self.weights:  # Qwen3: RMSNorm over each head before rope
+            q = self.norm(q, prefix + ".q_norm.weight")
+            k = self.norm(k, prefix + ".k_norm.weight")
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        k_cache, v_cache = kv_cache
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        window = self.windows[layer]
+        if meta.is_prefill:
+            out = prefill_attention(q, k, v, k_cache, v_cache, meta, self.scale, window, self.softcap)
+        else:
+            out = decode_attention(q, k_cache, v_cache, meta, self.scale, window, self.softcap)
+        return self.linear(out.reshape(x.shape[0], self.num_heads * self.head_dim), prefix + ".o_proj")
+
+    def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        prefix = f"model.layers.{layer}.mlp"
+        return self.linear(self.act(self.linear(x, prefix + ".gate_proj")) * self.linear(x, prefix + ".up_proj"), prefix + ".down_proj")
+
+    def decoder_layer(self, x, layer, positions, kv_cache, meta):
+        prefix = f"model.layers.{layer}"
+        x = x + self.attention(self.norm(x, prefix + ".input_layernorm.weight"), layer, positions, kv_cache, meta)
+        return x + self.mlp(self.norm(x, prefix + ".post_attention_layernorm.weight"), layer)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden]."""
+        x = self.embed(input_ids)
+        for layer in range(self.num_layers):
+            x = self.decoder_layer(x, layer, positions, kv_caches[layer], meta)
+        return self.norm(x, "model.norm.weight")
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> fp32 logits [N, vocab] (the product in the model dtype, as transformers)."""
+        return F.linear(hidden, self.lm_head).float()

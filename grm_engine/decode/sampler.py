@@ -1,0 +1,71 @@
+"""Token sampling with counter-based noise: greedy, temperature, top-k, top-p.
+
+Sampling is the Gumbel-max trick: token = argmax(logits / T + g) over the tokens top-k/top-p keep, with
+g = -log(-log(u)) and u a hash of (seed, request, sample index, position, token id). The hash uses int64
+torch ops on 32-bit values with multipliers below 2**31 (no overflow), so CPU and GPU draw the same u, and a
+sample's tokens do not depend on batch composition, step order or preemption.
+"""
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash (xor-shift-multiply) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & MASK32
+    return x ^ (x >> 16)
+
+
+def row_keys(keys: torch.Tensor) -> torch.Tensor:
+    """keys [B, 4] int64 (seed, request, sample, position) -> one 32-bit state per row [B]."""
+    seed = keys[:, 0]
+    h = mix32((seed >> 32) & MASK32 ^ 0x243F6A88)
+    h = mix32(h ^ (seed & MASK32))
+    for column, salt in ((1, 0x13198A2E), (2, 0x03707344), (3, 0x299F31D0)):
+        h = mix32(h ^ mix32((keys[:, column] & MASK32) ^ salt))
+    return h
+
+
+def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, 4] keys -> u [B, V] in (0, 1), 24 random bits each, a pure function of (key row, token id)."""
+    token_ids = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    token_hash = mix32(token_ids ^ 0x082EFA98)  # [V]
+    bits = mix32(row_keys(keys)[:, None] ^ token_hash[None, :])  # [B, V]
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def top_k_top_p_mask(scaled_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: tokens kept by top-k (k > 0) and top-p (nucleus: the smallest set of most likely
+    tokens whose probability reaches p; the most likely token is always kept)."""
+    sorted_logits, order = torch.sort(scaled_logits, dim=-1, descending=True, stable=True)
+    rank = torch.arange(scaled_logits.shape[-1], device=scaled_logits.device)[None, :]
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    keep_sorted = (mass_before < top_p[:, None]) | (rank == 0)
+    keep_sorted &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           keys: torch.Tensor, want_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [B, V] fp32; temperature, top_p [B] float; top_k [B] int; keys [B, 4] int64.
+    Returns tokens [B] int64 and, if asked, log_softmax(logits / T)[token] [B] (T = 1 for greedy rows)."""
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    tokens = torch.argmax(logits, dim=-1)
+    if not bool(greedy.all()):
+        filtered = scaled
+        if bool(((top_k > 0) | (top_p < 1)).any()):
+            filtered = scaled.masked_fill(~top_k_top_p_mask(scaled, top_k, top_p), float("-inf"))
+        gumbel = -torch.log(-torch.log(uniform_noise(keys, logits.shape[-1])))
+        sampled = torch.argmax(filtered + gumbel, dim=-1)
+        tokens = torch.where(greedy, tokens, sampled)
+    logprobs = None
+    if want_logprobs:
+        logprobs = torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logprobs
