@@ -32,7 +32,7 @@ def tiny_config(family: str):
         return tf.MistralConfig(**common, sliding_window=12)
     if family == "gemma2":
         return tf.Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=16, query_pre_attn_scalar=24,
-                               sliding_window=12, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                               sliding_window=12, attn_logit_softcapping=1.0, final_logit_softcapping=2.0,
                                hidden_activation="gelu_pytorch_tanh")
     raise ValueError(family)
 
@@ -50,11 +50,14 @@ def tiny_model(family: str, seed: int = 0):
     return model
 
 
-def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, with_logprobs: bool = False):
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
-    tokens = out[0, len(prompt):].tolist()
-    return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
+                         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    tokens = tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
+    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
+    return (tokens, logprobs) if with_logprobs else tokens
 
 
 def make_prompts(seed: int = 1) -> list[list[int]]:
@@ -74,11 +77,13 @@ def test_greedy_matches_transformers(family):
     model = tiny_model(family)
     prompts = make_prompts()
     decoder = Decoder.from_pretrained(model, num_kv_blocks=96, block_size=4, max_num_batched_tokens=24)
-    outputs = decoder.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS), use_tqdm=False)
+    outputs = decoder.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=True), use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
-        expected = hf_greedy(model, prompt, NEW_TOKENS)
+        expected, expected_logprobs = hf_greedy(model, prompt, NEW_TOKENS, with_logprobs=True)
         sample = output.outputs[0]
         assert sample.token_ids == expected, f"{family}: prompt of {len(prompt)} tokens diverges"
+        # log-probs check what greedy tokens cannot: monotone changes of the logits (final soft-capping)
+        torch.testing.assert_close(torch.tensor(sample.logprobs), torch.tensor(expected_logprobs), atol=2e-5, rtol=1e-5)
         assert sample.finish_reason == ("stop" if expected[-1:] == [EOS] else "length")
     assert decoder.stats.prefix_cache_hit_tokens >= 20  # the two prompts sharing 21 tokens share 5 blocks of 4
     assert decoder.block_manager.num_blocks_in_use == 0
