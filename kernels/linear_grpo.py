@@ -99,14 +99,14 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
 def fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, *, bias=None, chunk_size=None, advantages=None,
                                   rewards=None, group_size=None, old_logp=None, ref_logp=None, beta=0.08, eps_low=0.2,
                                   eps_high=0.2, temperature=1.0, loss_type="grpo", max_completion_length=None,
-                                  block_v=None, num_warps=None):
+                                  block_v=None, num_warps=None, programs=None):
     """Inputs already checked by grm_engine.loss.fused_linear_grpo_loss. Returns (loss, GRPOStats)."""
     valid = mask != 0
     weights = token_weights(valid, loss_type, max_completion_length).contiguous()  # [B, T] fp32
     if advantages is None:
         advantages = group_advantages(rewards, group_size)
     options = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
-                   block_v=block_v, num_warps=num_warps)
+                   block_v=block_v, num_warps=num_warps, programs=programs)
     loss, logp, kl_sum, clip_sum = _FusedLinearGRPOFunction.apply(
         hidden, weight, bias, completion_ids, weights, advantages, old_logp, ref_logp, options, chunk_size)
     count = valid.sum().clamp(min=1).float()
