@@ -1,0 +1,176 @@
+"""Paged KV cache kernels: store new K/V rows into their pages; decode attention (one query per sequence)
+over a sequence's pages, GQA-aware (one program serves every query head of a KV head) and split over long
+contexts (partial results merged by log-sum-exp). Traffic: each page of K and V is read once per KV head
+per sequence. Reference: grm_engine.decode.attention (store_kv_reference, decode_attention_reference).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token)
+    if slot >= 0:  # negative slots are padding
+        offsets = tl.arange(0, BLOCK)
+        mask = offsets < ROW
+        k = tl.load(k_ptr + token * stride_k + offsets, mask=mask)
+        v = tl.load(v_ptr + token * stride_v + offsets, mask=mask)
+        tl.store(k_cache_ptr + slot * ROW + offsets, k, mask=mask)
+        tl.store(v_cache_ptr + slot * ROW + offsets, v, mask=mask)
+
+
+def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """k, v [T, kv_heads, D] -> caches [num_blocks, block_size, kv_heads, D] (contiguous) at slot_mapping [T]."""
+    num_tokens, kv_heads, head_dim = k.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "store_kv_triton: caches must be contiguous"
+    assert k.stride(2) == 1 and k.stride(1) == head_dim and v.stride(2) == 1 and v.stride(1) == head_dim, \
+        "store_kv_triton: each token's [kv_heads, D] rows must be contiguous"
+    if num_tokens == 0:
+        return
+    row = kv_heads * head_dim
+    _store_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                    ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, partial_ptr, stats_ptr,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+    scale, softcap, window, tokens_per_split,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    batch = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + batch)
+    query_pos = context_len - 1
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(query_pos - window + 1, 0)
+    start = tl.maximum(lo, split * tokens_per_split)
+    end = tl.minimum(context_len, (split + 1) * tokens_per_split)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    head = kv_head * GROUP + g  # [BLOCK_G] query heads served by this KV head
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + batch * stride_qb + head[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for tile in range(start, end, BLOCK_N):
+        t = tile + tl.arange(0, BLOCK_N)  # token positions
+        t_mask = t < end
+        page = tl.load(block_tables_ptr + batch * stride_bt + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+        offset = t % BLOCK_SIZE
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + page[:, None] * stride_kb + offset[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_G, BLOCK_N] fp32
+        if USE_SOFTCAP:
+            s = _tanh(s / softcap) * softcap
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + page[:, None] * stride_vb + offset[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / l[:, None]
+        tl.store(out_ptr + batch * NUM_HEADS * HEAD_DIM + head[:, None] * HEAD_DIM + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # partial [B, H, NUM_SPLITS, D] unnormalized; stats [B, H, NUM_SPLITS, 2] = (max, sum of exp)
+        row = (batch * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_G]
+        tl.store(partial_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
+        tl.store(stats_ptr + row * 2, m, mask=g_mask)
+        tl.store(stats_ptr + row * 2 + 1, l, mask=g_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(partial_ptr, stats_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)  # batch * NUM_HEADS + head
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < NUM_SPLITS
+    m = tl.load(stats_ptr + (row * NUM_SPLITS + s) * 2, mask=s_mask, other=float("-inf"))
+    l = tl.load(stats_ptr + (row * NUM_SPLITS + s) * 2 + 1, mask=s_mask, other=0.0)
+    m_all = tl.max(m, axis=0)
+    weight = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)  # empty splits have m = -inf
+    acc = tl.load(partial_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+                  mask=s_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU twice over, but at least 256 tokens per split."""
+    if device.type != "cuda":
+        return max(1, min(4, -(-max_context_len // 256)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = -(-2 * sms // max(batch * kv_heads, 1))
+    return max(1, min(wanted, -(-max_context_len // 256), 64))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, *, window: int | None = None,
+                           softcap: float | None = None, max_context_len: int | None = None,
+                           num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+    """q [B, H, D]; caches [num_blocks, block_size, kv_heads, D]; block_tables [B, max_blocks] int32;
+    context_lens [B] int32 (the query sits at position context_lens[b] - 1). Returns [B, H, D] in q's dtype."""
+    batch, num_heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    assert num_heads % kv_heads == 0, f"paged_decode_attention: {num_heads} query heads for {kv_heads} KV heads"
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
+    assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, kv_heads, max_context_len, q.device)
+    tokens_per_split = -(-max_context_len // num_splits)
+    tokens_per_split = -(-tokens_per_split // block_n) * block_n
+    num_splits = -(-max_context_len // tokens_per_split)
+    group = num_heads // kv_heads
+    out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=q.dtype)
+    partial = stats = out
+    if num_splits > 1:
+        partial = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+        stats = torch.empty(batch, num_heads, num_splits, 2, device=q.device, dtype=torch.float32)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    _paged_decode_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, partial, stats,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        float(scale), float(softcap or 1.0), int(window or 0), tokens_per_split,
+        GROUP=group, HEAD_DIM=head_dim, NUM_HEADS=num_heads, NUM_SPLITS=num_splits, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
+        USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32 rounding)
+        num_warps=4 if block_d <= 128 else 8,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch * num_heads,)](partial, stats, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+                                                   BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d)
+    return out
