@@ -311,3 +311,85 @@ def test_bad_arguments_name_the_argument(change, message):
     logits, ids, mask = args.pop("logits"), args.pop("ids"), args.pop("mask")
     with pytest.raises((ValueError, TypeError), match=message):
         grm_engine.grpo_loss(logits, ids, mask, **args)
+
+
+# ----------------------------------------------------------------------------- GPU lane (pytest -m gpu)
+
+def max_error(x, truth):
+    return (x.double() - truth.double()).abs().max().item()
+
+
+def relative_error(x, truth):
+    return ((x.double() - truth.double()).norm() / truth.double().norm().clamp(min=1e-30)).item()
+
+
+def assert_within_twice(name, ours, low_precision_reference, truth, measure=max_error, floor=1e-6):
+    """The fast path's error against truth is at most 2x the PyTorch reference's own low-precision error."""
+    ours_err, ref_err = measure(ours, truth), measure(low_precision_reference, truth)
+    scale = truth.double().abs().max().item() if measure is max_error else 1.0
+    assert ours_err <= 2 * ref_err + floor * max(scale, 1e-30), f"{name}: ours {ours_err:.3g} vs reference {ref_err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [152064, 256000])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+def test_gpu_bf16_against_fp64(vocab, loss_type):
+    logits, ids, mask, old, ref, rewards, _ = make_inputs(20, batch=4, length=256, vocab=vocab, scale=2.0,
+                                                          dtype=torch.bfloat16, device="cuda")
+    kwargs = dict(rewards=rewards, group_size=2, old_logp=old, ref_logp=ref, temperature=0.9, loss_type=loss_type)
+    results = {}
+    for name, dtype in (("truth", torch.float64), ("reference", torch.bfloat16)):
+        leaf = logits[:, :-1].to(dtype).requires_grad_()
+        loss, stats = grpo_loss_reference(leaf, ids, mask, **kwargs)
+        results[name] = (loss.detach(), stats.logp, torch.autograd.grad(loss, leaf)[0])
+    for inplace in (True, False):
+        buffer = logits.clone().requires_grad_()
+        view = buffer[:, :-1]  # a strided non-leaf view, as a model's logits[:, :-1] is
+        loss, stats = grm_engine.grpo_loss(view, ids, mask, inplace=inplace, **kwargs)
+        results[inplace] = (loss.detach(), stats.logp, torch.autograd.grad(loss, view)[0])
+    for index, name in enumerate(("loss", "logp", "grad")):
+        assert_within_twice(name, results[True][index], results["reference"][index], results["truth"][index])
+        assert torch.equal(results[True][index], results[False][index]), f"{name}: in-place and not differ"
+
+
+@pytest.mark.gpu
+def test_gpu_many_rows_and_largest_vocab():
+    for batch, length, vocab in ((256, 1024, 64), (2, 4, 262144)):  # 262,144 rows; a 262,144 vocabulary
+        logits, ids, mask, old, ref, _, adv = make_inputs(21, batch=batch, length=length, vocab=vocab, device="cuda")
+        want_loss, want_stats = grpo_loss_reference(logits[:, :-1], ids, mask, advantages=adv, old_logp=old,
+                                                    ref_logp=ref)
+        got_loss, got_stats = grm_engine.grpo_loss(logits[:, :-1], ids, mask, advantages=adv, old_logp=old,
+                                                   ref_logp=ref)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_stats.logp, want_stats.logp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_token_logprobs_bf16():
+    logits, ids, mask, *_ = make_inputs(22, batch=4, length=256, vocab=152064, dtype=torch.bfloat16, device="cuda")
+    truth = token_logprobs_reference(logits[:, :-1].double(), ids, mask=mask, return_entropy=True)
+    reference = token_logprobs_reference(logits[:, :-1], ids, mask=mask, return_entropy=True)
+    ours = grm_engine.token_logprobs(logits[:, :-1], ids, mask=mask, return_entropy=True)
+    for name, o, r, t in zip(("logp", "entropy"), ours, reference, truth):
+        assert_within_twice(name, o, r, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk_size", [512, None])
+def test_gpu_fused_linear_bf16(chunk_size):
+    _, ids, mask, old, ref, rewards, _ = make_inputs(23, batch=4, length=512, vocab=32768, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    hidden = torch.randn(4, 512, 1024, device="cuda", generator=gen).bfloat16()
+    weight = (torch.randn(32768, 1024, device="cuda", generator=gen) * 0.05).bfloat16()
+    kwargs = dict(rewards=rewards, group_size=2, old_logp=old, ref_logp=ref, temperature=0.9)
+    results = {}
+    for name, dtype in (("truth", torch.float64), ("reference", torch.bfloat16), ("ours", torch.bfloat16)):
+        h, w = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+        if name == "ours":
+            loss, stats = grm_engine.fused_linear_grpo_loss(h, w, ids, mask, chunk_size=chunk_size, **kwargs)
+        else:
+            loss, stats = fused_linear_grpo_loss_reference(h, w, ids, mask, **kwargs)
+        results[name] = (loss.detach(), stats.logp, *torch.autograd.grad(loss, (h, w)))
+    for index, name in enumerate(("loss", "logp", "grad_hidden", "grad_weight")):
+        assert_within_twice(name, results["ours"][index], results["reference"][index], results["truth"][index],
+                            measure=relative_error)
