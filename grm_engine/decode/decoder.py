@@ -45,6 +45,8 @@ class DecoderStats:
     decode_steps: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    prefill_seconds: float = 0.0  # wall time of prefill steps (sampling included; each step ends in a sync)
+    decode_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -199,6 +201,7 @@ class Decoder:
         bar = _progress(total, use_tqdm)
         start = time.perf_counter()
         while scheduler.has_work():
+            step_start = time.perf_counter()
             batch = scheduler.schedule()
             if not batch.seqs:
                 raise RuntimeError("Decoder: the scheduler found nothing to run (KV pool too small for any sequence)")
@@ -212,6 +215,10 @@ class Decoder:
                 stats.decode_steps += 1
             sampled, finished = self._sample_and_append(batch, needs_logits, logits, scheduler, seeds, results)
             stats.generated_tokens += sampled
+            if batch.is_prefill:
+                stats.prefill_seconds += time.perf_counter() - step_start
+            else:
+                stats.decode_seconds += time.perf_counter() - step_start
             if bar is not None:
                 bar.update(finished)
                 elapsed = time.perf_counter() - start

@@ -2,6 +2,7 @@
 copy-on-write block copies, runs the model and returns the logits of the sequences that sample."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .attention import AttentionMetadata
@@ -43,10 +44,15 @@ class ModelRunner:
             num_cached.append(start)
             context_lens.append(start + n)
         max_blocks = max(len(s.block_table) for s in batch.seqs)
-        block_tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+        block_tables = np.zeros((len(batch.seqs), max_blocks), dtype=np.int32)  # [B, max_blocks], 0-padded
+        for row, s in zip(block_tables, batch.seqs):
+            row[:len(s.block_table)] = s.block_table
 
         def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+            host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
+            if self.device.type == "cuda":
+                return host.pin_memory().to(self.device, non_blocking=True)
+            return host
 
         meta = AttentionMetadata(
             is_prefill=batch.is_prefill,
