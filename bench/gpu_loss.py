@@ -1,0 +1,211 @@
+"""GRPO loss on the GPU (issue 3): ours vs the PyTorch reference vs Liger-Kernel, in one run.
+
+Cases: logits path fwd+bwd (B=16, T=1024, V=152064 bf16), the same at 50% padding, a kernel-config sweep,
+forward-only token log-probs, and the fused lm_head path (16,384 tokens, H=3584) unpadded, 50% padded and at
+65,536 tokens. Floors: bytes / measured copy bandwidth (logits path), FLOPs / measured bf16 matmul rate (fused).
+Liger is imported lazily; a failed import or call records 'n/a' (the reason goes to the row's `note`).
+"""
+from __future__ import annotations
+
+import torch
+from triton.testing import do_bench
+
+import grm_engine
+from grm_engine.kernels.grpo_loss import grpo_loss_triton
+from grm_engine.loss import fused_linear_grpo_loss_reference, grpo_loss_reference, token_logprobs_reference
+
+BETA = 0.08
+DEVICE = "cuda"
+LOGITS_SHAPE = {False: (16, 1024, 152064), True: (4, 512, 152064)}  # by args.quick: (B, T, V)
+LINEAR_SHAPE = (3584, 152064)  # (H, V)
+LINEAR_BATCHES = {False: (16, 16, 64), True: (4, 4, 16)}  # sequences of 1024 tokens: unpadded, 50% padded, large
+LINEAR_LENGTH = 1024
+
+
+def measure(fn, rep=200):
+    """(median ms, peak GB allocated beyond what existed before the call); ('n/a', 'n/a', reason) on failure."""
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        return do_bench(fn, warmup=25, rep=rep, return_mode="median"), peak, ""
+    except Exception as exc:  # OOM or a peer's API change must not end the section
+        torch.cuda.empty_cache()
+        return "n/a", "n/a", f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def liger_logits_loss():
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except Exception as exc:
+        return None, f"liger import: {type(exc).__name__}: {exc}"[:160]
+    return triton_grpo_loss, ""
+
+
+def padded_mask(batch, length, padding, device):
+    """Sequence b keeps a prefix; lengths spread evenly so that `padding` of all tokens are masked."""
+    if padding == 0:
+        return torch.ones(batch, length, device=device)
+    keep = ((torch.arange(batch, device=device) + 0.5) / batch * 2 * (1 - padding) * length).long().clamp(1, length)
+    return (torch.arange(length, device=device)[None, :] < keep[:, None]).float()  # [B, T]
+
+
+def loss_inputs(batch, length, device, padding, logp_scale=12.0):
+    gen = torch.Generator(device=device).manual_seed(0)
+    mask = padded_mask(batch, length, padding, device)
+    logp = -torch.rand(batch, length, device=device, generator=gen) * logp_scale
+    old = logp + torch.randn(batch, length, device=device, generator=gen) * 0.1
+    ref = logp + torch.randn(batch, length, device=device, generator=gen) * 0.1
+    advantages = torch.randn(batch, device=device, generator=gen)
+    return mask, old, ref, advantages
+
+
+def row(case, ours, ref, peer, floor_ms, **extra):
+    result = {"section": "loss", "case": case, "ours_ms": ours[0], "ref_ms": ref[0], "peer_ms": peer[0],
+              "floor_ms": floor_ms, "ours_GB": ours[1], "ref_GB": ref[1], "peer_GB": peer[1]}
+    if isinstance(ours[0], float):
+        result["pct_floor"] = 100 * floor_ms / ours[0]
+        for name, other in (("x_vs_ref", ref), ("x_vs_peer", peer)):
+            if isinstance(other[0], float):
+                result[name] = other[0] / ours[0]
+    notes = "; ".join(n for n in (ours[2], ref[2], peer[2]) if n)
+    result.update(extra)
+    if notes:
+        result["note"] = notes
+    return result
+
+
+def logits_cases(args, bandwidth):
+    batch, length, vocab = LOGITS_SHAPE[bool(args.quick)]
+    device = DEVICE
+    liger, liger_note = liger_logits_loss()
+    rows = []
+    buffer = (torch.randn(batch, length + 1, vocab, device=device) * 2).bfloat16().requires_grad_()  # [B, T+1, V]
+    view = buffer[:, :-1]  # logits[:, t] predicts token t: a strided slice, no copy
+    ids = torch.randint(0, vocab, (batch, length), device=device)
+    element = buffer.element_size()
+    for padding in (0.0, 0.5):
+        mask, old, ref, advantages = loss_inputs(batch, length, device, padding)
+        kwargs = dict(advantages=advantages, old_logp=old, ref_logp=ref, beta=BETA)
+        valid_rows = int(mask.sum().item())
+        masked_rows = batch * length - valid_rows
+        # three passes (read; read + write the gradient) over unmasked rows, one write over masked rows
+        floor_ms = (3 * valid_rows + masked_rows) * vocab * element / bandwidth * 1e3
+        two_pass_ms = (2 * valid_rows + masked_rows) * vocab * element / bandwidth * 1e3
+
+        def ours():
+            loss, _ = grm_engine.grpo_loss(view, ids, mask, **kwargs)
+            return torch.autograd.grad(loss, view)
+
+        def reference():
+            loss, _ = grpo_loss_reference(view, ids, mask, **kwargs)
+            return torch.autograd.grad(loss, view)
+
+        def peer():
+            if liger is None:
+                raise RuntimeError(liger_note)
+            loss, _ = liger(buffer, old, ref, ids, advantages, mask, temperature=1.0, beta=BETA, eps_low=0.2,
+                            eps_high=0.2, inplace=True, loss_type="grpo", reduce=True)
+            return torch.autograd.grad(loss, buffer)
+
+        name = f"logits fwd+bwd B={batch} T={length} V={vocab} bf16" + (" 50% pad" if padding else "")
+        rows.append(row(name, measure(ours), measure(reference, rep=50), measure(peer), floor_ms,
+                        two_pass_floor_ms=two_pass_ms))
+        if padding == 0:
+            unpadded_ms = rows[-1]["ours_ms"]
+            sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 2
+            for block_v, num_warps, programs in ((4096, 8, None), (8192, 16, None), (2048, 4, None), (4096, 4, None),
+                                                 (4096, 8, 2 * sms), (8192, 16, sms), (16384, 16, sms), (8192, 8, 2 * sms)):
+                def config(block_v=block_v, num_warps=num_warps, programs=programs):
+                    loss, _ = grpo_loss_triton(view, ids, mask, block_v=block_v, num_warps=num_warps, programs=programs,
+                                               loss_type="grpo", **kwargs)
+                    return torch.autograd.grad(loss, view)
+
+                result = measure(config)
+                rows.append(row(f"  config block_v={block_v} warps={num_warps} programs={programs or 'rows'}", result,
+                                ("", "", ""), ("", "", ""), floor_ms))
+        elif isinstance(unpadded_ms, float) and isinstance(rows[-1]["ours_ms"], float):
+            rows[-1]["x_of_unpadded"] = rows[-1]["ours_ms"] / unpadded_ms
+
+    # forward-only log-probs (old / ref log-probs): one pass over the logits
+    mask = torch.ones(batch, length, device=device)
+    contiguous = buffer.detach()
+
+    def peer_logprobs():
+        from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
+
+        return fused_selective_log_softmax(contiguous, ids, 1.0, mask)
+
+    rows.append(row(f"token_logprobs B={batch} T={length} V={vocab} bf16",
+                    measure(lambda: grm_engine.token_logprobs(contiguous[:, :-1], ids, mask=mask)),
+                    measure(lambda: token_logprobs_reference(contiguous[:, :-1], ids, mask=mask), rep=50),
+                    measure(peer_logprobs), batch * length * vocab * element / bandwidth * 1e3))
+    del buffer, view, contiguous
+    return rows
+
+
+def fused_linear_cases(args, matmul_rate):
+    hidden_size, vocab = LINEAR_SHAPE
+    device = DEVICE
+    rows = []
+    weight = (torch.randn(vocab, hidden_size, device=device) * 0.02).bfloat16().requires_grad_()  # [V, H]
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        liger = LigerFusedLinearGRPOLoss(beta=BETA, loss_type="grpo", use_ref_model=True, compiled=True)
+        liger_note = ""
+    except Exception as exc:
+        liger, liger_note = None, f"liger import: {type(exc).__name__}: {exc}"[:160]
+    batches = LINEAR_BATCHES[bool(args.quick)]
+    cases = [(batches[0], LINEAR_LENGTH, 0.0, True), (batches[1], LINEAR_LENGTH, 0.5, True),
+             (batches[2], LINEAR_LENGTH, 0.0, False)]
+    unpadded_ms = None
+    for batch, length, padding, with_others in cases:
+        hidden = torch.randn(batch, length, hidden_size, device=device).bfloat16().requires_grad_()  # [B, T, H]
+        ids = torch.randint(0, vocab, (batch, length), device=device)
+        mask, old, ref, advantages = loss_inputs(batch, length, device, padding)
+        kwargs = dict(advantages=advantages, old_logp=old, ref_logp=ref, beta=BETA)
+        tokens = int(mask.sum().item())
+        floor_ms = 3 * 2 * tokens * vocab * hidden_size / matmul_rate * 1e3
+
+        def ours():
+            loss, _ = grm_engine.fused_linear_grpo_loss(hidden, weight, ids, mask, **kwargs)
+            return torch.autograd.grad(loss, (hidden, weight))
+
+        def reference():
+            loss, _ = fused_linear_grpo_loss_reference(hidden, weight, ids, mask, **kwargs)
+            return torch.autograd.grad(loss, (hidden, weight))
+
+        def peer():
+            if liger is None:
+                raise RuntimeError(liger_note)
+            loss, _ = liger(hidden, weight, ids, mask, advantages, ref_per_token_logps=ref, old_per_token_logps=old)
+            return torch.autograd.grad(loss, (hidden, weight))
+
+        skipped = ("skipped", "", "")
+        name = f"fused linear N={batch * length} H={hidden_size} V={vocab} bf16" + (" 50% pad" if padding else "")
+        rows.append(row(name, measure(ours, rep=300), measure(reference, rep=300) if with_others else skipped,
+                        measure(peer, rep=300) if with_others else skipped, floor_ms, tokens=tokens))
+        if padding == 0 and with_others:
+            unpadded_ms = rows[-1]["ours_ms"]
+        elif padding and isinstance(unpadded_ms, float) and isinstance(rows[-1]["ours_ms"], float):
+            rows[-1]["x_of_unpadded"] = rows[-1]["ours_ms"] / unpadded_ms
+        del hidden
+    return rows
+
+
+def run(args) -> list[dict]:
+    ceilings = getattr(args, "ceilings", None) or {}
+    bandwidth = ceilings.get("bandwidth", 4.2e12)  # the DESIGN.md figures when the ceilings section did not run
+    matmul_rate = ceilings.get("matmul", 760e12)
+    rows = logits_cases(args, bandwidth)
+    torch.cuda.empty_cache()
+    rows += fused_linear_cases(args, matmul_rate)
+    if not ceilings:
+        for r in rows:
+            r["note"] = (r.get("note", "") + " floors from DESIGN.md ceilings (run with --only ceilings,loss)").strip()
+    return rows
