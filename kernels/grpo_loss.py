@@ -178,9 +178,10 @@ class _GRPOLossFunction(torch.autograd.Function):
     backward only rescales when the upstream gradient is not 1 (one sync, as Liger does)."""
 
     @staticmethod
-    def forward(ctx, logits, completion_ids, weights, advantages, rewards, old_logp, ref_logp, options, inplace):
+    def forward(ctx, logits, completion_ids, weights, advantages, rewards, old_logp, ref_logp, options, inplace,
+                needs_grad):
         grad = None
-        if ctx.needs_input_grad[0]:
+        if needs_grad:  # not ctx.needs_input_grad: that is True under torch.no_grad() too
             grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
         out = launch_rows(logits, completion_ids, weights, advantages=advantages, rewards=rewards,
                           old_logp=old_logp, ref_logp=ref_logp, grad=grad, **options)
@@ -193,7 +194,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad is not None and bool(grad_loss != 1):
             grad.mul_(grad_loss.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=None, group_size=None, old_logp=None,
@@ -205,7 +206,8 @@ def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=N
     options = dict(group_size=group_size, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
                    block_v=block_v, num_warps=num_warps, programs=programs)
     loss, logp, kl, clipped = _GRPOLossFunction.apply(logits, completion_ids, weights, advantages, rewards,
-                                                      old_logp, ref_logp, options, inplace)
+                                                      old_logp, ref_logp, options, inplace,
+                                                      torch.is_grad_enabled() and logits.requires_grad)
     count = valid.sum().clamp(min=1).float()
     return loss, GRPOStats(kl=kl.sum() / count, clip_frac=clipped.sum() / count, logp=logp)
 

@@ -38,10 +38,11 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
     """All three gradients are produced in the forward for an upstream gradient of 1; backward rescales."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, completion_ids, weights, advantages, old_logp, ref_logp, options, chunk_size):
+    def forward(ctx, hidden, weight, bias, completion_ids, weights, advantages, old_logp, ref_logp, options, chunk_size,
+                needs):
         batch, length, hidden_size = hidden.shape
         vocab = weight.shape[0]
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_hidden, need_weight, need_bias = needs  # not ctx.needs_input_grad: True under torch.no_grad() too
         any_grad = need_hidden or need_weight or need_bias
         token_index = (weights.reshape(-1) != 0).nonzero().squeeze(1)  # [N] unmasked flat positions (one sync)
         num_tokens = token_index.numel()
@@ -93,7 +94,7 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         scale = bool(grad_loss != 1)
         grads = [g.mul_(grad_loss.to(g.dtype)) if (g is not None and scale) else g for g in grads]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, *, bias=None, chunk_size=None, advantages=None,
@@ -107,7 +108,9 @@ def fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, *, bias=
         advantages = group_advantages(rewards, group_size)
     options = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
                    block_v=block_v, num_warps=num_warps, programs=programs)
+    grad_enabled = torch.is_grad_enabled()
+    needs = tuple(grad_enabled and t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, logp, kl_sum, clip_sum = _FusedLinearGRPOFunction.apply(
-        hidden, weight, bias, completion_ids, weights, advantages, old_logp, ref_logp, options, chunk_size)
+        hidden, weight, bias, completion_ids, weights, advantages, old_logp, ref_logp, options, chunk_size, needs)
     count = valid.sum().clamp(min=1).float()
     return loss, GRPOStats(kl=kl_sum / count, clip_frac=clip_sum / count, logp=logp)

@@ -191,6 +191,23 @@ def test_inplace_writes_gradient_into_logits_and_optout_keeps_them():
             assert torch.equal(leaf.detach(), before)
 
 
+def test_no_grad_leaves_logits_untouched():
+    from grm_engine.kernels.grpo_loss import grpo_loss_triton
+    from grm_engine.kernels.linear_grpo import fused_linear_grpo_loss_triton
+
+    logits, ids, mask, old, _, _, adv = make_inputs(15)
+    leaf = logits[:, :-1].clone().requires_grad_()
+    before = leaf.detach().clone()
+    with torch.no_grad():
+        loss, _ = grpo_loss_triton(leaf, ids, mask, advantages=adv, old_logp=old, block_v=BLOCK_V)
+    assert torch.equal(leaf.detach(), before) and not loss.requires_grad
+    torch.testing.assert_close(loss, grpo_loss_reference(before, ids, mask, advantages=adv, old_logp=old)[0])
+    hidden, weight = torch.randn(B, T, 8, requires_grad=True), torch.randn(V, 8, requires_grad=True)
+    with torch.no_grad():
+        loss, _ = fused_linear_grpo_loss_triton(hidden, weight, ids, mask, advantages=adv, block_v=BLOCK_V)
+    assert not loss.requires_grad
+
+
 def test_persistent_programs_give_identical_results():
     from grm_engine.kernels.grpo_loss import grpo_loss_triton
 
