@@ -77,6 +77,7 @@ class Decoder:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.stats = DecoderStats()
+        self.step_hook = None  # called with each finished ScheduledBatch (profilers, progress probes)
         self._next_seq_id = 0
 
     @classmethod
@@ -219,6 +220,8 @@ class Decoder:
                 stats.prefill_seconds += time.perf_counter() - step_start
             else:
                 stats.decode_seconds += time.perf_counter() - step_start
+            if self.step_hook is not None:
+                self.step_hook(batch)
             if bar is not None:
                 bar.update(finished)
                 elapsed = time.perf_counter() - start

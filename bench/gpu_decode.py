@@ -1,0 +1,142 @@
+"""Decoder benchmark: random-init models at real shapes (no downloads), ignore_eos, vs transformers generate.
+
+Per case: our tok/s and decode step time against the floor (weights + unique KV bytes over the measured
+bandwidth), prefill tokens (each prompt once), peak KV blocks, and transformers generate(num_return_sequences=n)
+in the same run (fewer new tokens, to fit the time budget; its tok/s is reported as measured). A torch.profiler
+table of decode steps goes to $OUT/decode_profile_<case>.txt.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import torch
+
+CASES = [
+    # name, model_type, config, prompts, prompt tokens, n, new tokens, transformers: prompts, new tokens
+    ("qwen2.5-0.5B", "qwen2", dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+     1, 1024, 32, 256, 1, 64),
+    ("qwen2.5-7B", "qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+     8, 2048, 32, 256, 2, 32),
+    ("gemma2-2B", "gemma2", dict(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                                head_dim=256, intermediate_size=9216, vocab_size=256000, query_pre_attn_scalar=256,
+                                sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+     2, 1024, 32, 256, 1, 64),
+]
+QUICK = {"qwen2.5-0.5B": (1, 256, 8, 32, 1, 16), "qwen2.5-7B": (2, 512, 8, 32, 1, 8), "gemma2-2B": (1, 256, 8, 32, 1, 16)}
+
+
+def build_model(model_type: str, shape: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, max_position_embeddings=8192, **shape)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def kv_bytes_per_token(model) -> int:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def profile_decode(decoder, prompts, params, path: str) -> str:
+    """Profile 5 decode steps after 5 + 2 warm ones; returns the top op names."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=5, warmup=2, active=5)) as prof:
+        decoder.step_hook = lambda batch: None if batch.is_prefill else prof.step()
+        decoder.generate(prompts, params, use_tqdm=False)
+        decoder.step_hook = None
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_device_time_total", row_limit=30)
+    with open(path, "w") as f:
+        f.write("decode steps: 5 profiled (self device time is the total over 5 steps)\n" + table + "\n")
+        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=20))
+    top = sorted(averages, key=lambda e: -e.self_device_time_total)[:3]
+    total = sum(e.self_device_time_total for e in averages) or 1
+    return ", ".join(f"{e.key[:40]} {100 * e.self_device_time_total / total:.0f}%" for e in top)
+
+
+def transformers_generate(model, prompts, n, new_tokens) -> dict:
+    ids = torch.tensor(prompts, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                   num_return_sequences=n, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"hf_tok/s": len(prompts) * n * new_tokens / seconds, "hf_s": seconds, "hf_new_tokens": new_tokens,
+            "hf_prompts": len(prompts), "hf_peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def run_case(args, name, model_type, shape, num_prompts, prompt_len, n, new_tokens, hf_prompts, hf_new_tokens) -> dict:
+    from grm_engine.decode import Decoder, SamplingParams
+
+    model = build_model(model_type, shape)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, shape["vocab_size"], (prompt_len,), generator=g).tolist() for _ in range(num_prompts)]
+    decoder = Decoder.from_pretrained(model, kv_cache_memory_fraction=0.85, max_num_seqs=256, block_size=16)
+    warm = SamplingParams(n=4, temperature=1.0, max_tokens=8, ignore_eos=True, seed=1)
+    decoder.generate([prompts[0][:300]], warm, use_tqdm=False)  # compiles the Triton kernels
+    params = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = decoder.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    stats = decoder.stats
+    generated = sum(len(s.token_ids) for r in outputs for s in r.outputs)
+    assert generated == num_prompts * n * new_tokens, f"{name}: {generated} tokens generated"
+    step_ms = 1e3 * stats.decode_seconds / max(stats.decode_steps, 1)
+    unique_kv = (num_prompts * prompt_len + num_prompts * n * new_tokens / 2) * kv_bytes_per_token(model)  # mid-run
+    bandwidth = args.ceilings.get("bandwidth", 4.2e12)
+    floor_ms = 1e3 * (weight_bytes(model) + unique_kv) / bandwidth
+    row = {
+        "section": "decode", "case": f"{name} {num_prompts}x{prompt_len} n={n} +{new_tokens}",
+        "ours_ms": step_ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / step_ms,
+        "tok/s": generated / seconds, "total_s": seconds, "prefill_s": stats.prefill_seconds,
+        "prefill_tokens": stats.prefill_tokens, "unique_prompt_tokens": num_prompts * prompt_len,
+        "peak_blocks": stats.peak_blocks_in_use, "peak_KV_GB": stats.peak_blocks_in_use * 16 * kv_bytes_per_token(model) / 1e9,
+        "pool_blocks": decoder.block_manager.num_blocks, "preemptions": stats.preemptions,
+    }
+    out_dir = os.environ.get("OUT", ".")
+    profile_params = SamplingParams(n=n, temperature=1.0, max_tokens=14, ignore_eos=True, seed=0)
+    row["profile_top"] = profile_decode(decoder, prompts, profile_params, os.path.join(out_dir, f"decode_profile_{name}.txt"))
+    del decoder, outputs
+    gc.collect()
+    torch.cuda.empty_cache()
+    hf = transformers_generate(model, prompts[:hf_prompts], n, hf_new_tokens)
+    hf["ref_ms"] = None
+    row.update(hf)
+    row["speedup_vs_hf"] = row["tok/s"] / hf["hf_tok/s"]
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def run(args) -> list[dict]:
+    rows = []
+    for name, model_type, shape, *sizes in CASES:
+        if getattr(args, "quick", False):
+            sizes = QUICK[name]
+        start = time.time()
+        rows.append(run_case(args, name, model_type, shape, *sizes))
+        print(f"[decode] {name}: {time.time() - start:.1f} s, {rows[-1]['tok/s']:.0f} tok/s "
+              f"(transformers {rows[-1]['hf_tok/s']:.0f}), step {rows[-1]['ours_ms']:.2f} ms vs floor {rows[-1]['floor_ms']:.2f}", flush=True)
+    return rows
