@@ -1,0 +1,324 @@
+"""The `grm-engine` command (also `python -m grm_engine`): score and eval.
+
+Both check the data file and the checkpoint directories BEFORE any model is loaded, then score the examples
+in chunks of --chunk-size (one decoder run per chunk: continuous batching across the chunk's examples and
+samples; chunks bound memory and give resumable progress). `score` appends one JSON line per example after
+each chunk (whole lines, flushed), so an interrupted run leaves a valid file and a rerun with the same --out
+skips the ids already written. A partly written chunk is scored again whole and only its missing ids are
+written: the decoder's sampling noise depends on a request's position in its run, so re-running the same
+chunk reproduces exactly the samples an uninterrupted run would have written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .data import DataError, load_examples
+
+FORMATS = ("jsonl", "rewardbench", "ppe", "rmb")
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files, reported as `error: ...` with exit status 2."""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="GRM checkpoint directory (config.json + *.safetensors + tokenizer)")
+    p.add_argument("--data", required=True, help="examples: a .jsonl file, a .json list or a directory of them")
+    p.add_argument("--format", default="jsonl", choices=FORMATS, help="row format of --data (default: jsonl)")
+    p.add_argument("--skip-invalid", action="store_true", help="drop invalid rows (the count is reported)")
+    p.add_argument("--meta-rm", help="meta RM checkpoint directory (enables meta-RM guided voting)")
+    p.add_argument("--k-meta", type=int, help="samples kept by the meta RM (default: k // 2)")
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=1024, help="longest critique, in tokens")
+    p.add_argument("--template", default="default", choices=("default", "single"))
+    p.add_argument("--no-shuffle", action="store_true", help="keep the responses in their given order")
+    p.add_argument("--chunk-size", type=int, default=256, help="examples per decoder run (default: 256)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded at once")
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grm-engine", description="Generative reward models, DeepSeek-GRM style.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    score = commands.add_parser("score", help="score examples with k critiques each; one result line per example",
+                                description="Score examples with k sampled critiques (shuffled response order), "
+                                "voting and optional meta-RM filtering; resumable.")
+    _add_common(score)
+    score.add_argument("--k", type=int, default=8, help="critiques per example")
+    score.add_argument("--out", required=True, help="results .jsonl; an existing file is resumed")
+    ev = commands.add_parser("eval", help="accuracy table and plot: greedy, Voting@k, MetaRM@k",
+                             description="Sample once at the largest k, derive every smaller k from the first k "
+                             "samples, run greedy separately, print the table, write results.json and a plot.")
+    _add_common(ev)
+    ev.add_argument("--k", default="1,8,32", help="comma-separated k values (default: 1,8,32)")
+    ev.add_argument("--tie-policy", default="strict", choices=("strict", "half", "fractional", "random"))
+    ev.add_argument("--out-dir", default="grm_eval", help="where results.json, samples.jsonl and the plot go")
+    return parser
+
+
+# ---- checks before any model is loaded ----
+def _load_data(args):
+    try:
+        examples = load_examples(args.data, format=args.format, skip_invalid=args.skip_invalid)
+    except DataError as e:
+        raise UsageError(f"bad data: {e}") from None
+    if examples.skipped:
+        print(f"skipped {examples.skipped} invalid rows (first: {examples.errors[0]})", file=sys.stderr)
+    return examples
+
+
+def _check_inputs(args):
+    from .grm import check_checkpoint_dir
+    from .meta_rm import check_meta_rm_dir
+
+    if args.k_meta is not None and not args.meta_rm:
+        raise UsageError("--k-meta needs --meta-rm")
+    if args.chunk_size < 1 or args.max_tokens < 1 or args.temperature < 0:
+        raise UsageError("--chunk-size and --max-tokens must be >= 1 and --temperature >= 0")
+    examples = _load_data(args)
+    try:
+        check_checkpoint_dir(args.model)
+        if args.meta_rm:
+            check_meta_rm_dir(args.meta_rm)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return examples
+
+
+def _load_grm(args):
+    import torch
+
+    from .grm import GRM
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return GRM.from_pretrained(args.model, meta_rm=args.meta_rm, template=args.template, dtype=dtype,
+                               device=args.device, max_num_seqs=args.max_num_seqs,
+                               kv_cache_memory_fraction=args.kv_cache_memory_fraction)
+
+
+def score_in_chunks(grm, examples, args, *, k, temperature, k_meta=None, chunks=None, desc="score"):
+    """Yield (chunk examples, ScoreResult) per chunk, with a progress bar in examples/s and tokens/s."""
+    from tqdm.auto import tqdm
+
+    size = args.chunk_size
+    chunks = chunks if chunks is not None else [examples[i:i + size] for i in range(0, len(examples), size)]
+    bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit="ex", dynamic_ncols=True, file=sys.stderr)
+    tokens, start = 0, time.perf_counter()
+    try:
+        for chunk in chunks:
+            result = grm.score(chunk, k=k, k_meta=k_meta, temperature=temperature, shuffle=not args.no_shuffle,
+                               seed=args.seed, max_tokens=args.max_tokens)
+            tokens += result.generated_tokens
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):.0f} tok/s")
+            yield chunk, result
+    finally:
+        bar.close()
+
+
+# ---- score ----
+def _run_settings(args) -> dict:
+    return {"k": args.k, "k_meta": args.k_meta, "temperature": args.temperature, "seed": args.seed,
+            "shuffle": not args.no_shuffle, "template": args.template, "max_tokens": args.max_tokens,
+            "chunk_size": args.chunk_size}
+
+
+def read_done_ids(path: str, settings: dict) -> set[str]:
+    """Ids already in a results file. A trailing partial line (a killed run) is cut off; a line written
+    with other settings is an error (resuming would mix two runs)."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
+    done = set()
+    for number, line in enumerate(data[:keep].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            done.add(str(row["id"]))
+        except (ValueError, KeyError):
+            raise UsageError(f"{path}, line {number}: not a results line; give a new --out or remove the file") from None
+        if row.get("settings") != settings:
+            raise UsageError(f"{path}, line {number}: written with settings {row.get('settings')}, this run has "
+                             f"{settings}; use the same options to resume or a new --out")
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        print(f"{path}: dropped a partial last line (an interrupted write)", file=sys.stderr)
+    return done
+
+
+def cmd_score(args) -> int:
+    if args.k < 1:
+        raise UsageError("--k must be >= 1")
+    examples = _check_inputs(args)
+    settings = _run_settings(args)
+    done = read_done_ids(args.out, settings)
+    chunks = [examples[i:i + args.chunk_size] for i in range(0, len(examples), args.chunk_size)]
+    todo = [c for c in chunks if any(e.id not in done for e in c)]
+    print(f"{len(examples)} examples, {len(done)} already in {args.out}, {sum(len(c) for c in todo)} to score "
+          f"in {len(todo)} chunks", file=sys.stderr)
+    if not todo:
+        return 0
+    grm = _load_grm(args)
+    results = []
+    with open(args.out, "a", encoding="utf-8") as out:
+        for chunk, result in score_in_chunks(grm, examples, args, k=args.k, temperature=args.temperature,
+                                             k_meta=args.k_meta, chunks=todo):
+            for example in result.examples:
+                if example.id in done:
+                    continue
+                out.write(json.dumps({**example.to_json(), "settings": settings}, ensure_ascii=False) + "\n")
+                out.flush()
+            os.fsync(out.fileno())
+            results.append(result)
+    stats = results[0].concat(results).stats()
+    print(json.dumps({"out": args.out, **stats}))
+    return 0
+
+
+# ---- eval ----
+def _accuracies(result, vote_result, examples, tie_policy: str, rewardbench: bool) -> dict:
+    from .metrics import accuracy, accuracy_by_subset, rewardbench_scores
+
+    predictions = result.predictions(vote_result)
+    row = {"accuracy": accuracy(predictions, examples, tie_policy=tie_policy),
+           "subsets": {str(s): v["accuracy"] for s, v in
+                       accuracy_by_subset(predictions, examples, tie_policy=tie_policy).items()}}
+    if rewardbench:
+        row["sections"] = rewardbench_scores(row["subsets"])
+    return row
+
+
+def _print_table(methods: dict, title: str, rewardbench: bool) -> None:
+    names = list(methods)
+    columns = ["Accuracy"] + (["Chat", "Chat Hard", "Safety", "Reasoning", "Overall"] if rewardbench else [])
+    subsets = list(next(iter(methods.values()))["subsets"])
+
+    def cell(value):
+        return "-" if value != value else f"{100 * value:.1f}"
+    width = max(len(n) for n in names + subsets + ["method"]) + 2
+    print(title)
+    print("method".ljust(width) + "".join(c.rjust(11) for c in columns))
+    for name, row in methods.items():
+        values = [row["accuracy"]] + [row["sections"][c] for c in columns[1:]]
+        print(name.ljust(width) + "".join(cell(v).rjust(11) for v in values))
+    if len(subsets) > 1 or subsets != ["None"]:
+        print()
+        print("subset".ljust(width) + "".join(n.rjust(max(11, len(n) + 2)) for n in names))
+        for subset in subsets:
+            print(subset.ljust(width) + "".join(cell(methods[n]["subsets"][subset]).rjust(max(11, len(n) + 2))
+                                                for n in names))
+
+
+def _plot(path: str, ks: list[int], methods: dict, title: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for prefix, style in (("Voting", "o-"), ("MetaRM", "s-")):
+        points = [(k, 100 * methods[f"{prefix}@{k}"]["accuracy"]) for k in ks if f"{prefix}@{k}" in methods]
+        if points:
+            ax.plot(*zip(*points), style, label=prefix if prefix == "Voting" else "MetaRM-guided voting")
+    ax.axhline(100 * methods["Greedy"]["accuracy"], color="gray", linestyle="--", label="Greedy")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("k (sampled critiques)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def _finite(value):
+    """JSON has no NaN: a missing accuracy (e.g. a RewardBench section without data) becomes null."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def cmd_eval(args) -> int:
+    try:
+        ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
+    except ValueError:
+        raise UsageError(f"--k {args.k!r}: give comma-separated integers, e.g. 1,8,32") from None
+    if not ks or ks[0] < 1:
+        raise UsageError(f"--k {args.k!r}: every k must be >= 1")
+    if args.k_meta is not None and args.k_meta < 1:
+        raise UsageError("--k-meta must be >= 1")
+    examples = _check_inputs(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    grm = _load_grm(args)
+    from .grm import ScoreResult
+
+    greedy = ScoreResult.concat([r for _, r in score_in_chunks(grm, examples, args, k=1, temperature=0.0,
+                                                                 desc="greedy")])
+    sampled = ScoreResult.concat([r for _, r in score_in_chunks(grm, examples, args, k=ks[-1],
+                                                                  temperature=args.temperature,
+                                                                  k_meta=min(args.k_meta, ks[-1]) if args.k_meta else None,
+                                                                  desc=f"k={ks[-1]}")])
+    rewardbench = args.format == "rewardbench"
+    methods = {"Greedy": _accuracies(greedy, greedy.vote_first(1), examples, args.tie_policy, rewardbench)}
+    for k in ks:
+        methods[f"Voting@{k}"] = _accuracies(sampled, sampled.vote_first(k), examples, args.tie_policy, rewardbench)
+    if args.meta_rm:
+        for k in ks:
+            k_meta = min(args.k_meta, k) if args.k_meta else max(1, k // 2)
+            methods[f"MetaRM@{k}"] = _accuracies(sampled, sampled.vote_first(k, k_meta=k_meta, use_meta=True),
+                                                 examples, args.tie_policy, rewardbench)
+            methods[f"MetaRM@{k}"]["k_meta"] = k_meta
+    title = (f"{os.path.basename(os.path.normpath(args.data))} ({args.format}, {len(examples)} examples), "
+             f"accuracy %, tie policy: {args.tie_policy}")
+    print()
+    _print_table(methods, title, rewardbench)
+    report = {"model": args.model, "meta_rm": args.meta_rm, "data": args.data, "format": args.format,
+              "examples": len(examples), "skipped": examples.skipped, "tie_policy": args.tie_policy, "k": ks,
+              "temperature": args.temperature, "seed": args.seed, "shuffle": not args.no_shuffle, "methods": methods,
+              "greedy_run": greedy.stats(), "sampled_run": sampled.stats()}
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump(_finite(report), f, indent=1, allow_nan=False)
+    with open(os.path.join(args.out_dir, "samples.jsonl"), "w", encoding="utf-8") as f:
+        for example in sampled.examples:
+            f.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")
+    print()
+    for name, run in (("greedy", greedy), (f"k={ks[-1]}", sampled)):
+        print(f"{name}: parse failures {run.parse_failures} of {run.num_samples} samples, "
+              f"{run.generated_tokens} tokens, {run.tokens_per_second:.0f} tok/s")
+    print(_plot(os.path.join(args.out_dir, "accuracy_vs_k.png"), ks, methods, title.split(",")[0]))
+    print(f"results: {os.path.join(args.out_dir, 'results.json')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "score":
+            return cmd_score(args)
+        return cmd_eval(args)
+    except UsageError as e:
+        print(f"grm-engine {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        where = f"; the results so far are in {args.out}, rerun the same command to resume" if args.command == "score" else ""
+        print(f"grm-engine {args.command}: interrupted{where}", file=sys.stderr)
+        return 130

@@ -1,0 +1,120 @@
+"""The meta reward model: one scalar logit per (query, responses, GRM critique), METHOD.md "Meta-RM input".
+
+Two checkpoint kinds, one forward: the transformer body's last hidden state at the last real token
+goes through a linear head with one output.
+  - a transformers sequence-classification checkpoint with num_labels = 1 (head: the model's own `score`);
+  - a causal LM checkpoint plus HEAD_FILE (safetensors: `weight` [1, H], optional `bias` [1]), the head
+    a meta-RM trainer saves next to a causal LM body (the lm_head is ignored).
+Inputs are bucketed by length (sorted, then cut into batches under a token budget) and right-padded;
+causal attention makes a real token's hidden state independent of the padding after it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import torch
+
+from .protocol import build_meta_prompt
+
+HEAD_FILE = "meta_rm_head.safetensors"
+
+
+def check_meta_rm_dir(path: str) -> str:
+    """Validate a meta-RM directory without loading weights -> "classifier" | "causal+head".
+    Raises ValueError naming the problem (used by the CLI before any model is loaded)."""
+    config_path = os.path.join(str(path), "config.json")
+    if not os.path.isdir(str(path)):
+        raise ValueError(f"meta RM {path}: not a directory")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"meta RM {path}: no config.json (give a transformers checkpoint directory)")
+    with open(config_path) as f:
+        config = json.load(f)
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+        if labels != 1:
+            raise ValueError(f"meta RM {path}: a sequence classifier with {labels} labels; the meta RM has one "
+                             "output (num_labels=1)")
+        return "classifier"
+    if os.path.isfile(os.path.join(str(path), HEAD_FILE)):
+        return "causal+head"
+    raise ValueError(f"meta RM {path}: architectures {architectures} is neither a *ForSequenceClassification "
+                     f"checkpoint with one label nor a causal LM with a saved head ({HEAD_FILE})")
+
+
+class MetaRM:
+    def __init__(self, body: torch.nn.Module, head: torch.nn.Module, tokenizer, *, max_batch_tokens: int = 16384,
+                 max_length: int | None = None):
+        self.body, self.head, self.tokenizer = body.eval(), head.eval(), tokenizer
+        self.max_batch_tokens = max_batch_tokens
+        self.max_length = max_length or int(getattr(body.config, "max_position_embeddings", None) or 4096)
+        self.device = next(body.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype=None, device=None, tokenizer=None, max_batch_tokens: int = 16384) -> "MetaRM":
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+        kind = check_meta_rm_dir(path)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        if kind == "classifier":
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
+            body, head = model.base_model, model.score
+        else:
+            from safetensors.torch import load_file
+
+            body = AutoModel.from_pretrained(path, dtype=dtype).to(device)
+            state = load_file(os.path.join(path, HEAD_FILE))
+            if "weight" not in state or tuple(state["weight"].shape) != (1, body.config.hidden_size):
+                raise ValueError(f"{os.path.join(path, HEAD_FILE)}: needs `weight` of shape [1, "
+                                 f"{body.config.hidden_size}], got {({k: tuple(v.shape) for k, v in state.items()})}")
+            head = torch.nn.Linear(body.config.hidden_size, 1, bias="bias" in state)
+            head.load_state_dict(state)
+            head = head.to(device=device, dtype=dtype)
+        return cls(body, head, tokenizer, max_batch_tokens=max_batch_tokens)
+
+    def encode(self, query, responses: Sequence[str], critique: str) -> list[int]:
+        text = build_meta_prompt(query, responses, critique, tokenizer=self.tokenizer)
+        # a chat template writes its own BOS; plain text gets the tokenizer's special tokens
+        special = not getattr(self.tokenizer, "chat_template", None)
+        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        if len(ids) > self.max_length:  # keep the end: the critique and its scores are what is judged
+            ids = ids[-self.max_length:]
+        return ids
+
+    @torch.no_grad()
+    def score_token_ids(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        """float32 [N] logits for N token-id lists, batched by length (the result is in the input order)."""
+        order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+        logits = torch.empty(len(token_lists), dtype=torch.float32)
+        start = 0
+        while start < len(order):
+            end = start + 1  # grow the batch while (batch size x longest length) fits the budget
+            while end < len(order) and (end + 1 - start) * len(token_lists[order[end]]) <= self.max_batch_tokens:
+                end += 1
+            batch = [token_lists[i] for i in order[start:end]]
+            width = len(batch[-1])
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)  # [B, T], right-padded
+            attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, ids in enumerate(batch):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention_mask[row, : len(ids)] = 1
+            hidden = self.body(input_ids=input_ids.to(self.device),
+                               attention_mask=attention_mask.to(self.device)).last_hidden_state  # [B, T, H]
+            last = attention_mask.sum(1).to(self.device) - 1  # [B]
+            pooled = hidden[torch.arange(len(batch), device=self.device), last]  # [B, H]
+            logits[torch.tensor(order[start:end])] = self.head(pooled).float().squeeze(-1).cpu()
+            start = end
+        return logits
+
+    def score(self, queries: Sequence, responses: Sequence[Sequence[str]], critiques: Sequence[str]) -> torch.Tensor:
+        """One logit per critique, float32 [N]. responses[i] in the order critique i saw them."""
+        if not len(queries) == len(responses) == len(critiques):
+            raise ValueError(f"MetaRM.score: {len(queries)} queries, {len(responses)} response lists and "
+                             f"{len(critiques)} critiques; give one of each per item")
+        if not critiques:
+            return torch.empty(0, dtype=torch.float32)
+        return self.score_token_ids([self.encode(q, r, c) for q, r, c in zip(queries, responses, critiques)])
