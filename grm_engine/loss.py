@@ -206,6 +206,11 @@ def fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, *, bi
     return grpo_loss_reference(logits, completion_ids, mask, **kwargs)
 
 
+def fused_linear_token_logprobs_reference(hidden, weight, completion_ids, *, bias=None, **kwargs):
+    logits = hidden @ weight.t()  # [B, T, V]
+    return token_logprobs_reference(logits if bias is None else logits + bias, completion_ids, **kwargs)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def _use_triton(tensor: torch.Tensor) -> bool:
@@ -291,5 +296,26 @@ def fused_linear_grpo_loss(hidden, weight, completion_ids, mask, *, bias=None, c
                                          **options)
 
 
+def fused_linear_token_logprobs(hidden, weight, completion_ids, *, bias=None, mask=None, temperature=1.0,
+                                return_entropy=False, chunk_size=None):
+    """token_logprobs with the lm_head fused in (hidden [B, T, H], weight [V, H]); chunked on the Triton path."""
+    if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden [B, T, H] and weight [V, H] do not match: {list(hidden.shape)} vs {list(weight.shape)}")
+    batch, length, _ = hidden.shape
+    if tuple(completion_ids.shape) != (batch, length):
+        raise ValueError(f"completion_ids must have shape [{batch}, {length}], got {list(completion_ids.shape)}")
+    if mask is not None and tuple(mask.shape) != (batch, length):
+        raise ValueError(f"mask must have shape [{batch}, {length}], got {list(mask.shape)}")
+    check_token_ids(completion_ids, torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0,
+                    weight.shape[0])
+    options = dict(bias=bias, mask=mask, temperature=temperature, return_entropy=return_entropy)
+    if not _use_triton(hidden):
+        return fused_linear_token_logprobs_reference(hidden, weight, completion_ids, **options)
+    from .kernels.linear_grpo import fused_linear_token_logprobs_triton
+
+    return fused_linear_token_logprobs_triton(hidden, weight, completion_ids, chunk_size=chunk_size, **options)
+
+
 __all__ = ["GRPOStats", "group_advantages", "grpo_loss", "token_logprobs", "fused_linear_grpo_loss",
+           "fused_linear_token_logprobs",
            "grpo_loss_reference", "token_logprobs_reference", "fused_linear_grpo_loss_reference"]

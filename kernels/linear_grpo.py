@@ -114,3 +114,33 @@ def fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, *, bias=
         hidden, weight, bias, completion_ids, weights, advantages, old_logp, ref_logp, options, chunk_size, needs)
     count = valid.sum().clamp(min=1).float()
     return loss, GRPOStats(kl=kl_sum / count, clip_frac=clip_sum / count, logp=logp)
+
+
+@torch.no_grad()
+def fused_linear_token_logprobs_triton(hidden, weight, completion_ids, *, bias=None, mask=None, temperature=1.0,
+                                       return_entropy=False, chunk_size=None, block_v=None, num_warps=None):
+    """Forward-only log_softmax((h @ W^T + bias) / T)[id] [B, T] fp32 (0 where masked), optionally the entropy;
+    chunked like the loss, so old/ref log-probs of a fused-lm_head run never build the full logits either."""
+    batch, length, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    valid = torch.ones(batch * length, device=hidden.device, dtype=torch.bool) if mask is None else (mask != 0).reshape(-1)
+    token_index = valid.nonzero().squeeze(1)  # [N]
+    num_tokens = token_index.numel()
+    ids = completion_ids.reshape(-1).index_select(0, token_index)  # [N]
+    ones = torch.ones(num_tokens, device=hidden.device, dtype=torch.float32)
+    logp = torch.zeros(batch * length, device=hidden.device, dtype=torch.float32)
+    entropy = torch.zeros_like(logp) if return_entropy else None
+    flat_hidden = hidden.reshape(-1, hidden_size)
+    chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size(), hidden.device)
+    for start in range(0, num_tokens, chunk):
+        end = min(start + chunk, num_tokens)
+        index = token_index[start:end]
+        h = flat_hidden.index_select(0, index)  # [C, H]
+        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # [C, V]
+        out = launch_rows(logits[None], ids[None, start:end], ones[None, start:end], temperature=temperature,
+                          compute_loss=False, compute_entropy=return_entropy, block_v=block_v, num_warps=num_warps)
+        logp.index_copy_(0, index, out["logp"][0])
+        if return_entropy:
+            entropy.index_copy_(0, index, out["entropy"][0])
+    logp = logp.view(batch, length)
+    return (logp, entropy.view(batch, length)) if return_entropy else logp

@@ -290,6 +290,21 @@ def test_fused_linear_matches_unfused_reference(use_bias, loss_type, chunk_size)
         torch.testing.assert_close(f.grad, 3 * r.grad, rtol=1e-4, atol=1e-5 * r.grad.abs().max().item())
 
 
+def test_fused_linear_token_logprobs_matches_reference():
+    from grm_engine.kernels.linear_grpo import fused_linear_token_logprobs_triton
+    from grm_engine.loss import fused_linear_token_logprobs_reference
+
+    _, ids, mask, *_ = make_inputs(16)
+    gen = torch.Generator().manual_seed(16)
+    hidden, weight, bias = torch.randn(B, T, 12, generator=gen), torch.randn(V, 12, generator=gen), torch.randn(V)
+    want = fused_linear_token_logprobs_reference(hidden, weight, ids, bias=bias, mask=mask, temperature=1.3,
+                                                 return_entropy=True)
+    got = fused_linear_token_logprobs_triton(hidden, weight, ids, bias=bias, mask=mask, temperature=1.3,
+                                             return_entropy=True, chunk_size=4, block_v=BLOCK_V)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- dispatch and errors
 
 def test_dispatch_cpu_uses_reference_and_env_forces_triton(monkeypatch):
