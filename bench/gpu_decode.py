@@ -26,6 +26,7 @@ CASES = [
                                 sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
      2, 1024, 32, 256, 1, 64),
 ]
+DEVICE = "cuda"  # a CPU smoke run of this file sets "cpu" with tiny CASES
 QUICK = {"qwen2.5-0.5B": (1, 256, 8, 32, 1, 16), "qwen2.5-7B": (2, 512, 8, 32, 1, 8), "gemma2-2B": (1, 256, 8, 32, 1, 16)}
 
 
@@ -34,7 +35,7 @@ def build_model(model_type: str, shape: dict):
 
     config = AutoConfig.for_model(model_type, max_position_embeddings=8192, **shape)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval()
 
@@ -58,7 +59,8 @@ def profile_decode(decoder, prompts, params, path: str) -> str:
     """Profile 5 decode steps after 5 + 2 warm ones; returns the top op names."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=5, warmup=2, active=5)) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities, schedule=schedule(wait=5, warmup=2, active=5)) as prof:
         decoder.step_hook = lambda batch: None if batch.is_prefill else prof.step()
         decoder.generate(prompts, params, use_tqdm=False)
         decoder.step_hook = None
@@ -73,16 +75,24 @@ def profile_decode(decoder, prompts, params, path: str) -> str:
 
 
 def transformers_generate(model, prompts, n, new_tokens) -> dict:
-    ids = torch.tensor(prompts, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    ids = torch.tensor(prompts, device=DEVICE)
+    _sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                    num_return_sequences=n, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-    torch.cuda.synchronize()
+    _sync()
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else None
     return {"hf_tok/s": len(prompts) * n * new_tokens / seconds, "hf_s": seconds, "hf_new_tokens": new_tokens,
-            "hf_prompts": len(prompts), "hf_peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+            "hf_prompts": len(prompts), "hf_peak_GB": peak}
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def run_case(args, name, model_type, shape, num_prompts, prompt_len, n, new_tokens, hf_prompts, hf_new_tokens) -> dict:
@@ -91,11 +101,12 @@ def run_case(args, name, model_type, shape, num_prompts, prompt_len, n, new_toke
     model = build_model(model_type, shape)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, shape["vocab_size"], (prompt_len,), generator=g).tolist() for _ in range(num_prompts)]
-    decoder = Decoder.from_pretrained(model, kv_cache_memory_fraction=0.85, max_num_seqs=256, block_size=16)
+    decoder = Decoder.from_pretrained(model, kv_cache_memory_fraction=0.85, max_num_seqs=256, block_size=16,
+                                      num_kv_blocks=None if DEVICE == "cuda" else 4096)
     warm = SamplingParams(n=4, temperature=1.0, max_tokens=8, ignore_eos=True, seed=1)
     decoder.generate([prompts[0][:300]], warm, use_tqdm=False)  # compiles the Triton kernels
     params = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=0)
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     outputs = decoder.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -119,14 +130,14 @@ def run_case(args, name, model_type, shape, num_prompts, prompt_len, n, new_toke
     row["profile_top"] = profile_decode(decoder, prompts, profile_params, os.path.join(out_dir, f"decode_profile_{name}.txt"))
     del decoder, outputs
     gc.collect()
-    torch.cuda.empty_cache()
+    _sync()
     hf = transformers_generate(model, prompts[:hf_prompts], n, hf_new_tokens)
     hf["ref_ms"] = None
     row.update(hf)
     row["speedup_vs_hf"] = row["tok/s"] / hf["hf_tok/s"]
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    _sync()
     return {k: v for k, v in row.items() if v is not None}
 
 
