@@ -14,6 +14,7 @@ The Triton fast paths (grm_engine.kernels.grpo_loss / linear_grpo) must agree wi
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -218,6 +219,9 @@ def _use_triton(tensor: torch.Tensor) -> bool:
     if forced == "reference":
         return False
     if forced == "triton":
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("GRM_ENGINE_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 (set before "
+                               "importing triton) to run the kernels in Triton's interpreter")
         return True
     return tensor.is_cuda
 
