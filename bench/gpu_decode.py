@@ -103,8 +103,8 @@ def run_case(args, name, model_type, shape, num_prompts, prompt_len, n, new_toke
     prompts = [torch.randint(10, shape["vocab_size"], (prompt_len,), generator=g).tolist() for _ in range(num_prompts)]
     decoder = Decoder.from_pretrained(model, kv_cache_memory_fraction=0.85, max_num_seqs=256, block_size=16,
                                       num_kv_blocks=None if DEVICE == "cuda" else 4096)
-    warm = SamplingParams(n=4, temperature=1.0, max_tokens=8, ignore_eos=True, seed=1)
-    decoder.generate([prompts[0][:300]], warm, use_tqdm=False)  # compiles the Triton kernels
+    warm = SamplingParams(n=n, temperature=1.0, max_tokens=4, ignore_eos=True, seed=1)
+    decoder.generate(prompts, warm, use_tqdm=False)  # compiles the Triton kernels for this shape
     params = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=0)
     _sync()
     start = time.perf_counter()

@@ -5,6 +5,8 @@ per sequence. Reference: grm_engine.decode.attention (store_kv_reference, decode
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -47,8 +49,8 @@ def _tanh(x):
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, partial_ptr, stats_ptr,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
-    scale, softcap, window, tokens_per_split,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    scale, softcap, window, tokens_per_split, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -96,40 +98,45 @@ def _paged_decode_kernel(
         m = m_new
 
     out_mask = g_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if SINGLE_SPLIT:
         out = acc / l[:, None]
         tl.store(out_ptr + batch * NUM_HEADS * HEAD_DIM + head[:, None] * HEAD_DIM + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # partial [B, H, NUM_SPLITS, D] unnormalized; stats [B, H, NUM_SPLITS, 2] = (max, sum of exp)
-        row = (batch * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_G]
+        # partial [B, H, num_splits, D] unnormalized; stats [B, H, num_splits, 2] = (max, sum of exp)
+        row = (batch * NUM_HEADS + head) * num_splits + split  # [BLOCK_G]
         tl.store(partial_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
         tl.store(stats_ptr + row * 2, m, mask=g_mask)
         tl.store(stats_ptr + row * 2 + 1, l, mask=g_mask)
 
 
 @triton.jit
-def _merge_splits_kernel(partial_ptr, stats_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+def _merge_splits_kernel(partial_ptr, stats_ptr, out_ptr, num_splits, HEAD_DIM: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)  # batch * NUM_HEADS + head
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    s_mask = s < NUM_SPLITS
-    m = tl.load(stats_ptr + (row * NUM_SPLITS + s) * 2, mask=s_mask, other=float("-inf"))
-    l = tl.load(stats_ptr + (row * NUM_SPLITS + s) * 2 + 1, mask=s_mask, other=0.0)
+    s_mask = s < num_splits
+    m = tl.load(stats_ptr + (row * num_splits + s) * 2, mask=s_mask, other=float("-inf"))
+    l = tl.load(stats_ptr + (row * num_splits + s) * 2 + 1, mask=s_mask, other=0.0)
     m_all = tl.max(m, axis=0)
     weight = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)  # empty splits have m = -inf
-    acc = tl.load(partial_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+    acc = tl.load(partial_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
                   mask=s_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, device: torch.device) -> int:
     """Enough programs to fill the GPU twice over, but at least 256 tokens per split."""
     if device.type != "cuda":
         return max(1, min(4, -(-max_context_len // 256)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _num_sms(device)
     wanted = -(-2 * sms // max(batch * kv_heads, 1))
     return max(1, min(wanted, -(-max_context_len // 256), 64))
 
@@ -163,14 +170,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, out, partial, stats,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        float(scale), float(softcap or 1.0), int(window or 0), tokens_per_split,
-        GROUP=group, HEAD_DIM=head_dim, NUM_HEADS=num_heads, NUM_SPLITS=num_splits, BLOCK_SIZE=block_size,
+        float(scale), float(softcap or 1.0), int(window or 0), tokens_per_split, num_splits,
+        GROUP=group, HEAD_DIM=head_dim, NUM_HEADS=num_heads, SINGLE_SPLIT=num_splits == 1, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32 rounding)
         num_warps=4 if block_d <= 128 else 8,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(batch * num_heads,)](partial, stats, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+        _merge_splits_kernel[(batch * num_heads,)](partial, stats, out, num_splits, HEAD_DIM=head_dim,
                                                    BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d)
     return out

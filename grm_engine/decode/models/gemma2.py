@@ -27,9 +27,9 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         # transformers rounds the normalizer to the model dtype before multiplying
         return x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
 
-    def decoder_layer(self, x, layer, positions, kv_cache, meta):
+    def decoder_layer(self, x, layer, rope, kv_cache, meta):
         prefix = f"model.layers.{layer}"
-        attn = self.attention(self.norm(x, prefix + ".input_layernorm.weight"), layer, positions, kv_cache, meta)
+        attn = self.attention(self.norm(x, prefix + ".input_layernorm.weight"), layer, rope, kv_cache, meta)
         x = x + self.norm(attn, prefix + ".post_attention_layernorm.weight")
         mlp = self.mlp(self.norm(x, prefix + ".pre_feedforward_layernorm.weight"), layer)
         return x + self.norm(mlp, prefix + ".post_feedforward_layernorm.weight")

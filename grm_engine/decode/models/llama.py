@@ -74,7 +74,7 @@ class LlamaForCausalLM:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.w("model.embed_tokens.weight"))
 
-    def attention(self, x, layer: int, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def attention(self, x, layer: int, rope, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; stores this step's K/V into the layer's pages first."""
         prefix = f"model.layers.{layer}.self_attn"
         q = self.linear(x, prefix + ".q_proj").view(-1, self.num_heads, self.head_dim)
@@ -83,7 +83,7 @@ class LlamaForCausalLM:
         if prefix + ".q_norm.weight" in self.weights:  # Qwen3: RMSNorm over each head before rope
             q = self.norm(q, prefix + ".q_norm.weight")
             k = self.norm(k, prefix + ".k_norm.weight")
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        q, k = self.rotary.rotate(q, *rope), self.rotary.rotate(k, *rope)
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         window = self.windows[layer]
@@ -97,17 +97,18 @@ class LlamaForCausalLM:
         prefix = f"model.layers.{layer}.mlp"
         return self.linear(self.act(self.linear(x, prefix + ".gate_proj")) * self.linear(x, prefix + ".up_proj"), prefix + ".down_proj")
 
-    def decoder_layer(self, x, layer, positions, kv_cache, meta):
+    def decoder_layer(self, x, layer, rope, kv_cache, meta):
         prefix = f"model.layers.{layer}"
-        x = x + self.attention(self.norm(x, prefix + ".input_layernorm.weight"), layer, positions, kv_cache, meta)
+        x = x + self.attention(self.norm(x, prefix + ".input_layernorm.weight"), layer, rope, kv_cache, meta)
         return x + self.mlp(self.norm(x, prefix + ".post_attention_layernorm.weight"), layer)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed(input_ids)
+        rope = self.rotary.tables(positions)
         for layer in range(self.num_layers):
-            x = self.decoder_layer(x, layer, positions, kv_caches[layer], meta)
+            x = self.decoder_layer(x, layer, rope, kv_caches[layer], meta)
         return self.norm(x, "model.norm.weight")
 
     @torch.inference_mode()
