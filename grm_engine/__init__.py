@@ -2,6 +2,7 @@
 from ._backends import backends
 from .loss import GRPOStats, fused_linear_grpo_loss, group_advantages, grpo_loss, token_logprobs
 from .data import DataError, Example, ExampleSet, load_examples
+from .decode import Decoder, RequestOutput, SamplingParams
 from .metrics import accuracy, accuracy_by_subset, best_of_n_accuracy, example_credits, rewardbench_scores
 from .parsing import ParsedScores, ParseStatus, parse_scores
 from .protocol import build_meta_prompt, build_prompt
@@ -34,4 +35,7 @@ __all__ = [
     "is_correct",
     "rule_reward",
     "vote",
+    "Decoder",
+    "RequestOutput",
+    "SamplingParams",
 ]
