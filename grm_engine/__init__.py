@@ -7,6 +7,8 @@ from .metrics import accuracy, accuracy_by_subset, best_of_n_accuracy, example_c
 from .parsing import ParsedScores, ParseStatus, parse_scores
 from .protocol import build_meta_prompt, build_prompt
 from .voting import VoteResult, is_correct, rule_reward, vote
+from .vocab_bytes import VocabBytes
+from .gpu_scoring import parse_scores_from_tokens
 
 __version__ = "0.1.0"
 
@@ -35,6 +37,8 @@ __all__ = [
     "is_correct",
     "rule_reward",
     "vote",
+    "VocabBytes",
+    "parse_scores_from_tokens",
     "Decoder",
     "RequestOutput",
     "SamplingParams",

@@ -80,6 +80,11 @@ def planted_cases(vocab: VocabBytes, seed: int):
             after = random_ids(rng, vocab, rng.choice([0, 1, 4]))
             rows.append(before + segment(rng, vocab, group, cut if 0 < cut < len(group) else None) + after)
             counts.append(count)
+    for token in range(vocab.vocab_size):  # tokens that read differently when first (Metaspace)
+        if vocab.first_bytes[token] != vocab.token_bytes[token] and vocab.flags[token]:
+            specials = [int(i) for i in np.flatnonzero(vocab.special)][:1]
+            rows += [[token] + random_ids(rng, vocab, 2), specials + [token], random_ids(rng, vocab, 1) + [token]]
+            counts += [2, 2, 2]
     for _ in range(60):  # plain random ids: mostly no group
         rows.append(random_ids(rng, vocab, rng.randint(0, 40)))
         counts.append(rng.randint(1, 3))
@@ -366,3 +371,14 @@ def test_gpu_tokens_to_advantages_stays_on_device():
     got = rule_reward_cuda(parsed.scores, parsed.status, labels.cuda())
     want_parsed = expected_parse(tokenizer, rows, counts)
     assert got.cpu().tolist() == rule_reward(want_parsed.scores, want_parsed.status, labels).tolist()
+
+
+def test_parse_scores_from_tokens_cpu_tensors_use_the_reference():
+    from grm_engine import parse_scores_from_tokens
+
+    tokenizer = FAMILIES["llama2"]()
+    vocab = VocabBytes(tokenizer)
+    rows, counts = planted_cases(vocab, seed=5)
+    ids, lengths = pad_rows(rows, vocab, seed=6)
+    got = parse_scores_from_tokens(torch.from_numpy(ids), torch.from_numpy(lengths), vocab, torch.tensor(counts))
+    assert_same_parse(got.scores, got.status, expected_parse(tokenizer, rows, counts))

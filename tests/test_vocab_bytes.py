@@ -44,7 +44,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
 def _sentencepiece_vocab(split_words: bool) -> dict[str, int]:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     ascii_chars = [chr(c) for c in range(33, 127)] + ["\n", "\t"]
-    for fragment in ascii_chars + FRAGMENTS + ["▁\\boxed{", "▁7", "▁8", "▁10", "▁Scores:", "▁▁", "▁", "7▁8", "a▁b", "▁[[", "▁}"]:
+    for fragment in ascii_chars + FRAGMENTS + ["▁\\boxed{", "▁7", "▁8", "▁10", "▁Scores:", "▁▁", "▁", "7▁8", "a▁b", "▁[[", "▁}", "[[7▁8]]", "\\boxed{1,▁2}", "▁[[3]]"]:
         token = fragment.replace(" ", "▁")
         if not split_words and token.count("▁") > 1:
             continue

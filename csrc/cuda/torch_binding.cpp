@@ -1,7 +1,7 @@
 // grm_engine._cuda: the torch binding of the plain-CUDA launchers in grm_cuda.h. Compiled only
 // where torch has CUDA. Checks devices, dtypes and shapes, allocates outputs, passes the stream;
 // the Python side (grm_engine/gpu_scoring.py) converts dtypes and validates values.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -47,7 +47,7 @@ std::tuple<torch::Tensor, torch::Tensor> parse_scores_from_tokens(torch::Tensor 
                    n_rows > 1 ? token_ids.stride(0) : token_ids.size(1), token_ids.size(1), lengths.data_ptr<int32_t>(),
                    num_responses.data_ptr<int32_t>(), entries.data_ptr<int32_t>(), flags.data_ptr<uint8_t>(),
                    blob.data_ptr<uint8_t>(), entries.size(0), lo, hi, scores.data_ptr<float>(), n_max,
-                   status.data_ptr<int8_t>(), at::cuda::getCurrentCUDAStream()),
+                   status.data_ptr<int8_t>(), c10::cuda::getCurrentCUDAStream().stream()),
                "parse_scores_from_tokens");
   return {scores, status};
 }
@@ -73,7 +73,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> vote(
                                      n_responses ? n_responses->data_ptr<int32_t>() : nullptr,
                                      meta ? meta->data_ptr<float>() : nullptr, static_cast<int>(k_meta),
                                      totals.data_ptr<float>(), used.data_ptr<bool>(), best.data_ptr<int64_t>(),
-                                     errors.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream()),
+                                     errors.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream()),
                "vote");
   return {totals, best, used, errors};
 }
@@ -96,7 +96,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> rule_reward(torch::Tenso
                                             status.data_ptr<int8_t>(), best.data_ptr<double>(),
                                             counts ? counts->data_ptr<int64_t>() : nullptr, correct.data_ptr<bool>(),
                                             reward.data_ptr<float>(), errors.data_ptr<int32_t>(),
-                                            at::cuda::getCurrentCUDAStream()),
+                                            c10::cuda::getCurrentCUDAStream().stream()),
                "rule_reward");
   return {correct, reward, errors};
 }
