@@ -20,8 +20,9 @@ def make_inputs(seed, *, batch=B, length=T, vocab=V, dtype=torch.float32, device
     ids = torch.randint(0, vocab, (batch, length), generator=gen).to(device)
     mask = (torch.rand(batch, length, generator=gen) > 0.25).to(device)
     mask[1] = False  # a fully masked sequence
+    ids = torch.where(mask, ids, -100)  # padding ids at masked positions (never read)
     # old/ref near the true log-probs of logits[:, :-1], so ratios fall on both sides of the clip range
-    logp_like = torch.log_softmax(logits[:, :-1].float().cpu(), -1).gather(-1, ids.cpu()[..., None]).squeeze(-1)
+    logp_like = torch.log_softmax(logits[:, :-1].float().cpu(), -1).gather(-1, ids.cpu().clamp(min=0)[..., None]).squeeze(-1)
     # log-ratios cycle through above, below and inside the clip range, for every sequence
     offsets = torch.tensor([-0.5, 0.5, 0.05]).repeat(length)[:length] + torch.randn(batch, length, generator=gen) * 0.02
     old = (logp_like + offsets).to(device)
@@ -236,6 +237,7 @@ def test_extreme_values_stay_finite():
 
 def test_equal_rewards_and_all_masked_batch():
     logits, ids, _, _, ref, _, _ = make_inputs(8)
+    ids = ids.clamp(min=0)  # every position is a completion token here
     rewards = torch.tensor([1.0, 1.0, -1.0, -1.0])
     ref_result, fast_result = run_both(logits[:, :-1], ids, torch.ones(B, T), rewards=rewards, group_size=2,
                                        ref_logp=ref, beta=0.0)
