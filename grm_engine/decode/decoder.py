@@ -54,6 +54,8 @@ def _default_device_dtype(device, dtype, config):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Decoder: device {device} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must compare equal (zero-copy check)
+        device = torch.device("cuda", torch.cuda.current_device())
     if dtype is None:
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
