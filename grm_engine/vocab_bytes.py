@@ -95,6 +95,9 @@ class VocabBytes:
 
     def __init__(self, tokenizer, *, check_samples: int = 2000, seed: int = 0):
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+        if not hasattr(backend, "get_added_tokens_decoder") or not hasattr(backend, "id_to_token"):
+            raise TypeError(f"VocabBytes needs a fast (tokenizers-backed) tokenizer or a tokenizers.Tokenizer, "
+                            f"got {type(tokenizer).__name__}; load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
         self.tokenizer = tokenizer
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         added = backend.get_added_tokens_decoder()
@@ -267,8 +270,12 @@ class VocabBytes:
         ids = list(range(min(self.vocab_size, samples)))
         ids += [rng.randrange(self.vocab_size) for _ in range(samples)] + list(np.flatnonzero(self.special))
         probes = [[i] for i in ids] + [[rng.choice(ids) for _ in range(rng.randint(2, 8))] for _ in range(samples)]
+        raw = not hasattr(self.tokenizer, "backend_tokenizer")  # a tokenizers.Tokenizer: no cleanup step
         for probe in probes:
-            expected = self.tokenizer.decode(probe, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            if raw:
+                expected = self.tokenizer.decode(probe, skip_special_tokens=True)
+            else:
+                expected = self.tokenizer.decode(probe, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             got = self.decode_bytes(probe)
             if got != expected.encode():
                 raise ValueError(f"VocabBytes: this tokenizer's decode cannot be represented per token: ids {probe} "

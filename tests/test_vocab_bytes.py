@@ -37,7 +37,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
-    tok.add_tokens(["<think>"])  # an added token that is not special: decode keeps it
+    tok.add_tokens(["<think>", "a b}"])  # added, not special: decode keeps them (a space is not in the alphabet)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
@@ -207,3 +207,12 @@ def test_no_decoder_joins_with_spaces():
     vocab = VocabBytes(tokenizer)
     for ids in ([0, 1, 2], [2], [1, 0]):
         assert vocab.decode_bytes(ids) == _decode(tokenizer, ids).encode()
+
+
+def test_raw_tokenizers_object_and_slow_tokenizer_error():
+    raw = byte_level_tokenizer().backend_tokenizer
+    vocab = VocabBytes(raw)
+    ids = [5, 300, 64, 2]
+    assert vocab.decode_bytes(ids) == raw.decode(ids, skip_special_tokens=True).encode()
+    with pytest.raises(TypeError, match="fast"):
+        VocabBytes(object())

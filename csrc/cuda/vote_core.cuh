@@ -17,6 +17,7 @@ GRM_HD bool is_nan_float(float x) { return x != x; }
 GRM_HD int32_t vote_group(int k, int n_max, int n, const float* scores, const int8_t* status, const int32_t* perm,
                           const float* meta, int k_meta, float* totals, bool* used, int64_t* best) {
   *best = -1;
+  for (int j = 0; j < k; ++j) used[j] = false;
   for (int p = 0; p < n_max; ++p) {
     union { uint32_t u; float f; } nan_bits;
     nan_bits.u = 0x7fc00000u;
