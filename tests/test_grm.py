@@ -1,0 +1,348 @@
+"""GRM scoring end to end on the CPU with real (tiny) models.
+
+Models, built once per session:
+  - a byte-level BPE tokenizer trained here on GRM prompts;
+  - a random-init Qwen2 GRM: its critiques never parse, so every sample must be counted as a failure;
+  - a tiny Llama OVERFIT here to answer every prompt with CRITIQUE ("... \\boxed{9, 2}") whatever the order,
+    (about 60 Adam steps), so after un-shuffling the totals are known exactly: 9 for the response shown first, 2 for the one shown
+    second, per sample; a 3-response example gets WRONG_COUNT;
+  - a random-init Llama sequence classifier with one label (meta RM), and a causal LM + saved head.
+"""
+import random
+import time
+
+import pytest
+import torch
+
+from grm_engine.data import Example
+from grm_engine.grm import GRM, ScoreResult, check_checkpoint_dir, sample_permutation
+from grm_engine.parsing import ParseStatus
+from grm_engine.protocol import build_meta_prompt, build_prompt
+
+WORDS = ("the a of to and is in it you that was for on are with as they be at one have this from or had by word but "
+         "what some we can out other were all there when up use your how said each she which do their time if will "
+         "way about many then them write would like so these her long make thing see him two has look more day "
+         "could go come did number sound no most people my over know water than call first who may down side").split()
+CRITIQUE = "\\boxed{9, 2}"
+_MODELS: dict = {}
+
+
+def sentence(rng: random.Random, lo: int = 3, hi: int = 12) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def make_examples(count: int, seed: int = 5, three_every: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    examples = []
+    for i in range(count):
+        n = 3 if three_every and i % three_every == three_every - 1 else 2
+        examples.append(Example(id=f"ex{i}", query=sentence(rng), responses=[sentence(rng) for _ in range(n)], best=0,
+                                subset="alpacaeval-easy" if i % 2 else "math-prm"))
+    return examples
+
+
+def build_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [build_prompt(sentence(rng), [sentence(rng) for _ in range(2 + i % 2)]) for i in range(24)]
+    corpus += [CRITIQUE] * 4
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def tiny_config(kind: str, tokenizer, **extra):
+    import transformers as tf
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **extra)
+    return (tf.Qwen2Config if kind == "qwen2" else tf.LlamaConfig)(**common)
+
+
+def overfit(model, tokenizer, max_steps: int = 400):
+    """Adam on prompts of random examples (2 or 3 responses, random order) -> CRITIQUE + EOS."""
+    rng = random.Random(2)
+    target = tokenizer(CRITIQUE)["input_ids"] + [tokenizer.eos_token_id]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    start, below = time.perf_counter(), 0
+    for step in range(max_steps):
+        rows = []
+        for _ in range(4):
+            prompt = tokenizer(build_prompt(sentence(rng), [sentence(rng) for _ in range(rng.choice((2, 2, 3)))]))
+            rows.append((prompt["input_ids"], target))
+        width = max(len(p) + len(t) for p, t in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # [B, T], right-padded
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, (p, t) in enumerate(rows):
+            input_ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+            labels[i, len(p): len(p) + len(t)] = torch.tensor(t)
+            mask[i, : len(p) + len(t)] = 1
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        below = below + 1 if loss.item() < 1e-3 else 0
+        if below == 3:  # a fixed criterion, not a time limit: the same model on every machine
+            break
+    print(f"overfit: {step + 1} steps, loss {loss.item():.2e}, {time.perf_counter() - start:.1f} s")
+    return model.eval()
+
+
+def build_models(root) -> dict:
+    """Every model directory, built once per process (test_cli.py shares them)."""
+    if _MODELS:
+        return _MODELS
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(root / "tokenizer")
+    paths = {"tokenizer": root / "tokenizer"}
+    random_grm = tf.Qwen2ForCausalLM(tiny_config("qwen2", tokenizer))
+    fitted = overfit(tf.LlamaForCausalLM(tiny_config("llama", tokenizer)), tokenizer)
+    classifier = tf.LlamaForSequenceClassification(tiny_config("llama", tokenizer, num_labels=1))
+    for name, model in (("random", random_grm), ("overfit", fitted), ("meta", classifier)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = root / name
+    _MODELS.update({name: str(path) for name, path in paths.items()})
+    return _MODELS
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("grm_models"))
+
+
+@pytest.fixture(scope="session")
+def overfit_grm(models):
+    return GRM.from_pretrained(models["overfit"], num_kv_blocks=512)
+
+
+def expected_totals(example, k: int, seed: int) -> list[float] | None:
+    """The fixed critique gives 9 to the response shown first and 2 to the one shown second."""
+    if example.num_responses != 2:
+        return None
+    totals = [0.0, 0.0]
+    for j in range(k):
+        perm = sample_permutation(seed, example.id, j, 2, True)
+        totals[perm[0]] += 9
+        totals[perm[1]] += 2
+    return totals
+
+
+def test_overfit_grm_known_totals(overfit_grm):
+    examples = make_examples(8, three_every=4)
+    result = overfit_grm.score(examples, k=4, temperature=0.5, seed=3, max_tokens=24)
+    assert result.parse_failures == {"NO_SCORES": 0, "WRONG_COUNT": 2 * 4, "OUT_OF_RANGE": 0}
+    for example, scored in zip(examples, result.examples):
+        assert scored.id == example.id
+        want = expected_totals(example, 4, 3)
+        assert scored.totals == want if want else scored.totals == [None, None, None]
+        top = [i for i, v in enumerate(want or []) if v == max(want)]
+        assert scored.best == (top[0] if len(top) == 1 else -1)
+        for j, sample in enumerate(scored.samples):
+            assert sample.text.endswith("\\boxed{9, 2}")
+            assert sorted(sample.permutation) == list(range(example.num_responses))
+            assert sample.permutation == sample_permutation(3, example.id, j, example.num_responses, True)
+            if example.num_responses == 2:
+                assert sample.status == "OK" and sample.voted
+                assert sample.scores[sample.permutation[0]] == 9 and sample.scores[sample.permutation[1]] == 2
+            else:
+                assert sample.status == "WRONG_COUNT" and not sample.voted and sample.scores == [None] * 3
+    # permutations are not all the identity (the test would not see a missing un-shuffle otherwise)
+    assert any(s.permutation != [0, 1] for e in result.examples for s in e.samples)
+    assert result.generated_tokens == sum(s.num_tokens for e in result.examples for s in e.samples) > 0
+
+
+def test_one_decoder_run_with_merged_prompt_variants(overfit_grm, monkeypatch):
+    calls = []
+    generate = overfit_grm.decoder.generate
+
+    def spy(prompts, params, **kwargs):
+        calls.append((prompts, params))
+        return generate(prompts, params, **kwargs)
+    monkeypatch.setattr(overfit_grm.decoder, "generate", spy)
+    examples = make_examples(6)
+    overfit_grm.score(examples, k=5, seed=1, max_tokens=24)
+    assert len(calls) == 1
+    prompts, params = calls[0]
+    distinct = sum(len({tuple(sample_permutation(1, e.id, j, 2, True)) for j in range(5)}) for e in examples)
+    assert len(prompts) == distinct < 6 * 5
+    assert sum(p.n for p in params) == 6 * 5
+    assert len({tuple(p) for p in prompts}) == len(prompts)  # each prompt variant appears once
+
+
+def test_independent_of_data_order_and_deterministic(overfit_grm):
+    examples = make_examples(6)
+    forward = overfit_grm.score(examples, k=3, seed=11, max_tokens=24)
+    backward = overfit_grm.score(examples[::-1], k=3, seed=11, max_tokens=24)
+    again = overfit_grm.score(examples, k=3, seed=11, max_tokens=24)
+    other_seed = overfit_grm.score(examples, k=3, seed=12, max_tokens=24)
+    by_id = {e.id: e for e in backward.examples}
+    for a, c in zip(forward.examples, again.examples):
+        assert a.to_json() == c.to_json()
+        assert [s.permutation for s in a.samples] == [s.permutation for s in by_id[a.id].samples]
+        assert a.totals == by_id[a.id].totals
+    assert [s.permutation for e in forward.examples for s in e.samples] != \
+        [s.permutation for e in other_seed.examples for s in e.samples]
+
+
+def test_greedy_k1_is_the_decoder_greedy_answer(models):
+    from grm_engine.decode import Decoder, SamplingParams
+
+    grm = GRM.from_pretrained(models["random"], num_kv_blocks=256)
+    examples = make_examples(3)
+    result = grm.score(examples, k=1, temperature=0.0, seed=4, max_tokens=10)
+    for example, scored in zip(examples, result.examples):
+        perm = sample_permutation(4, example.id, 0, 2, True)
+        prompt = grm.tokenizer(build_prompt(example.query, [example.responses[i] for i in perm]))["input_ids"]
+        decoder = Decoder.from_pretrained(models["random"], num_kv_blocks=64)
+        want = decoder.generate([prompt], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+        assert scored.samples[0].text == want[0].outputs[0].text
+
+
+def test_unparseable_critiques_are_counted_not_scored(models):
+    grm = GRM.from_pretrained(models["random"], num_kv_blocks=256)
+    examples = make_examples(4, three_every=2)
+    result = grm.score(examples, k=3, temperature=1.0, seed=0, max_tokens=12)
+    assert sum(result.parse_failures.values()) == result.num_samples == 12
+    assert result.parse_failures["NO_SCORES"] == 12
+    for scored in result.examples:
+        assert scored.best == -1 and all(v is None for v in scored.totals)
+        assert all(s.status == "NO_SCORES" and not s.voted and s.scores == [None] * len(scored.totals)
+                   for s in scored.samples)
+    stats = result.stats()
+    assert stats["generated_tokens"] == 12 * 12 and stats["tokens_per_second"] > 0
+
+
+class OrderMetaRM:
+    """A stand-in meta RM with known scores: 1 when the critique saw the original first response first."""
+
+    def __init__(self, examples):
+        self.first = {e.query: e.responses[0] for e in examples}
+
+    def score(self, queries, responses, critiques):
+        return torch.tensor([float(r[0] == self.first[q]) for q, r in zip(queries, responses)])
+
+
+def test_meta_filter_keeps_top_k_meta(overfit_grm):
+    examples = make_examples(6, three_every=3)
+    grm = GRM(overfit_grm.decoder, overfit_grm.tokenizer, meta_rm=OrderMetaRM(examples))
+    result = grm.score(examples, k=5, k_meta=2, seed=7, max_tokens=24)
+    for example, scored in zip(examples, result.examples):
+        if example.num_responses == 3:
+            assert all(s.meta is None and not s.voted for s in scored.samples) and scored.best == -1
+            continue
+        perms = [sample_permutation(7, example.id, j, 2, True) for j in range(5)]
+        meta = [float(p[0] == 0) for p in perms]
+        keep = sorted(range(5), key=lambda j: (-meta[j], j))[:2]  # ties go to the lower sample index
+        totals = [0.0, 0.0]
+        for j in keep:
+            totals[perms[j][0]] += 9
+            totals[perms[j][1]] += 2
+        assert [s.meta for s in scored.samples] == meta
+        assert [s.voted for s in scored.samples] == [j in keep for j in range(5)]
+        assert scored.totals == totals
+    # fewer samples from the same draw: vote_first re-votes the first k
+    smaller = result.vote_first(3, k_meta=1, use_meta=True)
+    assert smaller.used[:, 3:].numel() == 0 and int(smaller.used.sum()) == 4  # one per 2-response example
+
+
+def test_meta_rm_classifier_matches_transformers(models):
+    import transformers as tf
+
+    from grm_engine.meta_rm import MetaRM
+
+    meta = MetaRM.from_pretrained(models["meta"], max_batch_tokens=700)  # several length buckets
+    reference = tf.AutoModelForSequenceClassification.from_pretrained(models["meta"]).eval()
+    examples = make_examples(5)
+    critiques = [CRITIQUE, "short", CRITIQUE * 3, "Analysis: long " * 20, "x"]
+    logits = meta.score([e.query for e in examples], [e.responses for e in examples], critiques)
+    tokenizer = meta.tokenizer
+    for i, (e, c) in enumerate(zip(examples, critiques)):
+        ids = tokenizer(build_meta_prompt(e.query, e.responses, c))["input_ids"]
+        with torch.no_grad():
+            want = reference(input_ids=torch.tensor([ids])).logits[0, 0]
+        torch.testing.assert_close(logits[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_meta_rm_causal_lm_with_head(models, tmp_path):
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    from grm_engine.meta_rm import HEAD_FILE, MetaRM
+
+    body = tf.LlamaForCausalLM.from_pretrained(models["overfit"])
+    body.save_pretrained(tmp_path)
+    tf.AutoTokenizer.from_pretrained(models["tokenizer"]).save_pretrained(tmp_path)
+    head = {"weight": torch.randn(1, 64), "bias": torch.randn(1)}
+    save_file(head, str(tmp_path / HEAD_FILE))
+    meta = MetaRM.from_pretrained(str(tmp_path))
+    e = make_examples(1)[0]
+    got = meta.score([e.query, e.query], [e.responses, e.responses[::-1]], [CRITIQUE, "no"])
+    for i, (responses, critique) in enumerate(((e.responses, CRITIQUE), (e.responses[::-1], "no"))):
+        ids = meta.tokenizer(build_meta_prompt(e.query, responses, critique))["input_ids"]
+        with torch.no_grad():
+            hidden = body.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        torch.testing.assert_close(got[i], hidden @ head["weight"][0] + head["bias"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_grm_with_real_meta_rm(models, overfit_grm):
+    from grm_engine.meta_rm import MetaRM
+
+    meta = MetaRM.from_pretrained(models["meta"])
+    grm = GRM(overfit_grm.decoder, overfit_grm.tokenizer, meta_rm=meta)
+    examples = make_examples(3)
+    result = grm.score(examples, k=4, seed=2, max_tokens=24)  # k_meta defaults to 2
+    for example, scored in zip(examples, result.examples):
+        shown = [[example.responses[i] for i in s.permutation] for s in scored.samples]
+        want = meta.score([example.query] * 4, shown, [s.text for s in scored.samples])
+        assert [s.meta for s in scored.samples] == pytest.approx(want.tolist(), rel=1e-6)
+        assert sum(s.voted for s in scored.samples) == 2
+        top = sorted(range(4), key=lambda j: (-want[j].item(), j))[:2]
+        assert [s.voted for s in scored.samples] == [j in top for j in range(4)]
+
+
+def test_concat_equals_one_run(overfit_grm):
+    examples = make_examples(5, three_every=3)
+    whole = overfit_grm.score(examples, k=2, seed=0, max_tokens=24)
+    parts = ScoreResult.concat([overfit_grm.score(examples[:2], k=2, seed=0, max_tokens=24),
+                                overfit_grm.score(examples[2:], k=2, seed=0, max_tokens=24)])
+    assert torch.equal(whole.vote_first(2).totals.nan_to_num(-1), parts.vote_first(2).totals.nan_to_num(-1))
+    assert whole.parse_failures == parts.parse_failures and torch.equal(whole.perm, parts.perm)
+
+
+def test_argument_and_checkpoint_errors(models, overfit_grm, tmp_path):
+    with pytest.raises(ValueError, match="k = 0"):
+        overfit_grm.score(make_examples(1), k=0)
+    with pytest.raises(ValueError, match="k_meta needs a meta RM"):
+        overfit_grm.score(make_examples(1), k=2, k_meta=1)
+    with pytest.raises(ValueError, match="no config.json"):
+        check_checkpoint_dir(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="model_type 'bert' is not supported"):
+        check_checkpoint_dir(str(tmp_path))
+    with pytest.raises(ValueError, match="not a directory"):
+        check_checkpoint_dir(str(tmp_path / "missing"))
+    assert ParseStatus.OK == 0
+
+
+@pytest.mark.gpu
+def test_gpu_scoring_matches_known_totals(models):
+    grm = GRM.from_pretrained(models["overfit"], device="cuda", dtype=torch.float32)
+    examples = make_examples(16, three_every=4)
+    result = grm.score(examples, k=8, seed=3, max_tokens=24)
+    for example, scored in zip(examples, result.examples):
+        want = expected_totals(example, 8, 3)
+        assert scored.totals == (want if want else [None] * 3)
