@@ -13,7 +13,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 start=$(date +%s)
-python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+if ! python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  echo "BUILD WITH CUDA FAILED; the errors:"; grep -E "error|Error" "$OUT/build.log" | head -30
+  echo "retrying without the CUDA extension"
+  GRM_ENGINE_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import grm_engine, json; print(json.dumps(grm_engine.backends()))"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv,noheader
