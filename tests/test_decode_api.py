@@ -3,7 +3,7 @@ import torch
 
 from grm_engine import Decoder, SamplingParams
 
-from test_decode_models import hf_greedy, tiny_model  # noqa: F401
+from test_decode_models import hf_greedy, tiny_model
 
 
 class CharTokenizer:

@@ -264,12 +264,15 @@ class Decoder:
             return 0, 0
         device = logits.device
         row_logits = logits[torch.tensor(rows, device=device)] if len(rows) != logits.shape[0] or rows != list(range(len(rows))) else logits
-        keys = torch.tensor([[seeds[s.request_index], s.request_index, s.sample_index, len(s)] for s in seqs], dtype=torch.int64, device=device)
-        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=device)
-        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=device)
-        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64, device=device)
+        keys = torch.tensor([[seeds[s.request_index], s.request_index, s.sample_index, len(s)] for s in seqs], dtype=torch.int64)
+        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
+        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64)
         want_logprobs = any(s.params.logprobs for s in seqs)
-        tokens, logprobs = sample(row_logits, temperature, top_k, top_p, keys, want_logprobs)
+        all_greedy = all(s.params.temperature <= 0 for s in seqs)
+        any_filter = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs)
+        tokens, logprobs = sample(row_logits, temperature.to(device), top_k.to(device), top_p.to(device), keys.to(device),
+                                  want_logprobs, all_greedy=all_greedy, any_filter=any_filter)
         tokens = tokens.tolist()
         logprobs = logprobs.tolist() if logprobs is not None else None
         finished = 0

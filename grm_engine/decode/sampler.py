@@ -52,15 +52,21 @@ def top_k_top_p_mask(scaled_logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           keys: torch.Tensor, want_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+           keys: torch.Tensor, want_logprobs: bool = False, *, all_greedy: bool | None = None,
+           any_filter: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V] fp32; temperature, top_p [B] float; top_k [B] int; keys [B, 4] int64.
-    Returns tokens [B] int64 and, if asked, log_softmax(logits / T)[token] [B] (T = 1 for greedy rows)."""
+    Returns tokens [B] int64 and, if asked, log_softmax(logits / T)[token] [B] (T = 1 for greedy rows).
+    all_greedy / any_filter may be given by a caller that knows them, to save a device sync each."""
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     tokens = torch.argmax(logits, dim=-1)
-    if not bool(greedy.all()):
+    if all_greedy is None:
+        all_greedy = bool(greedy.all())
+    if not all_greedy:
         filtered = scaled
-        if bool(((top_k > 0) | (top_p < 1)).any()):
+        if any_filter is None:
+            any_filter = bool(((top_k > 0) | (top_p < 1)).any())
+        if any_filter:
             filtered = scaled.masked_fill(~top_k_top_p_mask(scaled, top_k, top_p), float("-inf"))
         gumbel = -torch.log(-torch.log(uniform_noise(keys, logits.shape[-1])))
         sampled = torch.argmax(filtered + gumbel, dim=-1)
