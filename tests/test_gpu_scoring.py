@@ -330,6 +330,7 @@ def test_gpu_vote_rejects_bad_permutation():
     from grm_engine.gpu_scoring import vote_cuda
 
     scores, status, perm, n_responses, meta = random_vote_inputs(seed=1, device="cuda")
+    n_responses[3] = perm.shape[2]  # every position of group 3 is checked
     perm[3, 2, 0] = perm[3, 2, 1]
     with pytest.raises(ValueError, match=r"perm\[3\]"):
         vote_cuda(scores, status, perm=perm, n_responses=n_responses)
@@ -382,3 +383,72 @@ def test_parse_scores_from_tokens_cpu_tensors_use_the_reference():
     ids, lengths = pad_rows(rows, vocab, seed=6)
     got = parse_scores_from_tokens(torch.from_numpy(ids), torch.from_numpy(lengths), vocab, torch.tensor(counts))
     assert_same_parse(got.scores, got.status, expected_parse(tokenizer, rows, counts))
+
+
+class HostExtension:
+    """Stands in for grm_engine._cuda on the CPU with the host-compiled cores, so the Python glue
+    in grm_engine/gpu_scoring.py (dtypes, argument order, error reporting) is tested here too."""
+
+    def __init__(self, core):
+        self.core = core
+
+    def parse_scores_from_tokens(self, token_ids, lengths, counts, entries, flags, blob, n_max, lo, hi):
+        assert lengths.dtype == counts.dtype == torch.int32 and entries.dtype == torch.int32
+        vocab = VocabBytes.__new__(VocabBytes)
+        vocab.entries, vocab.flags, vocab.blob, vocab.vocab_size = entries, flags, blob, entries.shape[0]
+        scores, status = host_parse(self.core, vocab, token_ids.numpy().astype(np.int64), lengths.numpy(),
+                                    counts.numpy(), lo, hi)
+        return scores[:, :n_max], status
+
+    def vote(self, scores, status, perm, n_responses, meta, k_meta):
+        assert scores.dtype == torch.float32 and status.dtype == torch.int8
+        groups, k, n_max = scores.shape
+        totals = np.zeros((groups, n_max), dtype=np.float32)
+        used = np.zeros((groups, k), dtype=bool)
+        best = np.zeros(groups, dtype=np.int64)
+        errors = np.zeros(groups, dtype=np.int32)
+        arrays = [None if t is None else np.ascontiguousarray(t.numpy()) for t in (scores, status, perm, n_responses, meta)]
+        self.core.vote_groups(ctypes.c_int64(groups), k, n_max, *[_ptr(a) for a in arrays[:4]], _ptr(arrays[4]),
+                              k_meta, _ptr(totals), _ptr(used), _ptr(best), _ptr(errors))
+        return torch.from_numpy(totals), torch.from_numpy(best), torch.from_numpy(used), torch.from_numpy(errors)
+
+    def rule_reward(self, scores, status, best, counts):
+        assert best.dtype == torch.float64 and (counts is None or counts.dtype == torch.int64)
+        rows, n_max = scores.shape
+        correct = np.zeros(rows, dtype=bool)
+        errors = np.zeros(rows, dtype=np.int32)
+        arrays = [None if t is None else np.ascontiguousarray(t.numpy()) for t in (scores, status, best, counts)]
+        self.core.reward_rows(ctypes.c_int64(rows), n_max, *[_ptr(a) for a in arrays], _ptr(correct), _ptr(errors))
+        correct = torch.from_numpy(correct)
+        return correct, torch.where(correct, 1.0, -1.0).float(), torch.from_numpy(errors)
+
+
+def test_python_glue_with_host_extension(host_core, monkeypatch):
+    from grm_engine import gpu_scoring
+
+    monkeypatch.setattr(gpu_scoring, "_cuda", HostExtension(host_core))
+    tokenizer = FAMILIES["gemma"]()
+    vocab = VocabBytes(tokenizer)
+    rows, counts = planted_cases(vocab, seed=12)
+    ids, lengths = pad_rows(rows, vocab, seed=13)
+    got = gpu_scoring.parse_scores_cuda(torch.from_numpy(ids).int(), torch.from_numpy(lengths).long(), vocab, counts)
+    assert_same_parse(got.scores, got.status, expected_parse(tokenizer, rows, counts))
+
+    scores, status, perm, n_responses, meta = random_vote_inputs(seed=3)
+    want = vote(scores, status, perm=perm, n_responses=n_responses, meta=meta, k_meta=2)
+    result = gpu_scoring.vote_cuda(scores.double(), status.long(), perm=perm, n_responses=n_responses, meta=meta,
+                                   k_meta=2)
+    assert torch.equal(result.totals.view(torch.int32), want.totals.view(torch.int32))
+    assert result.best.tolist() == want.best.tolist() and result.used.tolist() == want.used.tolist()
+    n_responses[3] = perm.shape[2]
+    perm[3, 1, 0] = perm[3, 1, 1]
+    with pytest.raises(ValueError, match=r"perm\[3\]"):
+        gpu_scoring.vote_cuda(scores, status, perm=perm, n_responses=n_responses)
+
+    parsed = parse_scores_reference(["[[7, 3]]", "[[3, 7]]", "[[7, 7]]", "nothing", "\\boxed{1}"], [2, 2, 2, 2, 1])
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    assert gpu_scoring.rule_reward_cuda(parsed.scores, parsed.status, labels).tolist() == [1.0, -1.0, -1.0, -1.0, 1.0]
+    assert gpu_scoring.rule_reward_cuda(parsed.scores, parsed.status, labels).tolist() == \
+        rule_reward(parsed.scores, parsed.status, labels).tolist()
+    with pytest.raises(ValueError, match=r"best\[1\]"):
+        gpu_scoring.is_correct_cuda(parsed.scores, parsed.status, torch.tensor([0, 5, 0, 0, 1]))
