@@ -218,6 +218,25 @@ def test_host_core_number_rounding(host_core):
     assert_same_parse(*host_parse(host_core, vocab, ids, lengths, [1] * len(rows), lo=-1e300, hi=1e300), want)
 
 
+def fuzz_texts(seed: int, count: int) -> list[str]:
+    """Random strings of parser-relevant pieces: nested, unclosed and overlapping groups."""
+    rng = random.Random(seed)
+    pieces = ["\\boxed{", "\\boxed", "{", "}", "[[", "[", "]", "]]", ",", ", ", " ", "\n", "\t", "7", "10", "3.5",
+              ".", "e", "E", "-", "+", "1e1", "x", "\\", "b", "oxed{", "é", "9", "0"]
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(count)]
+
+
+def test_host_core_fuzzed_texts(host_core):
+    vocab = single_byte_vocab()
+    texts = fuzz_texts(seed=11, count=4000)
+    counts = [1 + i % 3 for i in range(len(texts))]
+    rows = [list(t.encode()) for t in texts]
+    ids, lengths = pad_rows(rows, vocab, seed=12)
+    want = parse_scores_reference(texts, counts)
+    assert len(set(want.status.tolist())) == 4  # every status occurs
+    assert_same_parse(*host_parse(host_core, vocab, ids, lengths, counts), want)
+
+
 def host_vote(core, scores, status, perm, n_responses, meta, k_meta):
     groups, k, n_max = scores.shape
     arrays = [np.ascontiguousarray(x) for x in (scores.numpy(), status.numpy())]
@@ -299,6 +318,7 @@ def test_gpu_parse_numbers_and_long_rows():
 
     vocab = single_byte_vocab()
     texts = number_texts(seed=4)
+    texts += fuzz_texts(seed=12, count=2000)
     texts += ["x" * 3000 + "[[1, 2]]" + "y" * 500, "\\boxed{3}" + "z" * 5000, "[[" + "1," * 2000 + "1]]"]
     rows = [list(t.encode()) for t in texts]
     ids, lengths = pad_rows(rows, vocab, seed=5)
