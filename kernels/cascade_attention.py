@@ -1,0 +1,269 @@
+"""Shared-prefix (cascade) decode attention: the samples of one prompt attend to the prompt's shared full pages
+as one stacked tensor-core attention (n_samples * heads_per_kv query rows per KV head), each sample to its own
+private pages, and the parts are merged exactly by log-sum-exp. Traffic: a shared page is read once per row
+tile of a group (one tile holds block_m rows) instead of once per sample; private pages once per sample; plus
+fp32 partials of n_splits * D per query head. Reference: `cascade_decode_attention_reference` below (plain
+PyTorch, fp32), itself equal to grm_engine.decode.attention.decode_attention_reference over the whole context.
+
+Scope: full attention without soft-capping (Llama/Qwen/Mistral, not Gemma 2's sliding-window or soft-capped
+layers: the dispatcher keeps grm_engine.kernels.paged_attention for those). Split points along keys depend only
+on a sequence's own prefix and context lengths (multiples of split_tokens from the prefix start and from the
+suffix start), and a query row's math never mixes with other rows, so a sequence's result does not depend on
+which other sequences share its batch, its group, or its row tile.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from grm_engine.decode.attention import gather_pages
+
+ITEM_FIELDS = 6  # a prefix work item: first_sample, num_samples, first_row, token_start, token_end, slot
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """q [R, kv_heads, heads_per_kv, D]; k, v [T, kv_heads, D], every key visible to every query.
+    Returns out [R, kv_heads, heads_per_kv, D] and lse [R, kv_heads, heads_per_kv] in fp32 (T = 0: out 0, lse -inf)."""
+    scores = torch.einsum("rhgd,thd->rhgt", q.float(), k.float()) * scale
+    if k.shape[0] == 0:
+        return torch.zeros(q.shape, dtype=torch.float32, device=q.device), scores.new_full(scores.shape[:-1], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("rhgt,thd->rhgd", torch.exp(scores - lse[..., None]), v.float())
+    return out, lse
+
+
+def merge_by_lse(out_a, lse_a, out_b, lse_b):
+    """Exact merge of two attentions over disjoint key sets: weights exp(lse_part - lse_total)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return torch.exp(lse_a - lse)[..., None] * out_a + torch.exp(lse_b - lse)[..., None] * out_b, lse
+
+
+def cascade_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, group_starts, prefix_blocks,
+                                       scale) -> torch.Tensor:
+    """q [B, H, D] (the query of sequence b sits at position context_lens[b] - 1); caches [num_blocks, block_size,
+    kv_heads, D]; block_tables [B, max_blocks]; samples of group g are rows group_starts[g]:group_starts[g+1] and
+    share their first prefix_blocks[g] blocks. Returns [B, H, D] in q's dtype (fp32 math)."""
+    group_starts, prefix_blocks = check_groups(group_starts, prefix_blocks, q.shape[0])
+    batch, num_heads, head_dim = q.shape
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    lens = context_lens.tolist()
+    out = torch.empty(batch, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    for g, num_prefix_blocks in enumerate(prefix_blocks):
+        first, last = group_starts[g], group_starts[g + 1]
+        prefix_len = num_prefix_blocks * block_size
+        stacked = q[first:last].float().view(last - first, kv_heads, num_heads // kv_heads, head_dim)
+        shared_k = gather_pages(k_cache, block_tables[first], prefix_len)  # [prefix_len, kv_heads, D]
+        shared_v = gather_pages(v_cache, block_tables[first], prefix_len)
+        out_prefix, lse_prefix = attend_with_lse(stacked, shared_k, shared_v, scale)  # the group's rows at once
+        for i, b in enumerate(range(first, last)):
+            own_k = gather_pages(k_cache, block_tables[b], lens[b])[prefix_len:]  # [suffix_len, kv_heads, D]
+            own_v = gather_pages(v_cache, block_tables[b], lens[b])[prefix_len:]
+            out_suffix, lse_suffix = attend_with_lse(stacked[i:i + 1], own_k, own_v, scale)
+            merged, _ = merge_by_lse(out_prefix[i:i + 1], lse_prefix[i:i + 1], out_suffix, lse_suffix)
+            out[b] = merged.view(num_heads, head_dim)
+    return out.to(q.dtype)
+
+
+def check_groups(group_starts, prefix_blocks, batch: int) -> tuple[list[int], list[int]]:
+    """Host-side lists; raises ValueError naming the bad argument."""
+    starts = [int(x) for x in (group_starts.tolist() if torch.is_tensor(group_starts) else group_starts)]
+    blocks = [int(x) for x in (prefix_blocks.tolist() if torch.is_tensor(prefix_blocks) else prefix_blocks)]
+    if len(starts) != len(blocks) + 1:
+        raise ValueError(f"group_starts has {len(starts)} entries, prefix_blocks {len(blocks)}: need G + 1 and G")
+    if starts[0] != 0 or starts[-1] != batch or any(a > b for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"group_starts {starts} must rise from 0 to the batch size {batch}")
+    if any(n < 0 for n in blocks):
+        raise ValueError(f"prefix_blocks {blocks} must be >= 0")
+    return starts, blocks
+
+
+def check_shared_prefix(block_tables, context_lens, group_starts, prefix_blocks, block_size: int) -> None:
+    """The contract the kernel relies on (device reads; for tests and debug runs): within a group the first
+    prefix_blocks block ids are identical, and the prefix lies inside every sample's context."""
+    starts, blocks = check_groups(group_starts, prefix_blocks, block_tables.shape[0])
+    for g, n in enumerate(blocks):
+        rows = block_tables[starts[g]:starts[g + 1]]
+        if n == 0 or rows.shape[0] == 0:
+            continue
+        if n > block_tables.shape[1] or not bool((rows[:, :n] == rows[:1, :n]).all()):
+            raise ValueError(f"group {g}: block_tables rows {starts[g]}:{starts[g + 1]} differ in their first {n} blocks")
+        if int(context_lens[starts[g]:starts[g + 1]].min()) < n * block_size:
+            raise ValueError(f"group {g}: a context is shorter than the shared prefix of {n * block_size} tokens")
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _stacked_rows_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, prefix_tokens_ptr, items_ptr,
+    partial_ptr, stats_ptr,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+    scale, split_tokens, num_slots,
+    HEADS_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_SUFFIX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M stacked query rows (sample-major, then the query heads of kv_head) against keys
+    [token_start, token_end) of the first sample's block table; writes unnormalized partials + (max, sum)."""
+    kv_head = tl.program_id(1)
+    if IS_SUFFIX:  # grid (B, kv_heads, num_suffix_splits): one sample's private pages
+        first_sample = tl.program_id(0)
+        split = tl.program_id(2)
+        num_samples = 1
+        first_row = 0
+        prefix_len = tl.load(prefix_tokens_ptr + first_sample)
+        token_start = prefix_len + split * split_tokens
+        token_end = tl.minimum(tl.load(context_lens_ptr + first_sample), token_start + split_tokens)
+        slot = (prefix_len + split_tokens - 1) // split_tokens + split
+    else:  # grid (num_items, kv_heads): one row tile of a group against one split of its shared prefix
+        item = items_ptr + tl.program_id(0) * 6
+        first_sample = tl.load(item)
+        num_samples = tl.load(item + 1)
+        first_row = tl.load(item + 2)
+        token_start = tl.load(item + 3)
+        token_end = tl.load(item + 4)
+        slot = tl.load(item + 5)
+
+    r = first_row + tl.arange(0, BLOCK_M)
+    row_mask = r < num_samples * HEADS_PER_KV
+    sample = (first_sample + r // HEADS_PER_KV).to(tl.int64)  # [BLOCK_M]
+    head = kv_head * HEADS_PER_KV + r % HEADS_PER_KV
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + sample[:, None] * stride_qb + head[:, None] * stride_qh + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    table = block_tables_ptr + first_sample.to(tl.int64) * stride_bt
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for tile in range(token_start, token_end, BLOCK_N):
+        t = tile + tl.arange(0, BLOCK_N)
+        t_mask = t < token_end
+        page = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+        offset = t % BLOCK_SIZE
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + page[:, None] * stride_kb + offset[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N] fp32
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a visible key
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + page[:, None] * stride_vb + offset[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    # partial [B, H, num_slots, D], stats [B, H, num_slots, 2]; an empty range writes (-inf, 0) and zeros
+    out_row = (sample * NUM_HEADS + head) * num_slots + slot  # [BLOCK_M]
+    tl.store(partial_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(stats_ptr + out_row * 2, m, mask=row_mask)
+    tl.store(stats_ptr + out_row * 2 + 1, l, mask=row_mask)
+
+
+@triton.jit
+def _merge_slots_kernel(partial_ptr, stats_ptr, prefix_tokens_ptr, out_ptr, num_slots, split_tokens, num_suffix_splits,
+                        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)  # b * NUM_HEADS + head
+    prefix_len = tl.load(prefix_tokens_ptr + row // NUM_HEADS)
+    used = (prefix_len + split_tokens - 1) // split_tokens + num_suffix_splits  # slots this sequence wrote
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < used
+    m = tl.load(stats_ptr + (row * num_slots + s) * 2, mask=s_mask, other=float("-inf"))
+    l = tl.load(stats_ptr + (row * num_slots + s) * 2 + 1, mask=s_mask, other=0.0)
+    m_all = tl.max(m, axis=0)
+    weight = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
+    acc = tl.load(partial_ptr + (row * num_slots + s)[:, None] * HEAD_DIM + d[None, :],
+                  mask=s_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------- launcher
+@dataclass
+class CascadePlan:
+    """Work lists for one decode step (shared by every layer of the step; build once with plan_cascade)."""
+
+    prefix_items: torch.Tensor  # [num_items, ITEM_FIELDS] int32 on the device
+    prefix_tokens: torch.Tensor  # [B] int32: shared prefix tokens of each sequence's group
+    num_prefix_slots: int  # max prefix splits over groups
+    num_suffix_splits: int  # suffix splits launched per sequence (an upper bound; empty ones are cheap)
+    split_tokens: int
+    block_m: int
+    heads_per_kv: int
+
+
+def plan_cascade(group_starts: Sequence[int] | torch.Tensor, prefix_blocks: Sequence[int] | torch.Tensor,
+                 block_size: int, num_heads: int, kv_heads: int, max_context_len: int, device,
+                 split_tokens: int = 1024, block_m: int = 64) -> CascadePlan:
+    """Host lists in, device work lists out. split_tokens: keys per split (a multiple of 16)."""
+    if num_heads % kv_heads:
+        raise ValueError(f"plan_cascade: {num_heads} query heads for {kv_heads} KV heads")
+    if split_tokens % 16 or block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"plan_cascade: split_tokens {split_tokens} must be a multiple of 16, block_m {block_m} a power of 2 >= 16")
+    batch = int(group_starts[-1])
+    starts, blocks = check_groups(group_starts, prefix_blocks, batch)
+    heads_per_kv = num_heads // kv_heads
+    items, prefix_tokens = [], np.zeros(batch, dtype=np.int32)
+    for g, n_blocks in enumerate(blocks):
+        first, num_samples = starts[g], starts[g + 1] - starts[g]
+        prefix_len = n_blocks * block_size
+        prefix_tokens[first:first + num_samples] = prefix_len
+        for first_row in range(0, num_samples * heads_per_kv if prefix_len else 0, block_m):
+            for split, token_start in enumerate(range(0, prefix_len, split_tokens)):
+                items.append((first, num_samples, first_row, token_start, min(prefix_len, token_start + split_tokens), split))
+    items_array = np.asarray(items, dtype=np.int32).reshape(-1, ITEM_FIELDS)
+    num_prefix_slots = -(-int(prefix_tokens.max(initial=0)) // split_tokens)
+    max_suffix = max(1, max_context_len - int(prefix_tokens.min(initial=0)))
+    return CascadePlan(torch.from_numpy(items_array).to(device), torch.from_numpy(prefix_tokens).to(device),
+                       num_prefix_slots, -(-max_suffix // split_tokens), split_tokens, block_m, heads_per_kv)
+
+
+def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                             context_lens: torch.Tensor, group_starts, prefix_blocks, scale: float, *,
+                             max_context_len: int | None = None, plan: CascadePlan | None = None,
+                             split_tokens: int = 1024, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """q [B, H, D]; caches [num_blocks, block_size, kv_heads, D]; block_tables [B, max_blocks] int32; context_lens
+    [B] int32; group_starts [G + 1] and prefix_blocks [G] on the host (samples of group g are rows
+    group_starts[g]:group_starts[g+1] and share their first prefix_blocks[g] blocks; a group of one or with no
+    shared block is the plain path). Pass `plan` (from plan_cascade) to reuse the work lists across layers.
+    Returns [B, H, D] in q's dtype. Full attention only: no sliding window, no soft-capping."""
+    batch, num_heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
+    assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32, "block_tables/context_lens: int32"
+    if plan is None:
+        if max_context_len is None:
+            max_context_len = int(context_lens.max())
+        plan = plan_cascade(group_starts, prefix_blocks, block_size, num_heads, kv_heads, max_context_len, q.device,
+                            split_tokens, block_m)
+    if plan.prefix_tokens.shape[0] != batch:
+        raise ValueError(f"group_starts cover {plan.prefix_tokens.shape[0]} sequences but q holds {batch}")
+    num_slots = plan.num_prefix_slots + plan.num_suffix_splits
+    partial = torch.empty(batch, num_heads, num_slots, head_dim, device=q.device, dtype=torch.float32)
+    stats = torch.empty(batch, num_heads, num_slots, 2, device=q.device, dtype=torch.float32)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    common = dict(HEADS_PER_KV=plan.heads_per_kv, HEAD_DIM=head_dim, NUM_HEADS=num_heads, BLOCK_SIZE=block_size,
+                  BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    args = (q, k_cache, v_cache, block_tables, context_lens, plan.prefix_tokens, plan.prefix_items, partial, stats,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            float(scale), plan.split_tokens, num_slots)
+    if plan.prefix_items.shape[0]:
+        _stacked_rows_attention_kernel[(plan.prefix_items.shape[0], kv_heads)](
+            *args, BLOCK_M=plan.block_m, IS_SUFFIX=False, num_warps=4 if plan.block_m * block_d <= 64 * 128 else 8, **common)
+    _stacked_rows_attention_kernel[(batch, kv_heads, plan.num_suffix_splits)](
+        *args, BLOCK_M=max(16, triton.next_power_of_2(plan.heads_per_kv)), IS_SUFFIX=True, num_warps=4, **common)
+    out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=q.dtype)
+    _merge_slots_kernel[(batch * num_heads,)](partial, stats, plan.prefix_tokens, out, num_slots, plan.split_tokens,
+                                              plan.num_suffix_splits, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+                                              BLOCK_S=max(2, triton.next_power_of_2(num_slots)), BLOCK_D=block_d)
+    return out
