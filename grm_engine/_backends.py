@@ -19,6 +19,10 @@ def _try_import(name: str):
 
 
 _C, _C_ERROR = _try_import("grm_engine._C")
+try:  # the CUDA extension links against torch's libraries (libc10, ...): torch must be loaded first
+    import torch  # noqa: F401
+except Exception:
+    pass
 _cuda, _CUDA_ERROR = _try_import("grm_engine._cuda")
 
 

@@ -12,8 +12,8 @@ import triton.language as tl
 
 from grm_engine.loss import LOG_RATIO_MAX, GRPOStats, token_weights
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side: folded into the scale argument
+LN2 = tl.constexpr(0.6931471805599453)  # used inside kernels: Triton needs constexpr globals
 
 
 @triton.jit
