@@ -1,5 +1,5 @@
 // GPU score parser: token ids [N, L] -> scores [N, n_max], status [N], one warp per sequence.
-// Traffic: the warp scans ids backwards 128 at a time (coalesced) and gathers 1 flag byte per id
+// Traffic: the warp scans ids backwards 256 at a time (coalesced) and gathers 1 flag byte per id
 // until it meets the last complete group; only tokens holding { } [ ] are read byte by byte.
 // Reference: grm_engine.parse_scores on tokenizer.decode(ids) (rule in score_parser_core.cuh).
 #include "grm_cuda.h"
@@ -11,21 +11,25 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Largest i < j whose token may hold a delimiter, found 128 tokens per step by the whole warp.
+// Largest i < j whose token may hold a delimiter, found 32 * kChunks tokens per step by the
+// whole warp: kChunks coalesced id loads per lane in flight, then their flag gathers.
+constexpr int kChunks = 8;
+
 template <typename Id>
 struct WarpPrevDelimiter {
   const TokenSequence<Id>* seq;
   int lane;
   __device__ int operator()(int j) const {
-    for (int base = j - 128; base > -128; base -= 128) {
-      uint8_t f[4];
+    constexpr int kStep = 32 * kChunks;
+    for (int base = j - kStep; base > -kStep; base -= kStep) {
+      uint8_t f[kChunks];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
+      for (int c = 0; c < kChunks; ++c) {
         int i = base + 32 * c + lane;
         f[c] = i >= 0 ? seq->flags(i) : 0;
       }
 #pragma unroll
-      for (int c = 3; c >= 0; --c) {
+      for (int c = kChunks - 1; c >= 0; --c) {
         unsigned mask = __ballot_sync(kFullMask, (f[c] & kFlagDelimiter) != 0);
         if (mask) return base + 32 * c + 31 - __clz(mask);
       }
