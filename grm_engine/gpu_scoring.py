@@ -7,6 +7,7 @@ tensors; they give exactly the results of `vote`, `is_correct` and `rule_reward`
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._backends import _cuda, forced_backend
@@ -26,7 +27,7 @@ def cuda_available_for(*tensors: torch.Tensor) -> bool:
 
 def _counts(num_responses, n_rows: int, device) -> tuple[torch.Tensor, int]:
     """num_responses (int or [N]) -> (int32 [N] on device, n_max); one host sync for a GPU tensor."""
-    if isinstance(num_responses, (int,)) or (isinstance(num_responses, torch.Tensor) and num_responses.dim() == 0):
+    if isinstance(num_responses, (int, np.integer)) or (isinstance(num_responses, torch.Tensor) and num_responses.dim() == 0):
         value = int(num_responses)
         if value < 1:
             raise ValueError(f"num_responses = {value}: every critique scores at least one response")
