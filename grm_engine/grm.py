@@ -196,10 +196,11 @@ class GRM:
 
     def score(self, examples: Sequence, *, k: int = 1, k_meta: int | None = None, temperature: float = 0.5,
               shuffle: bool = True, seed: int = 0, max_tokens: int = 1024, top_p: float = 1.0,
-              progress: bool = False) -> ScoreResult:
+              ignore_eos: bool = False, progress: bool = False) -> ScoreResult:
         """Score every example with k critiques in ONE decoder run; see the module docstring.
 
-        temperature 0 is greedy (with k = 1: the greedy score). k_meta (default k // 2, at least 1) applies
+        temperature 0 is greedy (with k = 1: the greedy score). ignore_eos: every critique runs to max_tokens
+        (benchmarks). k_meta (default k // 2, at least 1) applies
         when the GRM has a meta RM: every parseable sample is scored by it and only the top k_meta are voted.
         """
         from .decode import SamplingParams
@@ -232,8 +233,13 @@ class GRM:
                 groups.setdefault(tuple(perm), []).append(j)
             for perm, sample_indices in groups.items():
                 prompts.append(self._encode(example, perm))
+                if len(prompts[-1]) >= self.decoder.max_model_len:
+                    raise ValueError(f"example {example.id!r} ({example.source or 'given'}, line {example.line}): its "
+                                     f"prompt has {len(prompts[-1])} tokens; the model context is "
+                                     f"{self.decoder.max_model_len}")
                 params.append(SamplingParams(n=len(sample_indices), temperature=temperature, top_p=top_p,
-                                             max_tokens=max_tokens, seed=_stable_int("noise", seed, example.id, perm)))
+                                             max_tokens=max_tokens, ignore_eos=ignore_eos,
+                                             seed=_stable_int("noise", seed, example.id, perm)))
                 owners.append((g, sample_indices))
         start = time.perf_counter()
         outputs = self.decoder.generate(prompts, params, use_tqdm=progress)

@@ -1,0 +1,148 @@
+"""GRM scoring benchmark: 512 RewardBench-shaped examples x k=8 critiques of 256 tokens (ignore_eos), random-init
+Qwen2.5-0.5B shape, GRM.score (one decoder run, shuffled prompt variants prefilled once, C++ parse, vote) against
+the straightforward path: transformers generate per example with num_return_sequences=k + Python regex parsing.
+
+The transformers path is TIMED ON A SUBSET (HF_EXAMPLES examples) and EXTRAPOLATED per example to the full set;
+the row says so (ref_ms is the extrapolation, hf_examples_timed the subset size). No downloads: the tokenizer is a
+word-level vocabulary of the model's size built here, and the texts come from a fixed synthetic generator with
+RewardBench-like lengths (query 32-256 words, each response 64-512 words; about 900 prompt tokens).
+"""
+from __future__ import annotations
+
+import random
+import re
+import time
+
+import torch
+
+NUM_EXAMPLES, K, NEW_TOKENS, HF_EXAMPLES = 512, 8, 256, 8
+SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+             intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True)
+DEVICE = "cuda"  # a CPU smoke run sets "cpu" and a tiny SHAPE
+SYNTHETIC_WORDS = 20000
+_GROUP = re.compile(r"\\boxed\{([^}]*)\}")
+
+
+def synthetic_examples(count: int, seed: int = 0):
+    """RewardBench-shaped examples: two responses, chosen first (GRM.score shuffles)."""
+    from grm_engine.data import Example
+
+    rng = random.Random(seed)
+
+    def text(lo, hi):
+        return " ".join(f"w{rng.randrange(SYNTHETIC_WORDS)}" for _ in range(rng.randint(lo, hi)))
+    return [Example(id=f"bench-{i}", query=text(32, 256), responses=[text(64, 512), text(64, 512)], best=0,
+                    subset="synthetic") for i in range(count)]
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer with exactly vocab_size ids, so every sampled id decodes to a word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from grm_engine.protocol import build_prompt
+
+    template_words = pre_tokenizers.Whitespace().pre_tokenize_str(build_prompt("q", ["a", "b"]) + " \\boxed{1, 2}")
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for word, _ in template_words:
+        vocab.setdefault(word, len(vocab))
+    for i in range(SYNTHETIC_WORDS):
+        vocab.setdefault(f"w{i}", len(vocab))
+    assert len(vocab) <= vocab_size, f"{len(vocab)} words for a vocabulary of {vocab_size}"
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"x{i}"] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
+
+
+def build_model(shape):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen2", max_position_embeddings=4096, eos_token_id=1, **shape)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    with torch.device(DEVICE):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def transformers_path(model, tokenizer, examples, k: int, new_tokens: int) -> dict:
+    """Per example: one prompt, generate(num_return_sequences=k), decode, regex-parse, sum."""
+    from grm_engine.protocol import build_prompt
+
+    parsed = 0
+    _sync()
+    start = time.perf_counter()
+    for example in examples:
+        ids = tokenizer(build_prompt(example.query, example.responses), return_tensors="pt")["input_ids"].to(DEVICE)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.5, top_k=0,
+                             top_p=1.0, num_return_sequences=k, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=0)
+        for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True):
+            groups = _GROUP.findall(text)
+            parsed += bool(groups)
+    _sync()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "per_example_s": seconds / len(examples), "parsed": parsed}
+
+
+def run(args) -> list[dict]:
+    from grm_engine.decode import Decoder
+    from grm_engine.grm import GRM
+
+    quick = getattr(args, "quick", False)
+    num_examples, hf_examples = (128, 4) if quick else (NUM_EXAMPLES, HF_EXAMPLES)
+    model = build_model(SHAPE)
+    tokenizer = word_tokenizer(SHAPE["vocab_size"])
+    examples = synthetic_examples(num_examples)
+    decoder = Decoder.from_pretrained(model, tokenizer=tokenizer, kv_cache_memory_fraction=0.85, max_num_seqs=512,
+                                      num_kv_blocks=None if DEVICE == "cuda" else 4096)
+    grm = GRM(decoder, tokenizer)
+    grm.score(examples[:8], k=K, max_tokens=4, ignore_eos=True, seed=1)  # compiles kernels for these shapes
+    _sync()
+    start = time.perf_counter()
+    result = grm.score(examples, k=K, temperature=0.5, max_tokens=NEW_TOKENS, ignore_eos=True, seed=0)
+    _sync()
+    seconds = time.perf_counter() - start
+    generated = result.generated_tokens
+    assert generated == num_examples * K * NEW_TOKENS, f"score: {generated} tokens generated"
+    stats = decoder.stats
+    del decoder, grm
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+    hf = transformers_path(model, tokenizer, examples[:hf_examples], K, NEW_TOKENS)
+    hf_ms = 1e3 * hf["per_example_s"] * num_examples  # extrapolated to the whole set
+    critiques = num_examples * K
+    # floor: every decode step reads the weights once; steps = rounds of max_num_seqs sequences x tokens
+    weight_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    rounds = -(-critiques // 512)
+    bandwidth = args.ceilings.get("bandwidth", 4.2e12) if hasattr(args, "ceilings") else 4.2e12
+    floor_ms = 1e3 * rounds * NEW_TOKENS * weight_bytes / bandwidth
+    return [{
+        "section": "score", "case": f"{num_examples} ex x k={K} x {NEW_TOKENS} tok, qwen2.5-0.5B shape",
+        "ours_ms": 1e3 * seconds, "ref_ms": hf_ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / (1e3 * seconds),
+        "speedup": hf_ms / (1e3 * seconds),
+        "critiques/s": critiques / seconds, "tok/s": generated / seconds,
+        "hf_critiques/s": critiques / (hf_ms / 1e3), "hf_tok/s": critiques * NEW_TOKENS / (hf_ms / 1e3),
+        "hf_examples_timed": hf_examples, "hf_timed_s": hf["seconds"], "ref": "transformers generate, extrapolated",
+        "prompt_tokens": result.prompt_tokens, "prefill_tokens": stats.prefill_tokens,
+        "prefix_hit_tokens": stats.prefix_cache_hit_tokens, "preemptions": stats.preemptions,
+        "parse_failures": sum(result.parse_failures.values()),
+    }]
+
+
+if __name__ == "__main__":  # CPU smoke run with a tiny shape: python bench/gpu_score.py
+    import argparse
+
+    DEVICE = "cpu"
+    SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=SYNTHETIC_WORDS + 200, tie_word_embeddings=True)
+    NUM_EXAMPLES, K, NEW_TOKENS, HF_EXAMPLES = 6, 4, 8, 2
+    print(run(argparse.Namespace(quick=False, ceilings={})))
