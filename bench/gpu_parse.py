@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 from triton.testing import do_bench
 
-from grm_engine.gpu_scoring import parse_scores_cuda, vote_cuda
+from grm_engine.gpu_scoring import parse_scores_cuda, rule_reward_cuda, vote_cuda
 from grm_engine.parsing import parse_scores_cpp
 from grm_engine.vocab_bytes import VocabBytes, _bytes_to_unicode
 from grm_engine.voting import vote
@@ -118,6 +118,9 @@ def run(args) -> list[dict]:
                                          perm=perm_gpu, validate=False), warmup=10, rep=100, return_mode="median")
     ms_both = do_bench(parse_and_vote, warmup=10, rep=100, return_mode="median")
     gpu_vote = parse_and_vote()
+    labels = torch.randint(0, N_RESPONSES, (rows_total,), device="cuda")
+    ms_reward = do_bench(lambda: rule_reward_cuda(parse().scores, parsed.status, labels, validate=False), warmup=10,
+                         rep=100, return_mode="median")
 
     # CPU path on the first cpu_rows rows (whole groups), scaled to all rows; and equality there.
     scale = rows_total / cpu_rows
@@ -131,6 +134,7 @@ def run(args) -> list[dict]:
     shape = f"{rows_total}x{length} int32, k={K}, n={N_RESPONSES}"
     out.append({"section": "parse", "case": f"parse {shape}", "ours_ms": ms_parse})
     out.append({"section": "parse", "case": f"vote {groups} groups (+perm)", "ours_ms": ms_vote})
+    out.append({"section": "parse", "case": f"parse+rule_reward {rows_total} rows (GRPO reward)", "ours_ms": ms_reward})
     out.append({"section": "parse", "case": f"parse+vote {shape}", "ours_ms": ms_both, "ref_ms": ref_ms,
                 "peer_ms": peer_ms, "x_vs_cpu": ref_ms / ms_both, "x_vs_peer": peer_ms / ms_both,
                 "cpu_rows_timed": cpu_rows, "matches_cpu": match, "target_ms": 1.0})
