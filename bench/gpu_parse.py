@@ -119,8 +119,11 @@ def run(args) -> list[dict]:
     ms_both = do_bench(parse_and_vote, warmup=10, rep=100, return_mode="median")
     gpu_vote = parse_and_vote()
     labels = torch.randint(0, N_RESPONSES, (rows_total,), device="cuda")
-    ms_reward = do_bench(lambda: rule_reward_cuda(parse().scores, parsed.status, labels, validate=False), warmup=10,
-                         rep=100, return_mode="median")
+    def parse_and_reward():
+        fresh = parse()
+        return rule_reward_cuda(fresh.scores, fresh.status, labels, validate=False)
+
+    ms_reward = do_bench(parse_and_reward, warmup=10, rep=100, return_mode="median")
 
     # CPU path on the first cpu_rows rows (whole groups), scaled to all rows; and equality there.
     scale = rows_total / cpu_rows
