@@ -25,6 +25,7 @@ from grm_engine.voting import vote
 
 VOCAB_SIZE = 151_643
 K, N_RESPONSES = 8, 2
+DEVICE = "cuda"
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -94,15 +95,15 @@ def run(args) -> list[dict]:
     rows_total, length = (8192, 1024) if args.quick else (65_536, 1024)
     cpu_rows = 2048 if args.quick else 8192
     tokenizer = build_tokenizer()
-    vocab = VocabBytes(tokenizer).to("cuda")
+    vocab = VocabBytes(tokenizer).to(DEVICE)
     bandwidth = (args.ceilings or {}).get("bandwidth")
     out = []
 
-    ids, lengths = make_batch(tokenizer, rows_total, length, with_group=True, seed=1)
+    ids, lengths = make_batch(tokenizer, rows_total, length, with_group=True, seed=1, device=DEVICE)
     groups = rows_total // K
     g = torch.Generator().manual_seed(2)
     perm = torch.stack([torch.randperm(N_RESPONSES, generator=g) for _ in range(groups * K)]).view(groups, K, N_RESPONSES)
-    perm_gpu = perm.to("cuda", torch.int32)
+    perm_gpu = perm.to(DEVICE, torch.int32)
 
     def parse():
         return parse_scores_cuda(ids, lengths, vocab, N_RESPONSES)
@@ -118,7 +119,7 @@ def run(args) -> list[dict]:
                                          perm=perm_gpu, validate=False), warmup=10, rep=100, return_mode="median")
     ms_both = do_bench(parse_and_vote, warmup=10, rep=100, return_mode="median")
     gpu_vote = parse_and_vote()
-    labels = torch.randint(0, N_RESPONSES, (rows_total,), device="cuda")
+    labels = torch.randint(0, N_RESPONSES, (rows_total,), device=DEVICE)
     def parse_and_reward():
         fresh = parse()
         return rule_reward_cuda(fresh.scores, fresh.status, labels, validate=False)
@@ -143,7 +144,7 @@ def run(args) -> list[dict]:
                 "cpu_rows_timed": cpu_rows, "matches_cpu": match, "target_ms": 1.0})
 
     # Worst case: no group anywhere, every id of every row is read once.
-    ids_none, lengths_none = make_batch(tokenizer, rows_total, length, with_group=False, seed=3)
+    ids_none, lengths_none = make_batch(tokenizer, rows_total, length, with_group=False, seed=3, device=DEVICE)
     lengths_none.fill_(length)
     ms_scan = do_bench(lambda: parse_scores_cuda(ids_none, lengths_none, vocab, N_RESPONSES), warmup=10, rep=100,
                        return_mode="median")
