@@ -18,8 +18,8 @@ LN2 = tl.constexpr(0.6931471805599453)  # used inside kernels: Triton needs cons
 
 @triton.jit
 def _grpo_rows_kernel(
-    logits_ptr, stride_lb, stride_lt, stride_lv,  # [B, T, V], any strides
-    grad_ptr, stride_gb, stride_gt, stride_gv,  # [B, T, V] dlogits (may alias logits)
+    logits_ptr, stride_lb, stride_lt, STRIDE_LV: tl.constexpr,  # [B, T, V], any strides
+    grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr,  # [B, T, V] dlogits (may alias logits)
     ids_ptr, stride_ib, stride_it,  # [B, T] int
     weight_ptr,  # [B*T] fp32 reduction weight; 0 marks a masked token
     adv_ptr, stride_ab, stride_at,  # [B, T] view (stride_at = 0 for per-sequence advantages)
@@ -33,6 +33,8 @@ def _grpo_rows_kernel(
     COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    # The vocabulary strides are constexpr: only with a stride known to be 1 can Triton emit 16-byte vector
+    # loads and stores (a contiguous last dimension is the common case; other strides compile their own variant).
     # rows are strided over the programs: grid = rows (one each) or fewer, persistent programs, which bounds
     # how many rows are in flight at once so that the second sweep finds its row in L2
     for program_row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
@@ -50,7 +52,7 @@ def _grpo_rows_kernel(
             ent = tl.zeros([], tl.float32)  # sum of e * (x2 - m): entropy without cancellation
             for i in range(0, num_chunks):
                 cols = i * BLOCK_V + offs
-                x = tl.load(x_row + cols * stride_lv, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
+                x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
                 m_new = tl.maximum(m, tl.max(x, axis=0))
                 alpha = tl.exp2(m - m_new)
                 e = tl.exp2(x - m_new)
@@ -61,7 +63,7 @@ def _grpo_rows_kernel(
                 m = m_new
             lse2 = m + tl.log2(s)
             token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
-            x_token = tl.load(x_row + token * stride_lv).to(tl.float32) * scale2
+            x_token = tl.load(x_row + token * STRIDE_LV).to(tl.float32) * scale2
             logp = (x_token - lse2) * LN2
             tl.store(logp_out + row, logp)
             if COMPUTE_ENTROPY:
@@ -104,10 +106,10 @@ def _grpo_rows_kernel(
                     g_row = grad_ptr + b * stride_gb + t * stride_gt
                     for i in range(0, num_chunks):
                         cols = (num_chunks - 1 - i) * BLOCK_V + offs  # reversed: the last chunks read are in L2
-                        x = tl.load(x_row + cols * stride_lv, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
+                        x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
                         p = tl.exp2(x - lse2)
                         grad = tl.where(cols == token, coef - coef * p, -coef * p)
-                        tl.store(g_row + cols * stride_gv, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
+                        tl.store(g_row + cols * STRIDE_GV, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
         else:  # masked token: logits never read; outputs 0; its gradient row is zero-filled
             tl.store(logp_out + row, 0.0)
             if COMPUTE_ENTROPY:
@@ -121,7 +123,7 @@ def _grpo_rows_kernel(
                     zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
                     for i in range(0, num_chunks):
                         cols = i * BLOCK_V + offs
-                        tl.store(g_row + cols * stride_gv, zeros, mask=cols < V)
+                        tl.store(g_row + cols * STRIDE_GV, zeros, mask=cols < V)
 
 
 def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=None, group_size=None, old_logp=None,

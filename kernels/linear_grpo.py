@@ -25,6 +25,13 @@ def auto_chunk_size(num_tokens: int, vocab: int, element_size: int, device: torc
     return max(1, min(chunk, num_tokens))
 
 
+def _chunk_logits(h, weight, bias, out):
+    """out [C, V] = h [C, H] @ weight[V, H]^T (+ bias), written into the preallocated chunk buffer."""
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
 def _gather(tensor, index, batch, length):
     """[B] or [B, T] per-token quantity -> [N] at the flat token positions `index`."""
     if tensor is None:
@@ -55,15 +62,18 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
 
         logp = torch.zeros(batch * length, device=hidden.device, dtype=torch.float32)  # [B*T]
         grad_hidden = torch.zeros_like(flat_hidden) if need_hidden else None  # masked rows stay 0
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+        # written by the first chunk's GEMM (no memset, no read of zeros); zeroed only if there is no chunk
+        grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
         loss_parts, kl_parts, clip_parts = [], [], []
         chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size(), hidden.device)
+        # one logits buffer for every chunk: allocating per chunk kept two chunks alive at the peak
+        buffer = torch.empty(min(chunk, num_tokens), vocab, device=hidden.device, dtype=hidden.dtype)  # [C, V]
         for start in range(0, num_tokens, chunk):
             end = min(start + chunk, num_tokens)
             index = token_index[start:end]
             h = flat_hidden.index_select(0, index)  # [C, H]
-            logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # [C, V], hidden dtype
+            logits = _chunk_logits(h, weight, bias, buffer[: end - start])  # [C, V], hidden dtype
             rows = slice(start, end)
             out = launch_rows(
                 logits[None], ids[None, rows], token_w[None, rows], advantages=adv[None, rows],
@@ -76,9 +86,14 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
             if need_hidden:
                 grad_hidden.index_copy_(0, index, logits @ weight)  # [C, H]
             if need_weight:
-                grad_weight.addmm_(logits.t(), h)  # [V, H] += [V, C] @ [C, H]
+                if start == 0:
+                    torch.mm(logits.t(), h, out=grad_weight)  # [V, H] = [V, C] @ [C, H]
+                else:
+                    grad_weight.addmm_(logits.t(), h)  # [V, H] += [V, C] @ [C, H]
             if need_bias:
                 grad_bias += logits.float().sum(0)
+        if need_weight and num_tokens == 0:
+            grad_weight.zero_()
         zero = hidden.new_zeros((), dtype=torch.float32)
         loss = torch.stack(loss_parts).sum() if loss_parts else zero
         kl_sum = torch.stack(kl_parts).sum() if kl_parts else zero.clone()
@@ -132,11 +147,12 @@ def fused_linear_token_logprobs_triton(hidden, weight, completion_ids, *, bias=N
     entropy = torch.zeros_like(logp) if return_entropy else None
     flat_hidden = hidden.reshape(-1, hidden_size)
     chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size(), hidden.device)
+    buffer = torch.empty(min(chunk, num_tokens), vocab, device=hidden.device, dtype=hidden.dtype)  # [C, V]
     for start in range(0, num_tokens, chunk):
         end = min(start + chunk, num_tokens)
         index = token_index[start:end]
         h = flat_hidden.index_select(0, index)  # [C, H]
-        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # [C, V]
+        logits = _chunk_logits(h, weight, bias, buffer[: end - start])  # [C, V]
         out = launch_rows(logits[None], ids[None, start:end], ones[None, start:end], temperature=temperature,
                           compute_loss=False, compute_entropy=return_entropy, block_v=block_v, num_warps=num_warps)
         logp.index_copy_(0, index, out["logp"][0])
