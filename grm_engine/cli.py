@@ -114,7 +114,8 @@ def score_in_chunks(grm, examples, args, *, k, temperature, k_meta=None, chunks=
     try:
         for chunk in chunks:
             result = grm.score(chunk, k=k, k_meta=k_meta, temperature=temperature, shuffle=not args.no_shuffle,
-                               seed=args.seed, max_tokens=args.max_tokens)
+                               seed=args.seed, max_tokens=args.max_tokens,
+                               progress=sys.stderr.isatty())  # the decoder's per-sample bar inside a chunk
             tokens += result.generated_tokens
             bar.update(len(chunk))
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):.0f} tok/s")

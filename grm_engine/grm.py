@@ -100,6 +100,7 @@ class ScoreResult:
     perm: torch.Tensor = field(repr=False)  # int64 [G, k, n_max]
     n_responses: torch.Tensor = field(repr=False)  # int64 [G]
     meta: torch.Tensor | None = field(default=None, repr=False)  # float32 [G, k], NaN for invalid samples
+    token_ids: list | None = field(default=None, repr=False)  # [G][k] generated ids (GPU parser checks)
 
     @property
     def tokens_per_second(self) -> float:
@@ -147,7 +148,8 @@ class ScoreResult:
             prompt_tokens=sum(p.prompt_tokens for p in parts), seconds=sum(p.seconds for p in parts),
             scores=torch.cat([pad(p.scores, float("nan")) for p in parts]), status=torch.cat([p.status for p in parts]),
             perm=torch.cat([pad(p.perm, None) for p in parts]), n_responses=torch.cat([p.n_responses for p in parts]),
-            meta=None if first.meta is None else torch.cat([p.meta for p in parts]))
+            meta=None if first.meta is None else torch.cat([p.meta for p in parts]),
+            token_ids=[row for p in parts for row in (p.token_ids or [])])
 
     def stats(self) -> dict:
         return {"examples": len(self.examples), "samples": self.num_samples, "parse_failures": self.parse_failures,
@@ -245,11 +247,12 @@ class GRM:
         outputs = self.decoder.generate(prompts, params, use_tqdm=progress)
 
         G, n_max = len(examples), max(e.num_responses for e in examples)
-        texts, counts, finish, lengths = [[None] * k for _ in range(G)], [], {}, {}
+        texts, finish, lengths = [[None] * k for _ in range(G)], {}, {}
+        token_ids = [[None] * k for _ in range(G)]
         for request, (g, sample_indices) in zip(outputs, owners):
             for out in request.outputs:
                 j = sample_indices[out.index]
-                texts[g][j] = out.text
+                texts[g][j], token_ids[g][j] = out.text, out.token_ids
                 finish[g, j], lengths[g, j] = out.finish_reason, len(out.token_ids)
         flat = [texts[g][j] for g in range(G) for j in range(k)]
         counts = [examples[g].num_responses for g in range(G) for _ in range(k)]
@@ -281,7 +284,7 @@ class GRM:
             parse_failures={s.name: int((status == s).sum()) for s in ParseStatus if s != ParseStatus.OK},
             num_samples=G * k, generated_tokens=sum(lengths.values()),
             prompt_tokens=sum(len(p) for p in prompts), seconds=seconds,
-            scores=shown, status=status, perm=perm, n_responses=n_responses, meta=meta)
+            scores=shown, status=status, perm=perm, n_responses=n_responses, meta=meta, token_ids=token_ids)
         voted = result.vote_first(k, k_meta=k_meta, use_meta=meta is not None)
         totals = result.predictions(voted)
         for g, example in enumerate(examples):

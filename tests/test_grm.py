@@ -346,3 +346,30 @@ def test_gpu_scoring_matches_known_totals(models):
     for example, scored in zip(examples, result.examples):
         want = expected_totals(example, 8, 3)
         assert scored.totals == (want if want else [None] * 3)
+
+
+@pytest.mark.gpu
+def test_gpu_parse_and_vote_equal_the_cpu_path(models):
+    from grm_engine.gpu_scoring import parse_scores_from_tokens, vote_cuda
+    from grm_engine.vocab_bytes import VocabBytes
+
+    examples = make_examples(16, three_every=4)
+    for name in ("overfit", "random"):
+        grm = GRM.from_pretrained(models[name], device="cuda", meta_rm=OrderMetaRM(examples))
+        result = grm.score(examples, k=8, temperature=1.0, seed=5, max_tokens=24)
+        flat = [ids for row in result.token_ids for ids in row]  # [G * k] lists
+        ids = torch.zeros(len(flat), max(map(len, flat)), dtype=torch.int64)
+        for i, row in enumerate(flat):
+            ids[i, : len(row)] = torch.tensor(row)
+        lengths = torch.tensor([len(row) for row in flat])
+        counts = result.n_responses.repeat_interleave(8)
+        parsed = parse_scores_from_tokens(ids.cuda(), lengths.cuda(), VocabBytes(grm.tokenizer), counts.cuda())
+        assert torch.equal(parsed.status.cpu(), result.status.reshape(-1))
+        assert torch.equal(parsed.scores.cpu().nan_to_num(-7), result.scores.reshape(len(flat), -1).nan_to_num(-7))
+        for meta in (None, result.meta):
+            want = result.vote_first(8, use_meta=meta is not None)
+            got = vote_cuda(result.scores.cuda(), result.status.cuda(), perm=result.perm.cuda(),
+                            n_responses=result.n_responses.cuda(), meta=None if meta is None else meta.cuda(),
+                            k_meta=None if meta is None else 4)
+            assert torch.equal(got.totals.cpu().nan_to_num(-7), want.totals.nan_to_num(-7))
+            assert torch.equal(got.best.cpu(), want.best) and torch.equal(got.used.cpu(), want.used)
