@@ -26,6 +26,9 @@ def tiny_config(family: str):
                                                          "original_max_position_embeddings": 32})
     if family == "qwen2":
         return tf.Qwen2Config(**{**common, "tie_word_embeddings": True})
+    if family == "qwen2-yarn":
+        return tf.Qwen2Config(**common, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                         "original_max_position_embeddings": 64})
     if family == "qwen3":
         return tf.Qwen3Config(**common, head_dim=32)
     if family == "mistral":
@@ -72,7 +75,7 @@ def make_prompts(seed: int = 1) -> list[list[int]]:
     ]
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3-rope", "qwen2", "qwen3", "mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "llama3-rope", "qwen2", "qwen2-yarn", "qwen3", "mistral", "gemma2"])
 def test_greedy_matches_transformers(family):
     model = tiny_model(family)
     prompts = make_prompts()
@@ -145,3 +148,7 @@ def test_unsupported_architecture_is_named():
     config = tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
     with pytest.raises(NotImplementedError, match="gpt2"):
         Decoder.from_pretrained(tf.GPT2LMHeadModel(config), num_kv_blocks=8)
+    model = tiny_model("llama")
+    model.config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(NotImplementedError, match="dynamic"):
+        Decoder.from_pretrained(model, num_kv_blocks=8)

@@ -68,15 +68,18 @@ def attend_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_p
     Returns [Tq, H, D]. Soft-capping (Gemma 2) is tanh(s / cap) * cap on the scaled scores."""
     num_queries, num_heads, _ = q.shape
     group = num_heads // k.shape[1]
-    qh = q.transpose(0, 1)  # [H, Tq, D]
-    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, Tk, D]
-    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
-    if softcap is None and window is None and first_position == 0 and num_queries == k.shape[0]:
-        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale).transpose(0, 1)
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
+    if softcap is None:  # SDPA reads each KV head for its whole query group (no repeated copies)
+        if window is None and first_position == 0 and num_queries == k.shape[0]:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=group > 1)
+        else:
+            positions = torch.arange(first_position, first_position + num_queries, device=q.device)
+            visible = visible_keys(positions, k.shape[0], window)  # [Tq, Tk]
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=visible, scale=scale, enable_gqa=group > 1)
+        return out.transpose(0, 1)
+    kh, vh = kh.repeat_interleave(group, dim=0), vh.repeat_interleave(group, dim=0)  # [H, Tk, D]
     positions = torch.arange(first_position, first_position + num_queries, device=q.device)
     visible = visible_keys(positions, k.shape[0], window)  # [Tq, Tk]
-    if softcap is None:
-        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=visible, scale=scale).transpose(0, 1)
     scores = torch.einsum("hqd,hkd->hqk", qh.float(), kh.float()) * scale
     scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~visible, float("-inf"))
