@@ -9,7 +9,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ._backends import forced_backend
 from .parsing import ParseStatus
+
+
+def _cuda_path(*tensors) -> bool:
+    """The CUDA kernels (grm_engine/gpu_scoring.py) serve CUDA tensors unless a backend is forced."""
+    if forced_backend() == "reference" or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+        return False
+    from .gpu_scoring import cuda_available_for  # imported late: gpu_scoring imports this module
+
+    return cuda_available_for(*tensors)
 
 
 @dataclass
@@ -33,6 +43,10 @@ def is_correct(scores: torch.Tensor, status: torch.Tensor, best: torch.Tensor, *
     n per row is `num_responses` ([N] or int) or, if omitted, the number of non-NaN scores of
     the row (exact for OK rows, which are the only ones that can be correct).
     """
+    if _cuda_path(scores):
+        from .gpu_scoring import is_correct_cuda
+
+        return is_correct_cuda(scores, status, best, num_responses=num_responses)
     _check_2d("scores", scores)
     n_rows, n_max = scores.shape
     status = torch.as_tensor(status, device=scores.device).reshape(-1)
@@ -65,6 +79,10 @@ def is_correct(scores: torch.Tensor, status: torch.Tensor, best: torch.Tensor, *
 
 def rule_reward(scores: torch.Tensor, status: torch.Tensor, best: torch.Tensor, *, num_responses=None) -> torch.Tensor:
     """Eq. 11: +1 where `is_correct`, -1 otherwise (unparseable or wrong-count samples get -1). float32 [N]."""
+    if _cuda_path(scores):
+        from .gpu_scoring import rule_reward_cuda
+
+        return rule_reward_cuda(scores, status, best, num_responses=num_responses)
     correct = is_correct(scores, status, best, num_responses=num_responses)
     return torch.where(correct, 1.0, -1.0).to(torch.float32)
 
@@ -100,7 +118,12 @@ def vote(scores: torch.Tensor, status: torch.Tensor, *, perm: torch.Tensor | Non
         (k_meta defaults to k // 2, at least 1).
     Totals are float32 sums in sample order j = 0..k-1; best = -1 when the top total is tied,
     which includes a group where no sample was valid (every total is 0).
+    CUDA tensors go to the CUDA kernel (same results, exactly) when grm_engine._cuda is built.
     """
+    if _cuda_path(scores):
+        from .gpu_scoring import vote_cuda
+
+        return vote_cuda(scores, status, perm=perm, n_responses=n_responses, meta=meta, k_meta=k_meta)
     if scores.dim() != 3:
         raise ValueError(f"scores must be [G, k, n_max], got shape {tuple(scores.shape)}")
     groups, k, n_max = scores.shape
