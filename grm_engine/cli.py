@@ -83,6 +83,12 @@ def _check_inputs(args):
     if args.chunk_size < 1 or args.max_tokens < 1 or args.temperature < 0:
         raise UsageError("--chunk-size and --max-tokens must be >= 1 and --temperature >= 0")
     examples = _load_data(args)
+    first_seen = {}
+    for example in examples:  # ids key the results file (resume) and the sampling seeds
+        if example.id in first_seen:
+            raise UsageError(f"bad data: {example.source}, line {example.line}: id {example.id!r} repeats the id at "
+                             f"line {first_seen[example.id]}; results are keyed by id, so ids must be unique")
+        first_seen[example.id] = example.line
     try:
         check_checkpoint_dir(args.model)
         if args.meta_rm:

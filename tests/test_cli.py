@@ -76,6 +76,28 @@ def test_score_writes_schema_and_resumes_after_a_cut(models, tmp_path, capsys):
     assert "use the same options to resume" in capsys.readouterr().err
 
 
+def test_ctrl_c_leaves_whole_lines_and_resume_completes(models, tmp_path, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "data.jsonl", make_examples(6))
+    common = ["score", "--model", models["overfit"], "--data", data, "--k", "2", "--chunk-size", "2", *SMALL]
+    full, interrupted = tmp_path / "full.jsonl", tmp_path / "interrupted.jsonl"
+    assert cli.main([*common, "--out", str(full)]) == 0
+    score = GRM.score
+    calls = []
+
+    def interrupt_on_second_chunk(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return score(self, *args, **kwargs)
+    monkeypatch.setattr(GRM, "score", interrupt_on_second_chunk)
+    assert cli.main([*common, "--out", str(interrupted)]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert [r["id"] for r in read_lines(interrupted)] == ["ex0", "ex1"]
+    monkeypatch.setattr(GRM, "score", score)
+    assert cli.main([*common, "--out", str(interrupted)]) == 0
+    assert interrupted.read_text() == full.read_text()
+
+
 def test_errors_before_any_model_is_loaded(models, tmp_path, capsys, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -89,7 +111,11 @@ def test_errors_before_any_model_is_loaded(models, tmp_path, capsys, monkeypatch
     empty.mkdir()
     bert.mkdir()
     (bert / "config.json").write_text('{"model_type": "bert"}')
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "subset": "s", "id": 3}\n' * 2)
     cases = [
+        (["score", "--model", models["overfit"], "--data", str(repeated), "--format", "rewardbench", "--out", out],
+         ["line 2", "repeats the id at line 1"]),
         (["score", "--model", models["overfit"], "--data", str(bad), "--out", out], [str(bad), "line 2", "responses[1]"]),
         (["eval", "--model", models["overfit"], "--data", str(bad), "--format", "jsonl"], ["line 2", "responses[1]"]),
         (["score", "--model", str(empty), "--data", good, "--out", out], ["no config.json"]),
