@@ -9,10 +9,15 @@ from .protocol import build_meta_prompt, build_prompt
 from .voting import VoteResult, is_correct, rule_reward, vote
 from .vocab_bytes import VocabBytes
 from .gpu_scoring import parse_scores_from_tokens
+from .grm import GRM, ScoreResult
+from .meta_rm import MetaRM
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GRM",
+    "ScoreResult",
+    "MetaRM",
     "GRPOStats",
     "group_advantages",
     "grpo_loss",
