@@ -118,15 +118,17 @@ def logits_cases(args, bandwidth):
         if padding == 0:
             unpadded_ms = rows[-1]["ours_ms"]
             sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 2
-            for block_v, num_warps, programs in ((4096, 8, None), (8192, 16, None), (2048, 4, None), (4096, 4, None),
-                                                 (4096, 8, 2 * sms), (8192, 16, sms), (16384, 16, sms), (8192, 8, 2 * sms)):
-                def config(block_v=block_v, num_warps=num_warps, programs=programs):
-                    loss, _ = grpo_loss_triton(view, ids, mask, block_v=block_v, num_warps=num_warps, programs=programs,
-                                               loss_type="grpo", **kwargs)
+            for block_v, num_warps, num_stages, programs in (
+                    (4096, 8, None, None), (2048, 1, 4, None), (2048, 2, 3, None), (1024, 1, 4, None),
+                    (4096, 4, 3, None), (2048, 4, 2, None), (4096, 16, 1, None), (8192, 16, 2, sms)):
+                def config(block_v=block_v, num_warps=num_warps, num_stages=num_stages, programs=programs):
+                    loss, _ = grpo_loss_triton(view, ids, mask, block_v=block_v, num_warps=num_warps,
+                                               num_stages=num_stages, programs=programs, loss_type="grpo", **kwargs)
                     return torch.autograd.grad(loss, view)
 
                 result = measure(config)
-                rows.append(row(f"  config block_v={block_v} warps={num_warps} programs={programs or 'rows'}", result,
+                rows.append(row(f"  config block_v={block_v} warps={num_warps} stages={num_stages or 'default'} "
+                                f"programs={programs or 'rows'}", result,
                                 ("", "", ""), ("", "", ""), floor_ms))
         elif isinstance(unpadded_ms, float) and isinstance(rows[-1]["ours_ms"], float):
             rows[-1]["x_of_unpadded"] = rows[-1]["ours_ms"] / unpadded_ms
@@ -144,6 +146,13 @@ def logits_cases(args, bandwidth):
                     measure(lambda: grm_engine.token_logprobs(contiguous[:, :-1], ids, mask=mask)),
                     measure(lambda: token_logprobs_reference(contiguous[:, :-1], ids, mask=mask), rep=50),
                     measure(peer_logprobs), batch * length * vocab * element / bandwidth * 1e3))
+    from grm_engine.kernels.grpo_loss import token_logprobs_triton
+
+    for block_v, num_warps, num_stages in ((2048, 1, 4), (2048, 2, 3), (4096, 4, 3), (1024, 1, 4)):
+        result = measure(lambda: token_logprobs_triton(contiguous[:, :-1], ids, mask=mask, block_v=block_v,
+                                                       num_warps=num_warps, num_stages=num_stages))
+        rows.append(row(f"  config block_v={block_v} warps={num_warps} stages={num_stages}", result, ("", "", ""),
+                        ("", "", ""), batch * length * vocab * element / bandwidth * 1e3))
     del buffer, view, contiguous
     return rows
 

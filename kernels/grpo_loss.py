@@ -17,7 +17,8 @@ LN2 = tl.constexpr(0.6931471805599453)  # used inside kernels: Triton needs cons
 
 
 @triton.jit
-def _grpo_rows_kernel(
+def _grpo_row(
+    program_row,
     logits_ptr, stride_lb, stride_lt, STRIDE_LV: tl.constexpr,  # [B, T, V], any strides
     grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr,  # [B, T, V] dlogits (may alias logits)
     ids_ptr, stride_ib, stride_it,  # [B, T] int
@@ -33,102 +34,139 @@ def _grpo_rows_kernel(
     COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    # The vocabulary strides are constexpr: only with a stride known to be 1 can Triton emit 16-byte vector
-    # loads and stores (a contiguous last dimension is the common case; other strides compile their own variant).
-    # rows are strided over the programs: grid = rows (one each) or fewer, persistent programs, which bounds
-    # how many rows are in flight at once so that the second sweep finds its row in L2
-    for program_row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
-        row = tl.cast(program_row, tl.int64)  # int64: B*T*V exceeds 2**31 at real sizes
-        b = row // T
-        t = row % T
-        w = tl.load(weight_ptr + row)
-        offs = tl.arange(0, BLOCK_V)
-        num_chunks = tl.cdiv(V, BLOCK_V)
-        if w != 0:
-            x_row = logits_ptr + b * stride_lb + t * stride_lt
-            # online log-sum-exp in base 2 (x2 = logit * log2(e) / T); m starts finite so -inf logits give 0, not NaN
-            m = tl.full([], -3.0e38, tl.float32)
-            s = tl.zeros([], tl.float32)
-            ent = tl.zeros([], tl.float32)  # sum of e * (x2 - m): entropy without cancellation
-            for i in range(0, num_chunks):
-                cols = i * BLOCK_V + offs
-                x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                alpha = tl.exp2(m - m_new)
-                e = tl.exp2(x - m_new)
-                if COMPUTE_ENTROPY:
-                    shift = tl.where(s > 0, s * (m - m_new), 0.0)
-                    ent = alpha * (ent + shift) + tl.sum(tl.where(e > 0, e * (x - m_new), 0.0), axis=0)
-                s = s * alpha + tl.sum(e, axis=0)
-                m = m_new
-            lse2 = m + tl.log2(s)
-            token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
-            x_token = tl.load(x_row + token * STRIDE_LV).to(tl.float32) * scale2
-            logp = (x_token - lse2) * LN2
-            tl.store(logp_out + row, logp)
+    row = tl.cast(program_row, tl.int64)  # int64: B*T*V exceeds 2**31 at real sizes
+    b = row // T
+    t = row % T
+    w = tl.load(weight_ptr + row)
+    offs = tl.arange(0, BLOCK_V)
+    num_chunks = tl.cdiv(V, BLOCK_V)
+    if w != 0:
+        x_row = logits_ptr + b * stride_lb + t * stride_lt
+        # online log-sum-exp in base 2 (x2 = logit * log2(e) / T); m starts finite so -inf logits give 0, not NaN
+        m = tl.full([], -3.0e38, tl.float32)
+        s = tl.zeros([], tl.float32)
+        ent = tl.zeros([], tl.float32)  # sum of e * (x2 - m): entropy without cancellation
+        for i in range(0, num_chunks):
+            cols = i * BLOCK_V + offs
+            x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            alpha = tl.exp2(m - m_new)
+            e = tl.exp2(x - m_new)
             if COMPUTE_ENTROPY:
-                tl.store(entropy_out + row, (tl.log2(s) - ent / s) * LN2)
-            if COMPUTE_LOSS:
-                if HAS_REWARDS:  # group advantage: (r - mean) / (unbiased std + eps) over this sample's group
-                    group_start = (b // GROUP_SIZE) * GROUP_SIZE
-                    goffs = tl.arange(0, GROUP_BLOCK)
-                    gmask = goffs < GROUP_SIZE
-                    rewards = tl.load(rewards_ptr + group_start + goffs, mask=gmask, other=0.0)
-                    mean = tl.sum(rewards, axis=0) / GROUP_SIZE
-                    var = tl.sum(tl.where(gmask, (rewards - mean) * (rewards - mean), 0.0), axis=0) / (GROUP_SIZE - 1)
-                    adv = (tl.load(rewards_ptr + b) - mean) / (tl.sqrt(var) + reward_eps)
-                else:
-                    adv = tl.load(adv_ptr + b * stride_ab + t * stride_at).to(tl.float32)
-                if HAS_OLD:
-                    log_ratio = logp - tl.load(old_ptr + b * stride_ob + t * stride_ot).to(tl.float32)
-                    ratio = tl.exp(tl.minimum(log_ratio, log_ratio_max))
-                    dratio = tl.where(log_ratio <= log_ratio_max, ratio, 0.0)  # clamp passes no gradient beyond
-                else:  # ratio exp(logp - logp.detach()) = 1 with gradient 1 (none for a -inf logp)
-                    ratio = tl.full([], 1.0, tl.float32)
-                    dratio = tl.where(logp > float("-inf"), 1.0, 0.0)
-                clipped_ratio = tl.minimum(tl.maximum(ratio, 1 - eps_low), 1 + eps_high)
-                loss_tok = -tl.minimum(ratio * adv, clipped_ratio * adv)
-                is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-                dloss = tl.where(is_clipped, 0.0, -adv * dratio)  # d loss_tok / d logp
-                kl = tl.zeros([], tl.float32)
-                if HAS_REF:
-                    ref_gap = tl.load(ref_ptr + b * stride_rb + t * stride_rt).to(tl.float32) - logp
-                    gap = tl.minimum(ref_gap, log_ratio_max)
-                    exp_gap = tl.exp(gap)
-                    kl = exp_gap - gap - 1
-                    loss_tok += beta * kl
-                    dloss += beta * tl.where(ref_gap <= log_ratio_max, 1 - exp_gap, 0.0)
-                tl.store(loss_out + row, w * loss_tok)
-                tl.store(kl_out + row, kl)
-                tl.store(clip_out + row, is_clipped.to(tl.float32))
-                if WRITE_GRAD:
-                    coef = w * dloss * inv_temp  # d loss / d logit_v = coef * (onehot_v - softmax_v)
-                    g_row = grad_ptr + b * stride_gb + t * stride_gt
-                    for i in range(0, num_chunks):
-                        cols = (num_chunks - 1 - i) * BLOCK_V + offs  # reversed: the last chunks read are in L2
-                        x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
-                        p = tl.exp2(x - lse2)
-                        grad = tl.where(cols == token, coef - coef * p, -coef * p)
-                        tl.store(g_row + cols * STRIDE_GV, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
-        else:  # masked token: logits never read; outputs 0; its gradient row is zero-filled
-            tl.store(logp_out + row, 0.0)
-            if COMPUTE_ENTROPY:
-                tl.store(entropy_out + row, 0.0)
-            if COMPUTE_LOSS:
-                tl.store(loss_out + row, 0.0)
-                tl.store(kl_out + row, 0.0)
-                tl.store(clip_out + row, 0.0)
-                if WRITE_GRAD:
-                    g_row = grad_ptr + b * stride_gb + t * stride_gt
-                    zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
-                    for i in range(0, num_chunks):
-                        cols = i * BLOCK_V + offs
-                        tl.store(g_row + cols * STRIDE_GV, zeros, mask=cols < V)
+                shift = tl.where(s > 0, s * (m - m_new), 0.0)
+                ent = alpha * (ent + shift) + tl.sum(tl.where(e > 0, e * (x - m_new), 0.0), axis=0)
+            s = s * alpha + tl.sum(e, axis=0)
+            m = m_new
+        lse2 = m + tl.log2(s)
+        token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
+        x_token = tl.load(x_row + token * STRIDE_LV).to(tl.float32) * scale2
+        logp = (x_token - lse2) * LN2
+        tl.store(logp_out + row, logp)
+        if COMPUTE_ENTROPY:
+            tl.store(entropy_out + row, (tl.log2(s) - ent / s) * LN2)
+        if COMPUTE_LOSS:
+            if HAS_REWARDS:  # group advantage: (r - mean) / (unbiased std + eps) over this sample's group
+                group_start = (b // GROUP_SIZE) * GROUP_SIZE
+                goffs = tl.arange(0, GROUP_BLOCK)
+                gmask = goffs < GROUP_SIZE
+                rewards = tl.load(rewards_ptr + group_start + goffs, mask=gmask, other=0.0)
+                mean = tl.sum(rewards, axis=0) / GROUP_SIZE
+                var = tl.sum(tl.where(gmask, (rewards - mean) * (rewards - mean), 0.0), axis=0) / (GROUP_SIZE - 1)
+                adv = (tl.load(rewards_ptr + b) - mean) / (tl.sqrt(var) + reward_eps)
+            else:
+                adv = tl.load(adv_ptr + b * stride_ab + t * stride_at).to(tl.float32)
+            if HAS_OLD:
+                log_ratio = logp - tl.load(old_ptr + b * stride_ob + t * stride_ot).to(tl.float32)
+                ratio = tl.exp(tl.minimum(log_ratio, log_ratio_max))
+                dratio = tl.where(log_ratio <= log_ratio_max, ratio, 0.0)  # clamp passes no gradient beyond
+            else:  # ratio exp(logp - logp.detach()) = 1 with gradient 1 (none for a -inf logp)
+                ratio = tl.full([], 1.0, tl.float32)
+                dratio = tl.where(logp > float("-inf"), 1.0, 0.0)
+            clipped_ratio = tl.minimum(tl.maximum(ratio, 1 - eps_low), 1 + eps_high)
+            loss_tok = -tl.minimum(ratio * adv, clipped_ratio * adv)
+            is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+            dloss = tl.where(is_clipped, 0.0, -adv * dratio)  # d loss_tok / d logp
+            kl = tl.zeros([], tl.float32)
+            if HAS_REF:
+                ref_gap = tl.load(ref_ptr + b * stride_rb + t * stride_rt).to(tl.float32) - logp
+                gap = tl.minimum(ref_gap, log_ratio_max)
+                exp_gap = tl.exp(gap)
+                kl = exp_gap - gap - 1
+                loss_tok += beta * kl
+                dloss += beta * tl.where(ref_gap <= log_ratio_max, 1 - exp_gap, 0.0)
+            tl.store(loss_out + row, w * loss_tok)
+            tl.store(kl_out + row, kl)
+            tl.store(clip_out + row, is_clipped.to(tl.float32))
+            if WRITE_GRAD:
+                coef = w * dloss * inv_temp  # d loss / d logit_v = coef * (onehot_v - softmax_v)
+                g_row = grad_ptr + b * stride_gb + t * stride_gt
+                for i in range(0, num_chunks):
+                    cols = (num_chunks - 1 - i) * BLOCK_V + offs  # reversed: the last chunks read are in L2
+                    x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
+                    p = tl.exp2(x - lse2)
+                    grad = tl.where(cols == token, coef - coef * p, -coef * p)
+                    tl.store(g_row + cols * STRIDE_GV, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
+    else:  # masked token: logits never read; outputs 0; its gradient row is zero-filled
+        tl.store(logp_out + row, 0.0)
+        if COMPUTE_ENTROPY:
+            tl.store(entropy_out + row, 0.0)
+        if COMPUTE_LOSS:
+            tl.store(loss_out + row, 0.0)
+            tl.store(kl_out + row, 0.0)
+            tl.store(clip_out + row, 0.0)
+            if WRITE_GRAD:
+                g_row = grad_ptr + b * stride_gb + t * stride_gt
+                zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
+                for i in range(0, num_chunks):
+                    cols = i * BLOCK_V + offs
+                    tl.store(g_row + cols * STRIDE_GV, zeros, mask=cols < V)
+
+
+@triton.jit
+def _grpo_rows_kernel(
+    logits_ptr, stride_lb, stride_lt, STRIDE_LV: tl.constexpr,  # [B, T, V], any strides
+    grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr,  # [B, T, V] dlogits (may alias logits)
+    ids_ptr, stride_ib, stride_it,  # [B, T] int
+    weight_ptr,  # [B*T] fp32 reduction weight; 0 marks a masked token
+    adv_ptr, stride_ab, stride_at,  # [B, T] view (stride_at = 0 for per-sequence advantages)
+    rewards_ptr,  # [B] fp32, when the advantage is computed here from group rewards
+    old_ptr, stride_ob, stride_ot,
+    ref_ptr, stride_rb, stride_rt,
+    logp_out, loss_out, kl_out, clip_out, entropy_out,  # [B*T] fp32
+    num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
+    GROUP_SIZE: tl.constexpr, GROUP_BLOCK: tl.constexpr,
+    HAS_REWARDS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+    COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    # The vocabulary strides are constexpr, so a contiguous last dimension is known to be contiguous (other
+    # strides compile their own variant). PERSISTENT: fewer programs than rows, each striding over rows, which
+    # bounds how many rows are in flight so that the second sweep may find its row in L2.
+    if PERSISTENT:
+        for program_row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+            _grpo_row(
+                program_row, logits_ptr, stride_lb, stride_lt, STRIDE_LV, grad_ptr, stride_gb, stride_gt,
+                STRIDE_GV, ids_ptr, stride_ib, stride_it, weight_ptr, adv_ptr, stride_ab, stride_at,
+                rewards_ptr, old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt, logp_out, loss_out,
+                kl_out, clip_out, entropy_out, num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high,
+                reward_eps, log_ratio_max, GROUP_SIZE, GROUP_BLOCK, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS,
+                WRITE_GRAD, COMPUTE_ENTROPY, BLOCK_V
+            )
+    else:  # one row per program: no outer loop, so the sweeps over the row pipeline their loads
+        _grpo_row(
+            tl.program_id(0), logits_ptr, stride_lb, stride_lt, STRIDE_LV, grad_ptr, stride_gb, stride_gt,
+            STRIDE_GV, ids_ptr, stride_ib, stride_it, weight_ptr, adv_ptr, stride_ab, stride_at, rewards_ptr,
+            old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt, logp_out, loss_out, kl_out, clip_out,
+            entropy_out, num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
+            GROUP_SIZE, GROUP_BLOCK, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS, WRITE_GRAD, COMPUTE_ENTROPY,
+            BLOCK_V
+        )
 
 
 def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=None, group_size=None, old_logp=None,
                 ref_logp=None, beta=0.0, eps_low=0.2, eps_high=0.2, temperature=1.0, grad=None,
-                compute_loss=True, compute_entropy=False, block_v=None, num_warps=None, programs=None):
+                compute_loss=True, compute_entropy=False, block_v=None, num_warps=None, num_stages=None, programs=None):
     """Run the row kernel. logits/grad [B, T, V]; completion_ids, weights (fp32 contiguous), advantages
     (or None with rewards [B]), old_logp, ref_logp: [B, T] (any strides). Returns dict of [B, T] fp32."""
     batch, length, vocab = logits.shape
@@ -170,7 +208,8 @@ def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=Non
         GROUP_SIZE=group_size, GROUP_BLOCK=triton.next_power_of_2(group_size),
         HAS_REWARDS=has_rewards, HAS_OLD=has_old, HAS_REF=has_ref,
         COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None and compute_loss, COMPUTE_ENTROPY=compute_entropy,
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, PERSISTENT=programs is not None and programs < rows,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return out
 
@@ -201,12 +240,13 @@ class _GRPOLossFunction(torch.autograd.Function):
 
 def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=None, group_size=None, old_logp=None,
                      ref_logp=None, beta=0.08, eps_low=0.2, eps_high=0.2, temperature=1.0, loss_type="grpo",
-                     max_completion_length=None, inplace=True, block_v=None, num_warps=None, programs=None):
+                     max_completion_length=None, inplace=True, block_v=None, num_warps=None, num_stages=None,
+                     programs=None):
     """Inputs already checked by grm_engine.loss.grpo_loss. Returns (loss, GRPOStats)."""
     valid = mask != 0
     weights = token_weights(valid, loss_type, max_completion_length).contiguous()  # [B, T] fp32
     options = dict(group_size=group_size, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
-                   block_v=block_v, num_warps=num_warps, programs=programs)
+                   block_v=block_v, num_warps=num_warps, num_stages=num_stages, programs=programs)
     loss, logp, kl, clipped = _GRPOLossFunction.apply(logits, completion_ids, weights, advantages, rewards,
                                                       old_logp, ref_logp, options, inplace,
                                                       torch.is_grad_enabled() and logits.requires_grad)
@@ -215,7 +255,7 @@ def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=N
 
 
 def token_logprobs_triton(logits, completion_ids, *, mask=None, temperature=1.0, return_entropy=False,
-                          block_v=None, num_warps=None, programs=None):
+                          block_v=None, num_warps=None, num_stages=None, programs=None):
     """Forward-only log_softmax(logits / T)[id] [B, T] fp32 (0 where masked), optionally the entropy."""
     if mask is None:
         weights = torch.ones(completion_ids.shape, device=logits.device, dtype=torch.float32)
@@ -223,5 +263,5 @@ def token_logprobs_triton(logits, completion_ids, *, mask=None, temperature=1.0,
         weights = (mask != 0).float().contiguous()
     out = launch_rows(logits, completion_ids, weights, temperature=temperature, compute_loss=False,
                       compute_entropy=return_entropy, block_v=block_v, num_warps=num_warps,
-                      programs=programs)
+                      num_stages=num_stages, programs=programs)
     return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
