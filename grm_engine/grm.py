@@ -5,8 +5,9 @@ One decoder run covers the whole example list: every example's k samples become 
 show the responses in the same order are ONE request with n = their count, so each prompt variant is prefilled
 once. The permutation of sample j of an example is a pure function of (seed, example id, j), so it does not
 depend on the data order. The sampling noise is keyed by a per-request seed derived from (seed, example id,
-permutation); the decoder also mixes in the request's position in the call, so a given sample is reproduced
-exactly when the same examples are scored in the same call (the CLI's resume relies on that).
+permutation); the decoder also mixes in the request's position in the call, so requests go to it in a canonical
+order (example id, permutation): a sample is reproduced exactly whenever the same SET of examples is scored in
+one call, in any order (the CLI's resume relies on that).
 """
 from __future__ import annotations
 
@@ -244,6 +245,10 @@ class GRM:
                                              seed=_stable_int("noise", seed, example.id, perm)))
                 owners.append((g, sample_indices))
         start = time.perf_counter()
+        # The decoder keys sampling noise by the request's position in the call as well as its seed: a canonical
+        # request order (by example id, then permutation) makes the samples independent of the data order.
+        order = sorted(range(len(prompts)), key=lambda r: (examples[owners[r][0]].id, perms[owners[r][0]][owners[r][1][0]], r))
+        prompts, params, owners = [prompts[r] for r in order], [params[r] for r in order], [owners[r] for r in order]
         outputs = self.decoder.generate(prompts, params, use_tqdm=progress)
 
         G, n_max = len(examples), max(e.num_responses for e in examples)

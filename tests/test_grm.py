@@ -198,6 +198,18 @@ def test_independent_of_data_order_and_deterministic(overfit_grm):
         [s.permutation for e in other_seed.examples for s in e.samples]
 
 
+def test_sampled_texts_do_not_depend_on_data_order(models):
+    grm = GRM.from_pretrained(models["random"], num_kv_blocks=256)
+    examples = make_examples(5, three_every=2)
+    forward = grm.score(examples, k=3, temperature=1.0, seed=8, max_tokens=8)
+    backward = {e.id: e for e in grm.score(examples[::-1], k=3, temperature=1.0, seed=8, max_tokens=8).examples}
+    other_seed = grm.score(examples, k=3, temperature=1.0, seed=9, max_tokens=8)
+    for a, b in zip(forward.examples, other_seed.examples):
+        assert [s.text for s in a.samples] == [s.text for s in backward[a.id].samples]
+    assert [s.text for e in forward.examples for s in e.samples] != [s.text for e in other_seed.examples for s in e.samples]
+    assert len({s.text for e in forward.examples for s in e.samples}) > 5  # really sampled
+
+
 def test_greedy_k1_is_the_decoder_greedy_answer(models):
     from grm_engine.decode import Decoder, SamplingParams
 
