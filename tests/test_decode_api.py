@@ -60,3 +60,25 @@ def test_prefix_cache_survives_between_calls_for_a_checkpoint_dir(tmp_path):
     second = decoder.generate([prompt], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert decoder.stats.prefix_cache_hit_tokens == 16 and decoder.stats.prefill_tokens == 4
     assert first[0].outputs[0].token_ids == second[0].outputs[0].token_ids == hf_greedy(model, prompt, 4)
+
+
+def test_an_interrupted_run_frees_its_blocks():
+    model = tiny_model("llama")
+    decoder = Decoder.from_pretrained(model, num_kv_blocks=64, block_size=4)
+    calls = []
+
+    def interrupt(batch):
+        calls.append(batch)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    decoder.step_hook = interrupt
+    try:
+        decoder.generate([list(range(5, 30))], SamplingParams(n=3, max_tokens=10, seed=0), use_tqdm=False)
+    except KeyboardInterrupt:
+        pass
+    assert decoder.block_manager.num_blocks_in_use == 0
+    decoder.block_manager.check_invariants([])
+    decoder.step_hook = None
+    out = decoder.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4

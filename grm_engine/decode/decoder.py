@@ -203,6 +203,23 @@ class Decoder:
         total = sum(p.n for p in params_list)
         bar = _progress(total, use_tqdm)
         start = time.perf_counter()
+        try:
+            self._run_loop(scheduler, seeds, results, stats, bar, start)
+        except BaseException:
+            scheduler.abort_all()  # an interrupted run (error, Ctrl-C) must not leak blocks
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        stats.seconds = time.perf_counter() - start
+        stats.prefix_cache_hit_tokens = scheduler.num_prefix_hit_tokens
+        stats.peak_blocks_in_use = self.block_manager.peak_blocks_in_use
+        stats.preemptions = scheduler.num_preemptions
+        self.stats = stats
+        return [RequestOutput(r, token_lists[r], list(outs)) for r, outs in enumerate(results)]
+
+    def _run_loop(self, scheduler, seeds, results, stats, bar, start) -> None:
+        """Schedule, run, sample and append until every request is finished."""
         while scheduler.has_work():
             step_start = time.perf_counter()
             batch = scheduler.schedule()
@@ -228,14 +245,6 @@ class Decoder:
                 bar.update(finished)
                 elapsed = time.perf_counter() - start
                 bar.set_postfix_str(f"{(stats.generated_tokens + stats.prefill_tokens) / max(elapsed, 1e-9):.0f} tok/s")
-        if bar is not None:
-            bar.close()
-        stats.seconds = time.perf_counter() - start
-        stats.prefix_cache_hit_tokens = scheduler.num_prefix_hit_tokens
-        stats.peak_blocks_in_use = self.block_manager.peak_blocks_in_use
-        stats.preemptions = scheduler.num_preemptions
-        self.stats = stats
-        return [RequestOutput(r, token_lists[r], list(outs)) for r, outs in enumerate(results)]
 
     def _new_id(self) -> int:
         self._next_seq_id += 1

@@ -132,6 +132,13 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
+    def abort_all(self) -> None:
+        """Free every block of unfinished sequences (generate() was interrupted); the pool stays usable."""
+        for seq in [*self.running, *self.prefilling, *self.waiting]:
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.FINISHED
+        self.running, self.prefilling, self.waiting = [], [], deque()
+
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
