@@ -227,7 +227,7 @@ def _print_table(methods: dict, title: str, rewardbench: bool) -> None:
                                                 for n in names))
 
 
-def _plot(path: str, ks: list[int], methods: dict, title: str) -> str:
+def _plot(path: str, ks: list[int], methods: dict, title: str, rewardbench: bool) -> str:
     try:
         import matplotlib
 
@@ -235,16 +235,21 @@ def _plot(path: str, ks: list[int], methods: dict, title: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "no plot: matplotlib is not installed (pip install matplotlib)"
+    def value(name):  # RewardBench: the 4-section mean the papers report (when every section has data)
+        overall = methods[name]["sections"]["Overall"] if rewardbench else float("nan")
+        return 100 * (overall if overall == overall else methods[name]["accuracy"])
+    if rewardbench and methods["Greedy"]["sections"]["Overall"] != methods["Greedy"]["sections"]["Overall"]:
+        rewardbench = False  # a section without data: plot the plain accuracy, and say so
     fig, ax = plt.subplots(figsize=(6, 4))
     for prefix, style in (("Voting", "o-"), ("MetaRM", "s-")):
-        points = [(k, 100 * methods[f"{prefix}@{k}"]["accuracy"]) for k in ks if f"{prefix}@{k}" in methods]
+        points = [(k, value(f"{prefix}@{k}")) for k in ks if f"{prefix}@{k}" in methods]
         if points:
             ax.plot(*zip(*points), style, label=prefix if prefix == "Voting" else "MetaRM-guided voting")
-    ax.axhline(100 * methods["Greedy"]["accuracy"], color="gray", linestyle="--", label="Greedy")
+    ax.axhline(value("Greedy"), color="gray", linestyle="--", label="Greedy")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("k (sampled critiques)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("RewardBench overall (%)" if rewardbench else "accuracy (%)")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
@@ -311,7 +316,8 @@ def cmd_eval(args) -> int:
     for name, run in (("greedy", greedy), (f"k={ks[-1]}", sampled)):
         print(f"{name}: parse failures {run.parse_failures} of {run.num_samples} samples, "
               f"{run.generated_tokens} tokens, {run.tokens_per_second:.0f} tok/s")
-    print(_plot(os.path.join(args.out_dir, "accuracy_vs_k.png"), ks, methods, title.split(",")[0]))
+    plot_title = f"{os.path.basename(os.path.normpath(args.data))} ({args.format}), tie policy: {args.tie_policy}"
+    print(_plot(os.path.join(args.out_dir, "accuracy_vs_k.png"), ks, methods, plot_title, rewardbench))
     print(f"results: {os.path.join(args.out_dir, 'results.json')}")
     return 0
 
