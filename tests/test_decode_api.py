@@ -1,5 +1,4 @@
 """Decoder API: string prompts, stop strings, progress bar, per-request SamplingParams, counters."""
-import torch
 
 from grm_engine import Decoder, SamplingParams
 

@@ -6,14 +6,13 @@ import torch
 
 from grm_engine.decode import Decoder, SamplingParams
 from grm_engine.decode.block_manager import BlockManager
-from grm_engine.decode.config import SamplingParams as SP
 from grm_engine.decode.sequence import Sequence
 
 from test_decode_models import tiny_model
 
 
 def seq(seq_id, tokens, n=1):
-    return Sequence(seq_id, seq_id, 0, tokens, len(tokens), SP(), num_samples_to_fork=n)
+    return Sequence(seq_id, seq_id, 0, tokens, len(tokens), SamplingParams(), num_samples_to_fork=n)
 
 
 def test_prefix_hits_need_equal_tokens_and_the_last_token_is_recomputed():

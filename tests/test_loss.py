@@ -209,15 +209,18 @@ def test_no_grad_leaves_logits_untouched():
     assert not loss.requires_grad
 
 
-def test_persistent_programs_give_identical_results():
+@pytest.mark.parametrize("variant", [dict(programs=3), dict(fused_grad=True), dict(fused_grad=True, programs=3)])
+def test_kernel_variants_give_identical_results(variant):
+    """Persistent programs (3 striding over the 24 rows) and the fused second sweep equal the default
+    (one program per row, gradient written by _grad_rows_kernel)."""
     from grm_engine.kernels.grpo_loss import grpo_loss_triton
 
     logits, ids, mask, old, ref, rewards, _ = make_inputs(14)
     results = []
-    for programs in (None, 3):  # one program per row, or 3 programs striding over the 24 rows
+    for options in ({}, variant):
         leaf = logits[:, :-1].clone().requires_grad_()
         loss, stats = grpo_loss_triton(leaf, ids, mask, rewards=rewards, group_size=2, old_logp=old, ref_logp=ref,
-                                       block_v=BLOCK_V, programs=programs)
+                                       block_v=BLOCK_V, **options)
         results.append((loss.detach(), stats.logp, stats.kl, torch.autograd.grad(loss, leaf)[0]))
     for a, b in zip(*results):
         assert torch.equal(a, b)
