@@ -118,18 +118,17 @@ def logits_cases(args, bandwidth):
         if padding == 0:
             unpadded_ms = rows[-1]["ours_ms"]
             sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 2
-            for block_v, num_warps, num_stages, programs in (
-                    (4096, 8, None, None), (2048, 1, 4, None), (2048, 2, 3, None), (1024, 1, 4, None),
-                    (4096, 4, 3, None), (2048, 4, 2, None), (4096, 16, 1, None), (8192, 16, 2, sms)):
-                def config(block_v=block_v, num_warps=num_warps, num_stages=num_stages, programs=programs):
-                    loss, _ = grpo_loss_triton(view, ids, mask, block_v=block_v, num_warps=num_warps,
-                                               num_stages=num_stages, programs=programs, loss_type="grpo", **kwargs)
+            for options in ({}, dict(grad_num_warps=8, grad_num_stages=2), dict(grad_block_v=2048, grad_num_warps=4,
+                            grad_num_stages=3), dict(grad_block_v=8192, grad_num_warps=16), dict(num_warps=1, num_stages=4),
+                            dict(block_v=4096, num_warps=4, num_stages=3), dict(fused_grad=True),
+                            dict(fused_grad=True, block_v=4096, num_warps=4, num_stages=3),
+                            dict(fused_grad=True, block_v=8192, num_warps=16, num_stages=2, programs=sms)):
+                def config(options=options):
+                    loss, _ = grpo_loss_triton(view, ids, mask, loss_type="grpo", **options, **kwargs)
                     return torch.autograd.grad(loss, view)
 
-                result = measure(config)
-                rows.append(row(f"  config block_v={block_v} warps={num_warps} stages={num_stages or 'default'} "
-                                f"programs={programs or 'rows'}", result,
-                                ("", "", ""), ("", "", ""), floor_ms))
+                label = " ".join(f"{k}={v}" for k, v in options.items()) or "default (split: loss kernel + grad kernel)"
+                rows.append(row(f"  config {label}", measure(config), ("", "", ""), ("", "", ""), floor_ms))
         elif isinstance(unpadded_ms, float) and isinstance(rows[-1]["ours_ms"], float):
             rows[-1]["x_of_unpadded"] = rows[-1]["ours_ms"] / unpadded_ms
 

@@ -28,6 +28,7 @@ def _grpo_row(
     old_ptr, stride_ob, stride_ot,
     ref_ptr, stride_rb, stride_rt,
     logp_out, loss_out, kl_out, clip_out, entropy_out,  # [B*T] fp32
+    lse_out, coef_out,  # [B*T] fp32: base-2 LSE of x / T and d loss / d logit scale, for _grad_rows_kernel
     num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
     GROUP_SIZE: tl.constexpr, GROUP_BLOCK: tl.constexpr,
     HAS_REWARDS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
@@ -97,8 +98,10 @@ def _grpo_row(
             tl.store(loss_out + row, w * loss_tok)
             tl.store(kl_out + row, kl)
             tl.store(clip_out + row, is_clipped.to(tl.float32))
+            coef = w * dloss * inv_temp  # d loss / d logit_v = coef * (onehot_v - softmax_v)
+            tl.store(lse_out + row, lse2)
+            tl.store(coef_out + row, coef)
             if WRITE_GRAD:
-                coef = w * dloss * inv_temp  # d loss / d logit_v = coef * (onehot_v - softmax_v)
                 g_row = grad_ptr + b * stride_gb + t * stride_gt
                 for i in range(0, num_chunks):
                     cols = (num_chunks - 1 - i) * BLOCK_V + offs  # reversed: the last chunks read are in L2
@@ -114,6 +117,8 @@ def _grpo_row(
             tl.store(loss_out + row, 0.0)
             tl.store(kl_out + row, 0.0)
             tl.store(clip_out + row, 0.0)
+            tl.store(lse_out + row, 0.0)
+            tl.store(coef_out + row, 0.0)
             if WRITE_GRAD:
                 g_row = grad_ptr + b * stride_gb + t * stride_gt
                 zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
@@ -133,6 +138,7 @@ def _grpo_rows_kernel(
     old_ptr, stride_ob, stride_ot,
     ref_ptr, stride_rb, stride_rt,
     logp_out, loss_out, kl_out, clip_out, entropy_out,  # [B*T] fp32
+    lse_out, coef_out,  # [B*T] fp32: base-2 LSE of x / T and d loss / d logit scale, for _grad_rows_kernel
     num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
     GROUP_SIZE: tl.constexpr, GROUP_BLOCK: tl.constexpr,
     HAS_REWARDS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
@@ -146,10 +152,10 @@ def _grpo_rows_kernel(
     if PERSISTENT:
         for program_row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
             _grpo_row(
-                program_row, logits_ptr, stride_lb, stride_lt, STRIDE_LV, grad_ptr, stride_gb, stride_gt,
-                STRIDE_GV, ids_ptr, stride_ib, stride_it, weight_ptr, adv_ptr, stride_ab, stride_at,
-                rewards_ptr, old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt, logp_out, loss_out,
-                kl_out, clip_out, entropy_out, num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high,
+                program_row, logits_ptr, stride_lb, stride_lt, STRIDE_LV, grad_ptr, stride_gb, stride_gt, STRIDE_GV,
+                ids_ptr, stride_ib, stride_it, weight_ptr, adv_ptr, stride_ab, stride_at, rewards_ptr, old_ptr,
+                stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt, logp_out, loss_out, kl_out, clip_out,
+                entropy_out, lse_out, coef_out, num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high,
                 reward_eps, log_ratio_max, GROUP_SIZE, GROUP_BLOCK, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS,
                 WRITE_GRAD, COMPUTE_ENTROPY, BLOCK_V
             )
@@ -158,17 +164,56 @@ def _grpo_rows_kernel(
             tl.program_id(0), logits_ptr, stride_lb, stride_lt, STRIDE_LV, grad_ptr, stride_gb, stride_gt,
             STRIDE_GV, ids_ptr, stride_ib, stride_it, weight_ptr, adv_ptr, stride_ab, stride_at, rewards_ptr,
             old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt, logp_out, loss_out, kl_out, clip_out,
-            entropy_out, num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
-            GROUP_SIZE, GROUP_BLOCK, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS, WRITE_GRAD, COMPUTE_ENTROPY,
-            BLOCK_V
+            entropy_out, lse_out, coef_out, num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high, reward_eps,
+            log_ratio_max, GROUP_SIZE, GROUP_BLOCK, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS, WRITE_GRAD,
+            COMPUTE_ENTROPY, BLOCK_V
         )
+
+
+@triton.jit
+def _grad_rows_kernel(
+    logits_ptr, stride_lb, stride_lt, STRIDE_LV: tl.constexpr,  # [B, T, V]
+    grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr,  # [B, T, V] (may alias logits)
+    ids_ptr, stride_ib, stride_it,  # [B, T]
+    lse_ptr, coef_ptr,  # [B*T] fp32, from the loss kernel
+    T, V, scale2,
+    BLOCK_V: tl.constexpr,
+):
+    """dlogits = coef * (onehot - softmax) for one row; a row with coef 0 (masked, or no gradient) is only
+    zero-filled. The split (loss kernel, then this one) lets each sweep run at its own best shape."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    coef = tl.load(coef_ptr + row)
+    g_row = grad_ptr + b * stride_gb + t * stride_gt
+    offs = tl.arange(0, BLOCK_V)
+    if coef != 0:
+        lse2 = tl.load(lse_ptr + row)
+        token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
+        x_row = logits_ptr + b * stride_lb + t * stride_lt
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
+            p = tl.exp2(x - lse2)
+            grad = tl.where(cols == token, coef - coef * p, -coef * p)
+            tl.store(g_row + cols * STRIDE_GV, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
+    else:
+        zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            tl.store(g_row + cols * STRIDE_GV, zeros, mask=cols < V)
 
 
 def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=None, group_size=None, old_logp=None,
                 ref_logp=None, beta=0.0, eps_low=0.2, eps_high=0.2, temperature=1.0, grad=None,
-                compute_loss=True, compute_entropy=False, block_v=None, num_warps=None, num_stages=None, programs=None):
+                compute_loss=True, compute_entropy=False, block_v=None, num_warps=None, num_stages=None, programs=None,
+                fused_grad=False, grad_block_v=4096, grad_num_warps=16, grad_num_stages=1):
     """Run the row kernel. logits/grad [B, T, V]; completion_ids, weights (fp32 contiguous), advantages
-    (or None with rewards [B]), old_logp, ref_logp: [B, T] (any strides). Returns dict of [B, T] fp32."""
+    (or None with rewards [B]), old_logp, ref_logp: [B, T] (any strides). Returns dict of [B, T] fp32.
+
+    With grad, the gradient is written by a second kernel (_grad_rows_kernel; its own block shape) unless
+    fused_grad, where the loss kernel's program sweeps its row a second time (measured slower on an H200:
+    bench/RESULTS.md). The loss kernel's defaults (2048 / 2 warps / 3 stages) were the fastest measured."""
     batch, length, vocab = logits.shape
     device = logits.device
     rows = batch * length
@@ -189,10 +234,14 @@ def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=Non
         advantages = dummy
     grad_view = grad if grad is not None else logits
     if block_v is None:
-        block_v = min(4096, triton.next_power_of_2(vocab))
+        block_v = min(2048 if not fused_grad else 4096, triton.next_power_of_2(vocab))
     if num_warps is None:
-        num_warps = 8 if block_v >= 2048 else 4
+        num_warps = 8 if fused_grad else 2
+    if num_stages is None and not fused_grad:
+        num_stages = 3
     group_size = group_size or 1
+    lse = torch.empty(rows, device=device, dtype=torch.float32) if compute_loss else dummy
+    coef = torch.empty(rows, device=device, dtype=torch.float32) if compute_loss else dummy
     _grpo_rows_kernel[(min(rows, programs or rows),)](
         logits, *logits.stride(),
         grad_view, *grad_view.stride(),
@@ -203,14 +252,22 @@ def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=Non
         old_logp if has_old else dummy, *(old_logp.stride() if has_old else (0, 0)),
         ref_logp if has_ref else dummy, *(ref_logp.stride() if has_ref else (0, 0)),
         out["logp"], out.get("loss", dummy), out.get("kl", dummy), out.get("clip", dummy), out.get("entropy", dummy),
+        lse, coef,
         rows, length, vocab, LOG2E / temperature, 1.0 / temperature, float(beta), float(eps_low), float(eps_high), 1e-4,
         LOG_RATIO_MAX,
         GROUP_SIZE=group_size, GROUP_BLOCK=triton.next_power_of_2(group_size),
         HAS_REWARDS=has_rewards, HAS_OLD=has_old, HAS_REF=has_ref,
-        COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None and compute_loss, COMPUTE_ENTROPY=compute_entropy,
-        BLOCK_V=block_v, PERSISTENT=programs is not None and programs < rows,
+        COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None and compute_loss and fused_grad,
+        COMPUTE_ENTROPY=compute_entropy, BLOCK_V=block_v, PERSISTENT=programs is not None and programs < rows,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
+    if grad is not None and compute_loss and not fused_grad:
+        _grad_rows_kernel[(rows,)](
+            logits, *logits.stride(), grad_view, *grad_view.stride(), completion_ids, *completion_ids.stride(),
+            lse, coef, length, vocab, LOG2E / temperature,
+            BLOCK_V=min(grad_block_v, triton.next_power_of_2(vocab)), num_warps=grad_num_warps,
+            num_stages=grad_num_stages,
+        )
     return out
 
 
@@ -240,13 +297,14 @@ class _GRPOLossFunction(torch.autograd.Function):
 
 def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=None, group_size=None, old_logp=None,
                      ref_logp=None, beta=0.08, eps_low=0.2, eps_high=0.2, temperature=1.0, loss_type="grpo",
-                     max_completion_length=None, inplace=True, block_v=None, num_warps=None, num_stages=None,
-                     programs=None):
-    """Inputs already checked by grm_engine.loss.grpo_loss. Returns (loss, GRPOStats)."""
+                     max_completion_length=None, inplace=True, **kernel_options):
+    """Inputs already checked by grm_engine.loss.grpo_loss. Returns (loss, GRPOStats).
+    kernel_options: launch_rows' block shapes and variants (block_v, num_warps, num_stages, programs,
+    fused_grad, grad_block_v, grad_num_warps, grad_num_stages), for tuning and tests."""
     valid = mask != 0
     weights = token_weights(valid, loss_type, max_completion_length).contiguous()  # [B, T] fp32
     options = dict(group_size=group_size, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
-                   block_v=block_v, num_warps=num_warps, num_stages=num_stages, programs=programs)
+                   **kernel_options)
     loss, logp, kl, clipped = _GRPOLossFunction.apply(logits, completion_ids, weights, advantages, rewards,
                                                       old_logp, ref_logp, options, inplace,
                                                       torch.is_grad_enabled() and logits.requires_grad)
