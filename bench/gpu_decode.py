@@ -2,7 +2,8 @@
 
 Per case: our tok/s and decode step time against the floor (weights + unique KV bytes over the measured
 bandwidth), prefill tokens (each prompt once), peak KV blocks, and transformers generate(num_return_sequences=n)
-in the same run (fewer new tokens, to fit the time budget; its tok/s is reported as measured). A torch.profiler
+in the same run (fewer new tokens, to fit the time budget; its tok/s is reported as measured). ref_ms is the
+decode step with the reference attention path (gather pages + fp32 math) where affordable. A torch.profiler
 table of decode steps goes to $OUT/decode_profile_<case>.txt.
 """
 from __future__ import annotations
@@ -76,6 +77,22 @@ def profile_decode(decoder, prompts, params, path: str) -> str:
     return ", ".join(f"{e.key[:40]} {100 * e.self_device_time_total / total:.0f}%" for e in top)
 
 
+def reference_attention_step_ms(decoder, prompts, n) -> float:
+    """Decode step time with the reference attention (gather pages + fp32 math) instead of the Triton kernel."""
+    from grm_engine.decode import SamplingParams
+
+    previous = os.environ.get("GRM_ENGINE_BACKEND")
+    os.environ["GRM_ENGINE_BACKEND"] = "reference"
+    try:
+        decoder.generate(prompts, SamplingParams(n=n, max_tokens=16, ignore_eos=True, seed=0), use_tqdm=False)
+    finally:
+        if previous is None:
+            del os.environ["GRM_ENGINE_BACKEND"]
+        else:
+            os.environ["GRM_ENGINE_BACKEND"] = previous
+    return 1e3 * decoder.stats.decode_seconds / max(decoder.stats.decode_steps, 1)
+
+
 def transformers_generate(model, prompts, n, new_tokens) -> dict:
     ids = torch.tensor(prompts, device=DEVICE)
     _sync()
@@ -128,6 +145,8 @@ def run_case(args, section_start, name, model_type, shape, num_prompts, prompt_l
         "peak_blocks": stats.peak_blocks_in_use, "peak_KV_GB": stats.peak_blocks_in_use * 16 * kv_bytes_per_token(model) / 1e9,
         "pool_blocks": decoder.block_manager.num_blocks, "preemptions": stats.preemptions,
     }
+    if num_prompts * n * prompt_len <= 64 * 1024:  # the gather-everything reference is affordable here
+        row["ref_ms"] = reference_attention_step_ms(decoder, prompts, n)
     out_dir = os.environ.get("OUT", ".")
     profile_params = SamplingParams(n=n, temperature=1.0, max_tokens=14, ignore_eos=True, seed=0)
     row["profile_top"] = profile_decode(decoder, prompts, profile_params, os.path.join(out_dir, f"decode_profile_{name}.txt"))
