@@ -40,8 +40,12 @@ def check_checkpoint_dir(path: str) -> None:
     if model_type not in MODEL_CLASSES:
         raise ValueError(f"model {path}: model_type {model_type!r} is not supported by the decoder "
                          f"(supported: {', '.join(sorted(MODEL_CLASSES))})")
-    if not any(name.endswith(".safetensors") for name in os.listdir(str(path))):
+    files = os.listdir(str(path))
+    if not any(name.endswith(".safetensors") for name in files):
         raise ValueError(f"model {path}: no *.safetensors weights (save with save_pretrained(safe_serialization=True))")
+    if not {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} & set(files):
+        raise ValueError(f"model {path}: no tokenizer files (tokenizer.json / tokenizer_config.json); "
+                         "save the tokenizer next to the weights (tokenizer.save_pretrained(DIR))")
 
 
 def _stable_int(*parts) -> int:

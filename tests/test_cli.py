@@ -171,3 +171,21 @@ def test_module_entry_point_lists_only_score_and_eval():
     out = subprocess.run([sys.executable, "-m", "grm_engine", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     assert "{score,eval}" in out.stdout
+
+
+@pytest.mark.gpu
+def test_score_on_gpu_gives_the_known_statuses(models, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", make_examples(12, three_every=3))
+    out = tmp_path / "gpu.jsonl"
+    argv = ["score", "--model", models["overfit"], "--data", data, "--k", "8", "--device", "cuda", "--dtype", "float32",
+            "--chunk-size", "5", "--out", str(out), *SMALL]
+    assert cli.main(argv) == 0
+    for row in read_lines(out):
+        n = len(row["totals"])
+        assert [s["status"] for s in row["samples"]] == ["OK" if n == 2 else "WRONG_COUNT"] * 8
+        if n == 2:
+            totals = [0, 0]
+            for s in row["samples"]:
+                totals[s["permutation"][0]] += 9
+                totals[s["permutation"][1]] += 2
+            assert row["totals"] == totals

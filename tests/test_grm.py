@@ -347,6 +347,13 @@ def test_argument_and_checkpoint_errors(models, overfit_grm, tmp_path):
         check_checkpoint_dir(str(tmp_path))
     with pytest.raises(ValueError, match="not a directory"):
         check_checkpoint_dir(str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="no \\*.safetensors weights"):
+        check_checkpoint_dir(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        check_checkpoint_dir(str(tmp_path))
+    check_checkpoint_dir(models["overfit"])
     assert ParseStatus.OK == 0
 
 
