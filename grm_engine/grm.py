@@ -201,17 +201,68 @@ class GRM:
         special = not getattr(self.tokenizer, "chat_template", None)  # a chat template writes its own BOS
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
+    def _requests(self, examples, k: int, seed: int, shuffle: bool, sampling: dict):
+        """One request per distinct permutation of each example, n = the samples that share it.
+        -> prompts (token ids), SamplingParams, owners[r] = (example index, sample index of each of its n
+        samples), perms [G][k]."""
+        from .decode import SamplingParams
+
+        prompts, params, owners, perms = [], [], [], []
+        for g, example in enumerate(examples):
+            example_perms = [sample_permutation(seed, example.id, j, example.num_responses, shuffle) for j in range(k)]
+            perms.append(example_perms)
+            groups: dict[tuple, list[int]] = {}
+            for j, perm in enumerate(example_perms):
+                groups.setdefault(tuple(perm), []).append(j)
+            for perm, sample_indices in groups.items():
+                prompts.append(self._encode(example, perm))
+                if len(prompts[-1]) >= self.decoder.max_model_len:
+                    raise ValueError(f"example {example.id!r} ({example.source or 'given'}, line {example.line}): its "
+                                     f"prompt has {len(prompts[-1])} tokens; the model context is "
+                                     f"{self.decoder.max_model_len}")
+                params.append(SamplingParams(n=len(sample_indices), seed=_stable_int("noise", seed, example.id, perm),
+                                             **sampling))
+                owners.append((g, sample_indices))
+        return prompts, params, owners, perms
+
+    def _generate(self, prompts, params, owners, examples, perms, k: int, progress: bool):
+        """One decoder run -> texts, token ids [G][k] and finish reasons, lengths {(g, j): ...}."""
+        # The decoder keys sampling noise by the request's position in the call as well as its seed: a canonical
+        # request order (by example id, then permutation) makes the samples independent of the data order.
+        order = sorted(range(len(prompts)),
+                       key=lambda r: (examples[owners[r][0]].id, perms[owners[r][0]][owners[r][1][0]], r))
+        outputs = self.decoder.generate([prompts[r] for r in order], [params[r] for r in order], use_tqdm=progress)
+        texts, token_ids = [[None] * k for _ in examples], [[None] * k for _ in examples]
+        finish, lengths = {}, {}
+        for request, (g, sample_indices) in zip(outputs, [owners[r] for r in order]):
+            for out in request.outputs:
+                j = sample_indices[out.index]
+                texts[g][j], token_ids[g][j] = out.text, out.token_ids
+                finish[g, j], lengths[g, j] = out.finish_reason, len(out.token_ids)
+        return texts, token_ids, finish, lengths
+
+    def _meta_scores(self, examples, perms, texts, status) -> torch.Tensor:
+        """float32 [G, k]: the meta RM's logit for every parseable sample (it sees the responses in the order
+        the critique saw them), NaN for the others."""
+        meta = torch.full(status.shape, float("nan"))
+        valid = (status == ParseStatus.OK).nonzero().tolist()
+        if valid:
+            logits = self.meta_rm.score([examples[g].query for g, _ in valid],
+                                        [[examples[g].responses[i] for i in perms[g][j]] for g, j in valid],
+                                        [texts[g][j] for g, j in valid])
+            for (g, j), value in zip(valid, logits.tolist()):
+                meta[g, j] = value
+        return meta
+
     def score(self, examples: Sequence, *, k: int = 1, k_meta: int | None = None, temperature: float = 0.5,
               shuffle: bool = True, seed: int = 0, max_tokens: int = 1024, top_p: float = 1.0,
               ignore_eos: bool = False, progress: bool = False) -> ScoreResult:
         """Score every example with k critiques in ONE decoder run; see the module docstring.
 
         temperature 0 is greedy (with k = 1: the greedy score). ignore_eos: every critique runs to max_tokens
-        (benchmarks). k_meta (default k // 2, at least 1) applies
-        when the GRM has a meta RM: every parseable sample is scored by it and only the top k_meta are voted.
+        (benchmarks). k_meta (default k // 2, at least 1) applies when the GRM has a meta RM: every parseable
+        sample is scored by it and only the top k_meta are voted.
         """
-        from .decode import SamplingParams
-
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k = {k!r} must be an int >= 1")
         if k_meta is not None and self.meta_rm is None:
@@ -229,40 +280,12 @@ class GRM:
                 raise ValueError(f"template 'single' scores one response per example; {multi[:3]} have more")
         lo, hi = SCORE_RANGE[self.template]
 
-        # Requests: one per distinct permutation of each example, n = the samples that share it.
-        prompts, params, owners = [], [], []  # owners[r] = (example index, [sample index per request sample])
-        perms = []  # [G][k] permutations
-        for g, example in enumerate(examples):
-            example_perms = [sample_permutation(seed, example.id, j, example.num_responses, shuffle) for j in range(k)]
-            perms.append(example_perms)
-            groups: dict[tuple, list[int]] = {}
-            for j, perm in enumerate(example_perms):
-                groups.setdefault(tuple(perm), []).append(j)
-            for perm, sample_indices in groups.items():
-                prompts.append(self._encode(example, perm))
-                if len(prompts[-1]) >= self.decoder.max_model_len:
-                    raise ValueError(f"example {example.id!r} ({example.source or 'given'}, line {example.line}): its "
-                                     f"prompt has {len(prompts[-1])} tokens; the model context is "
-                                     f"{self.decoder.max_model_len}")
-                params.append(SamplingParams(n=len(sample_indices), temperature=temperature, top_p=top_p,
-                                             max_tokens=max_tokens, ignore_eos=ignore_eos,
-                                             seed=_stable_int("noise", seed, example.id, perm)))
-                owners.append((g, sample_indices))
+        prompts, params, owners, perms = self._requests(
+            examples, k, seed, shuffle, dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                             ignore_eos=ignore_eos))
         start = time.perf_counter()
-        # The decoder keys sampling noise by the request's position in the call as well as its seed: a canonical
-        # request order (by example id, then permutation) makes the samples independent of the data order.
-        order = sorted(range(len(prompts)), key=lambda r: (examples[owners[r][0]].id, perms[owners[r][0]][owners[r][1][0]], r))
-        prompts, params, owners = [prompts[r] for r in order], [params[r] for r in order], [owners[r] for r in order]
-        outputs = self.decoder.generate(prompts, params, use_tqdm=progress)
-
+        texts, token_ids, finish, lengths = self._generate(prompts, params, owners, examples, perms, k, progress)
         G, n_max = len(examples), max(e.num_responses for e in examples)
-        texts, finish, lengths = [[None] * k for _ in range(G)], {}, {}
-        token_ids = [[None] * k for _ in range(G)]
-        for request, (g, sample_indices) in zip(outputs, owners):
-            for out in request.outputs:
-                j = sample_indices[out.index]
-                texts[g][j], token_ids[g][j] = out.text, out.token_ids
-                finish[g, j], lengths[g, j] = out.finish_reason, len(out.token_ids)
         flat = [texts[g][j] for g in range(G) for j in range(k)]
         counts = [examples[g].num_responses for g in range(G) for _ in range(k)]
         parsed = parse_scores(flat, counts, lo=lo, hi=hi)
@@ -275,17 +298,7 @@ class GRM:
             perm[g, :, :n] = torch.tensor(perms[g])
         n_responses = torch.tensor([e.num_responses for e in examples])
 
-        meta = None
-        if self.meta_rm is not None:
-            meta = torch.full((G, k), float("nan"))
-            valid = (status == ParseStatus.OK).nonzero().tolist()
-            if valid:
-                logits = self.meta_rm.score(
-                    [examples[g].query for g, _ in valid],
-                    [[examples[g].responses[i] for i in perms[g][j]] for g, j in valid],
-                    [texts[g][j] for g, j in valid])
-                for (g, j), value in zip(valid, logits.tolist()):
-                    meta[g, j] = value
+        meta = self._meta_scores(examples, perms, texts, status) if self.meta_rm is not None else None
         seconds = time.perf_counter() - start
 
         result = ScoreResult(
@@ -296,18 +309,26 @@ class GRM:
             scores=shown, status=status, perm=perm, n_responses=n_responses, meta=meta, token_ids=token_ids)
         voted = result.vote_first(k, k_meta=k_meta, use_meta=meta is not None)
         totals = result.predictions(voted)
-        for g, example in enumerate(examples):
-            n = example.num_responses
-            samples = []
-            for j in range(k):
-                original = [float("nan")] * n
-                for p in range(n):
-                    original[perms[g][j][p]] = float(shown[g, j, p])
-                samples.append(SampleScore(
-                    text=texts[g][j], permutation=perms[g][j], scores=_none_if_nan(original),
-                    status=ParseStatus(int(status[g, j])).name,
-                    meta=None if meta is None or meta[g, j] != meta[g, j] else float(meta[g, j]),
-                    voted=bool(voted.used[g, j]), num_tokens=lengths[g, j], finish_reason=finish[g, j]))
-            result.examples.append(ExampleScore(id=example.id, totals=_none_if_nan(totals[g]), best=int(voted.best[g]),
-                                                samples=samples, label_best=example.best))
+        result.examples = _records(examples, result, perms, texts, finish, lengths, voted, totals)
         return result
+
+
+def _records(examples, result: ScoreResult, perms, texts, finish, lengths, voted: VoteResult, totals) -> list[ExampleScore]:
+    """Per-example records: each sample's scores mapped back to the original response order."""
+    records = []
+    shown, status, meta = result.scores, result.status, result.meta
+    for g, example in enumerate(examples):
+        n = example.num_responses
+        samples = []
+        for j in range(result.k):
+            original = [float("nan")] * n
+            for p in range(n):
+                original[perms[g][j][p]] = float(shown[g, j, p])
+            samples.append(SampleScore(
+                text=texts[g][j], permutation=perms[g][j], scores=_none_if_nan(original),
+                status=ParseStatus(int(status[g, j])).name,
+                meta=None if meta is None or meta[g, j] != meta[g, j] else float(meta[g, j]),
+                voted=bool(voted.used[g, j]), num_tokens=lengths[g, j], finish_reason=finish[g, j]))
+        records.append(ExampleScore(id=example.id, totals=_none_if_nan(totals[g]), best=int(voted.best[g]),
+                                    samples=samples, label_best=example.best))
+    return records
