@@ -176,7 +176,7 @@ def _grad_rows_kernel(
     grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr,  # [B, T, V] (may alias logits)
     ids_ptr, stride_ib, stride_it,  # [B, T]
     lse_ptr, coef_ptr,  # [B*T] fp32, from the loss kernel
-    T, V, scale2,
+    T, V: tl.constexpr, scale2,  # V constexpr: the sweep's trip count and tail mask are known when compiling
     BLOCK_V: tl.constexpr,
 ):
     """dlogits = coef * (onehot - softmax) for one row; a row with coef 0 (masked, or no gradient) is only
@@ -189,7 +189,7 @@ def _grad_rows_kernel(
     offs = tl.arange(0, BLOCK_V)
     if coef != 0:
         lse2 = tl.load(lse_ptr + row)
-        token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
+        token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int32)  # int32: compared with int32 cols
         x_row = logits_ptr + b * stride_lb + t * stride_lt
         for start in range(0, V, BLOCK_V):
             cols = start + offs
@@ -207,13 +207,14 @@ def _grad_rows_kernel(
 def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=None, group_size=None, old_logp=None,
                 ref_logp=None, beta=0.0, eps_low=0.2, eps_high=0.2, temperature=1.0, grad=None,
                 compute_loss=True, compute_entropy=False, block_v=None, num_warps=None, num_stages=None, programs=None,
-                fused_grad=False, grad_block_v=4096, grad_num_warps=16, grad_num_stages=1):
+                fused_grad=False, grad_block_v=8192, grad_num_warps=16, grad_num_stages=1):
     """Run the row kernel. logits/grad [B, T, V]; completion_ids, weights (fp32 contiguous), advantages
     (or None with rewards [B]), old_logp, ref_logp: [B, T] (any strides). Returns dict of [B, T] fp32.
 
     With grad, the gradient is written by a second kernel (_grad_rows_kernel; its own block shape) unless
     fused_grad, where the loss kernel's program sweeps its row a second time (measured slower on an H200:
-    bench/RESULTS.md). The loss kernel's defaults (2048 / 2 warps / 3 stages) were the fastest measured."""
+    bench/RESULTS.md). The defaults (loss kernel 2048 / 2 warps / 3 stages, gradient kernel 8192 / 16 warps)
+    were the fastest of the shapes swept on an H200."""
     batch, length, vocab = logits.shape
     device = logits.device
     rows = batch * length
