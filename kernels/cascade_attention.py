@@ -169,22 +169,26 @@ def _stacked_rows_attention_kernel(
 
 
 @triton.jit
-def _merge_slots_kernel(partial_ptr, stats_ptr, prefix_tokens_ptr, out_ptr, num_slots, split_tokens, num_suffix_splits,
-                        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_slots_kernel(partial_ptr, stats_ptr, context_lens_ptr, prefix_tokens_ptr, out_ptr, num_slots, split_tokens,
+                        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merges the slots a sequence filled, in slot order (a fixed order that depends only on its own lengths,
+    so the sum rounds the same whatever else is in the batch); every such slot holds at least one key."""
     row = tl.program_id(0)  # b * NUM_HEADS + head
+    context_len = tl.load(context_lens_ptr + row // NUM_HEADS)
     prefix_len = tl.load(prefix_tokens_ptr + row // NUM_HEADS)
-    used = (prefix_len + split_tokens - 1) // split_tokens + num_suffix_splits  # slots this sequence wrote
-    s = tl.arange(0, BLOCK_S)
+    used = (prefix_len + split_tokens - 1) // split_tokens + (context_len - prefix_len + split_tokens - 1) // split_tokens
+    first = row * num_slots
     d = tl.arange(0, BLOCK_D)
-    s_mask = s < used
-    m = tl.load(stats_ptr + (row * num_slots + s) * 2, mask=s_mask, other=float("-inf"))
-    l = tl.load(stats_ptr + (row * num_slots + s) * 2 + 1, mask=s_mask, other=0.0)
-    m_all = tl.max(m, axis=0)
-    weight = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
-    acc = tl.load(partial_ptr + (row * num_slots + s)[:, None] * HEAD_DIM + d[None, :],
-                  mask=s_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
-    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    m_all = tl.load(stats_ptr + first * 2)
+    for s in range(1, used):
+        m_all = tl.maximum(m_all, tl.load(stats_ptr + (first + s) * 2))
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    denominator = m_all * 0.0
+    for s in range(0, used):
+        weight = tl.exp(tl.load(stats_ptr + (first + s) * 2) - m_all)
+        denominator += weight * tl.load(stats_ptr + (first + s) * 2 + 1)
+        acc += weight * tl.load(partial_ptr + (first + s) * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)
+    tl.store(out_ptr + row * HEAD_DIM + d, (acc / denominator).to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------- launcher
@@ -263,7 +267,6 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     _stacked_rows_attention_kernel[(batch, kv_heads, plan.num_suffix_splits)](
         *args, BLOCK_M=max(16, triton.next_power_of_2(plan.heads_per_kv)), IS_SUFFIX=True, num_warps=4, **common)
     out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=q.dtype)
-    _merge_slots_kernel[(batch * num_heads,)](partial, stats, plan.prefix_tokens, out, num_slots, plan.split_tokens,
-                                              plan.num_suffix_splits, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-                                              BLOCK_S=max(2, triton.next_power_of_2(num_slots)), BLOCK_D=block_d)
+    _merge_slots_kernel[(batch * num_heads,)](partial, stats, context_lens, plan.prefix_tokens, out, num_slots,
+                                              plan.split_tokens, NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d)
     return out

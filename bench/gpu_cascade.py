@@ -1,0 +1,143 @@
+"""Shared-prefix (cascade) decode attention vs the plain paged decode kernel, one attention layer of Qwen2.5-7B
+(28 query heads, 4 KV heads, D 128, bf16, block 16), over prefix lengths x samples per prompt, each sample with a
+private suffix of 64-192 tokens, 256 sequences in the batch (256 / n prompts). Prints the table and the crossover
+(the fewest samples at which cascade wins, per prefix length) that the scheduler should use.
+
+floor_ms: unique KV bytes (each shared prefix once, each suffix once) / measured bandwidth; pct_floor = floor / ours.
+peer_GB/s: the plain kernel's achieved bandwidth on the bytes it must read (every sample reads its whole context).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+PREFIX_LENS = [256, 512, 1024, 2048, 4096, 8192]
+SAMPLES = [4, 8, 16, 32, 64]
+TOTAL_SEQS = 256
+NUM_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 28, 4, 128, 16
+SUFFIX_RANGE = (64, 192)
+CONFIGS = [(block_m, split_tokens) for block_m in (32, 64, 128) for split_tokens in (512, 1024, 2048)]
+CONFIG_CASE = (2048, 32, 8)  # the issue's 7B case: 8 prompts of 2,048 tokens, n = 32
+DEVICE, DTYPE = "cuda", torch.bfloat16  # a CPU smoke run (TRITON_INTERPRET=1) sets "cpu", fp32 and tiny shapes
+
+
+def build_batch(prefix_len: int, num_samples: int, num_groups: int, seed: int = 0):
+    """Pages for num_groups prompts of prefix_len tokens, each with num_samples samples that share the prompt's
+    blocks and own a private suffix; block ids scattered over the pool as in a long-running decoder."""
+    rng = np.random.default_rng(seed)
+    prefix_blocks = prefix_len // BLOCK_SIZE
+    suffix_lens = rng.integers(SUFFIX_RANGE[0], SUFFIX_RANGE[1] + 1, size=num_groups * num_samples)
+    suffix_blocks = -(-suffix_lens // BLOCK_SIZE)
+    num_blocks = num_groups * prefix_blocks + int(suffix_blocks.sum())
+    pool = rng.permutation(num_blocks).astype(np.int32)
+    width = prefix_blocks + int(suffix_blocks.max())
+    tables = np.zeros((num_groups * num_samples, width), dtype=np.int32)
+    cursor = 0
+    for g in range(num_groups):
+        shared = pool[cursor:cursor + prefix_blocks]
+        cursor += prefix_blocks
+        for i in range(num_samples):
+            b = g * num_samples + i
+            tables[b, :prefix_blocks] = shared
+            tables[b, prefix_blocks:prefix_blocks + suffix_blocks[b]] = pool[cursor:cursor + suffix_blocks[b]]
+            cursor += suffix_blocks[b]
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, device=DEVICE, dtype=DTYPE, generator=gen)
+    v_cache = torch.randn(shape, device=DEVICE, dtype=DTYPE, generator=gen)
+    q = torch.randn(num_groups * num_samples, NUM_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=gen)
+    context_lens = torch.from_numpy((prefix_len + suffix_lens).astype(np.int32)).to(DEVICE)
+    group_starts = [g * num_samples for g in range(num_groups + 1)]
+    return q, k_cache, v_cache, torch.from_numpy(tables).to(DEVICE), context_lens, group_starts, [prefix_blocks] * num_groups
+
+
+def bench_ms(fn) -> float:
+    if DEVICE == "cpu":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def device_bandwidth() -> float:
+    """Bytes read + written per second by a device copy (as bench/gpu.py's ceilings section)."""
+    src = torch.randn(256 * 1024**2, device=DEVICE)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def one_case(prefix_len, num_samples, num_groups, bandwidth, block_m=64, split_tokens=1024) -> dict:
+    from grm_engine.kernels.cascade_attention import cascade_decode_attention, plan_cascade
+    from grm_engine.kernels.paged_attention import paged_decode_attention
+
+    q, k_cache, v_cache, tables, lens, starts, prefix = build_batch(prefix_len, num_samples, num_groups)
+    scale = HEAD_DIM ** -0.5
+    max_len = int(lens.max())
+    host_start = time.perf_counter()
+    plan = plan_cascade(starts, prefix, BLOCK_SIZE, NUM_HEADS, KV_HEADS, max_len, q.device, split_tokens, block_m)
+    plan_ms = (time.perf_counter() - host_start) * 1e3  # once per decode step, shared by every layer
+    ours = lambda: cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, scale, plan=plan)  # noqa: E731
+    plain = lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, max_context_len=max_len)  # noqa: E731
+    max_diff = (ours().float() - plain().float()).abs().max().item()
+    ours_ms, peer_ms = bench_ms(ours), bench_ms(plain)
+    token_bytes = KV_HEADS * HEAD_DIM * 2 * DTYPE.itemsize  # K and V
+    unique_bytes = (num_groups * prefix_len + int(lens.sum()) - len(lens) * prefix_len) * token_bytes
+    plain_bytes = int(lens.sum()) * token_bytes
+    floor_ms = unique_bytes / bandwidth * 1e3
+    del q, k_cache, v_cache
+    return {"section": "cascade", "case": f"prefix={prefix_len} n={num_samples} prompts={num_groups}",
+            "block_m": block_m, "split_tokens": split_tokens, "ours_ms": ours_ms, "peer_ms": peer_ms,
+            "floor_ms": floor_ms, "speedup": peer_ms / ours_ms, "pct_floor": 100 * floor_ms / ours_ms,
+            "unique_GB": unique_bytes / 1e9, "plain_GB": plain_bytes / 1e9,
+            "peer_GB/s": plain_bytes / (peer_ms * 1e-3) / 1e9, "plan_ms": plan_ms, "max_diff": max_diff}
+
+
+def crossover(rows: list[dict], prefix_lens, samples) -> list[dict]:
+    """Per prefix length, the fewest samples from which cascade wins at every larger sample count too."""
+    out = []
+    for prefix_len in prefix_lens:
+        speedups = {r["n"]: r["speedup"] for r in rows if r["prefix"] == prefix_len}
+        winning = [n for n in samples if all(speedups[m] > 1.0 for m in samples if m >= n)]
+        out.append({"section": "cascade", "case": f"crossover prefix={prefix_len}",
+                    "min_samples": winning[0] if winning else f">{samples[-1]}",
+                    "speedups": " ".join(f"n{n}:{speedups[n]:.2f}" for n in samples)})
+    return out
+
+
+def run(args) -> list[dict]:
+    quick = getattr(args, "quick", False)
+    prefix_lens = [256, 2048] if quick else PREFIX_LENS
+    samples = [4, 32] if quick else SAMPLES
+    total = 64 if quick else TOTAL_SEQS
+    bandwidth = getattr(args, "ceilings", {}).get("bandwidth") or device_bandwidth()
+    rows = []
+    for prefix_len in prefix_lens:
+        for num_samples in samples:
+            row = one_case(prefix_len, num_samples, max(1, total // num_samples), bandwidth)
+            row["prefix"], row["n"] = prefix_len, num_samples
+            rows.append(row)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    table = [{k: v for k, v in r.items() if k not in ("prefix", "n")} for r in rows]
+    for block_m, split_tokens in ([] if quick else CONFIGS):  # tile height and split length at CONFIG_CASE
+        try:
+            table.append(one_case(*CONFIG_CASE, bandwidth, block_m, split_tokens))
+        except Exception as error:  # e.g. a tile that does not fit shared memory: record it, keep the table
+            table.append({"section": "cascade", "case": f"config block_m={block_m} split={split_tokens}",
+                          "error": str(error)[:80]})
+    return table + crossover(rows, prefix_lens, samples)
+
+
+if __name__ == "__main__":  # CPU smoke run of the code path: TRITON_INTERPRET=1 python bench/gpu_cascade.py
+    import types
+
+    DEVICE, DTYPE, PREFIX_LENS, SAMPLES, TOTAL_SEQS, CONFIGS = "cpu", torch.float32, [32, 64], [2, 4], 4, [(16, 32)]
+    CONFIG_CASE = (32, 2, 2)
+    NUM_HEADS, KV_HEADS, HEAD_DIM, SUFFIX_RANGE = 14, 2, 32, (1, 20)
+    for r in run(types.SimpleNamespace(quick=False, ceilings={"bandwidth": 1e10})):
+        print(r)
