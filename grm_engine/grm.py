@@ -5,9 +5,8 @@ One decoder run covers the whole example list: every example's k samples become 
 show the responses in the same order are ONE request with n = their count, so each prompt variant is prefilled
 once. The permutation of sample j of an example is a pure function of (seed, example id, j), so it does not
 depend on the data order. The sampling noise is keyed by a per-request seed derived from (seed, example id,
-permutation); the decoder also mixes in the request's position in the call, so requests go to it in a canonical
-order (example id, permutation): a sample is reproduced exactly whenever the same SET of examples is scored in
-one call, in any order (the CLI's resume relies on that).
+permutation), with a fixed request_key, so the decoder's noise does not depend on the request's position in the
+call either: a sample is reproduced exactly whichever examples it is scored with, in any order.
 """
 from __future__ import annotations
 
@@ -221,20 +220,16 @@ class GRM:
                                      f"prompt has {len(prompts[-1])} tokens; the model context is "
                                      f"{self.decoder.max_model_len}")
                 params.append(SamplingParams(n=len(sample_indices), seed=_stable_int("noise", seed, example.id, perm),
-                                             **sampling))
+                                             request_key=0, **sampling))
                 owners.append((g, sample_indices))
         return prompts, params, owners, perms
 
-    def _generate(self, prompts, params, owners, examples, perms, k: int, progress: bool):
+    def _generate(self, prompts, params, owners, examples, k: int, progress: bool):
         """One decoder run -> texts, token ids [G][k] and finish reasons, lengths {(g, j): ...}."""
-        # The decoder keys sampling noise by the request's position in the call as well as its seed: a canonical
-        # request order (by example id, then permutation) makes the samples independent of the data order.
-        order = sorted(range(len(prompts)),
-                       key=lambda r: (examples[owners[r][0]].id, perms[owners[r][0]][owners[r][1][0]], r))
-        outputs = self.decoder.generate([prompts[r] for r in order], [params[r] for r in order], use_tqdm=progress)
+        outputs = self.decoder.generate(prompts, params, use_tqdm=progress)
         texts, token_ids = [[None] * k for _ in examples], [[None] * k for _ in examples]
         finish, lengths = {}, {}
-        for request, (g, sample_indices) in zip(outputs, [owners[r] for r in order]):
+        for request, (g, sample_indices) in zip(outputs, owners):
             for out in request.outputs:
                 j = sample_indices[out.index]
                 texts[g][j], token_ids[g][j] = out.text, out.token_ids
@@ -284,7 +279,7 @@ class GRM:
             examples, k, seed, shuffle, dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                              ignore_eos=ignore_eos))
         start = time.perf_counter()
-        texts, token_ids, finish, lengths = self._generate(prompts, params, owners, examples, perms, k, progress)
+        texts, token_ids, finish, lengths = self._generate(prompts, params, owners, examples, k, progress)
         G, n_max = len(examples), max(e.num_responses for e in examples)
         flat = [texts[g][j] for g in range(G) for j in range(k)]
         counts = [examples[g].num_responses for g in range(G) for _ in range(k)]

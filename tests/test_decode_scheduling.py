@@ -144,6 +144,23 @@ def test_seeded_samples_do_not_depend_on_batch_or_preemption(temperature, top_k,
     assert other_seed != alone
 
 
+def test_request_key_makes_samples_independent_of_the_request_position():
+    model = tiny_model("llama", seed=5)
+    prompt, other = list(range(20, 50)), list(range(60, 75))
+    decoder = Decoder.from_pretrained(model, num_kv_blocks=256, block_size=4)
+    keyed = SamplingParams(n=3, temperature=1.0, max_tokens=16, seed=7, ignore_eos=True, request_key=5)
+    first = decoder.generate([prompt, other], [keyed, keyed], use_tqdm=False)
+    second = decoder.generate([other, other, prompt], [keyed, keyed, keyed], use_tqdm=False)
+    assert [o.token_ids for o in first[0].outputs] == [o.token_ids for o in second[2].outputs]
+    # without a key the position in the call is part of the noise key
+    plain = SamplingParams(**{**keyed.__dict__, "request_key": None})
+    at_zero = decoder.generate([prompt], plain, use_tqdm=False)[0]
+    at_one = decoder.generate([other, prompt], plain, use_tqdm=False)[1]
+    assert [o.token_ids for o in at_zero.outputs] != [o.token_ids for o in at_one.outputs]
+    with pytest.raises(ValueError, match="request_key"):
+        SamplingParams(request_key=-1)
+
+
 def test_greedy_under_preemption_matches_roomy_pool():
     model = tiny_model("gemma2", seed=2)
     prompts = [list(range(5, 40)), list(range(50, 60)), list(range(70, 100))]

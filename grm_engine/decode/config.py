@@ -11,6 +11,8 @@ class SamplingParams:
     temperature 0 is greedy. top_k 0 / top_p 1.0 disable those filters. The noise of sample j of
     request r at position p is a pure function of (seed, r, j, p), so a completion does not depend on
     which other requests share its batch or on preemption. seed None draws one seed per generate().
+    request_key, when set, stands in for r: the same (seed, request_key) gives the same samples in any call,
+    wherever the request sits in it (resuming a partly finished job, re-running a subset).
     logprobs True returns, per generated token, log_softmax(logits / temperature)[token]
     (temperature 0 counts as 1), the quantity GRPO calls old_logp.
     """
@@ -25,6 +27,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: bool = False
+    request_key: int | None = None  # replaces the request's position in the noise key (stable across calls)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -40,6 +43,8 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ints >= 0"),
             (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "seed must be None or an int in [0, 2**63)"),
+            (self.request_key is None or (isinstance(self.request_key, int) and 0 <= self.request_key < 2**32),
+             "request_key must be None or an int in [0, 2**32)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -192,7 +192,9 @@ class Decoder:
         if self.shares_live_weights:
             self.reset_prefix_cache()
         call_seed = random.randrange(2**63)
-        seeds = [p.seed if p.seed is not None else call_seed for p in params_list]
+        # noise key per request: (seed, request_key or the request's position in this call)
+        seeds = [(p.seed if p.seed is not None else call_seed, p.request_key if p.request_key is not None else r)
+                 for r, p in enumerate(params_list)]
 
         scheduler = Scheduler(self.config, self.block_manager)
         self.block_manager.peak_blocks_in_use = self.block_manager.num_blocks_in_use
@@ -273,7 +275,7 @@ class Decoder:
             return 0, 0
         device = logits.device
         row_logits = logits[torch.tensor(rows, device=device)] if len(rows) != logits.shape[0] or rows != list(range(len(rows))) else logits
-        keys = torch.tensor([[seeds[s.request_index], s.request_index, s.sample_index, len(s)] for s in seqs], dtype=torch.int64)
+        keys = torch.tensor([[*seeds[s.request_index], s.sample_index, len(s)] for s in seqs], dtype=torch.int64)
         temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
         top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64)
