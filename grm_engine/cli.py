@@ -279,6 +279,11 @@ def cmd_eval(args) -> int:
     if args.k_meta is not None and args.k_meta < 1:
         raise UsageError("--k-meta must be >= 1")
     examples = _check_inputs(args)
+    labelled = next((e for e in examples if e.label is not None), None)
+    if labelled is not None and ks[-1] > 1:
+        # Eq. 10 for one response compares its one score with the label; a sum of k votes is not a score.
+        raise UsageError(f"{labelled.source}, line {labelled.line}: example {labelled.id!r} has one response and a "
+                         f"label, which only k=1 can evaluate (voting sums k scores); run it with --k 1")
     os.makedirs(args.out_dir, exist_ok=True)
     grm = _load_grm(args)
     from .grm import ScoreResult

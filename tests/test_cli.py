@@ -111,6 +111,8 @@ def test_errors_before_any_model_is_loaded(models, tmp_path, capsys, monkeypatch
     empty.mkdir()
     bert.mkdir()
     (bert / "config.json").write_text('{"model_type": "bert"}')
+    single = tmp_path / "single.jsonl"
+    single.write_text('{"id": 1, "query": "q", "responses": ["a"], "label": 1}\n')
     repeated = tmp_path / "repeated.jsonl"
     repeated.write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "subset": "s", "id": 3}\n' * 2)
     cases = [
@@ -125,6 +127,7 @@ def test_errors_before_any_model_is_loaded(models, tmp_path, capsys, monkeypatch
          ["meta RM", "neither a *ForSequenceClassification"]),
         (["score", "--model", models["overfit"], "--data", good, "--k-meta", "2", "--out", out], ["--k-meta needs --meta-rm"]),
         (["eval", "--model", models["overfit"], "--data", good, "--k", "1,x"], ["comma-separated integers"]),
+        (["eval", "--model", models["overfit"], "--data", str(single), "--k", "1,4"], ["line 1", "only k=1"]),
         (["score", "--model", models["overfit"], "--data", str(tmp_path / "missing.jsonl"), "--out", out], ["does not exist"]),
     ]
     for argv, needles in cases:
