@@ -66,8 +66,19 @@ def test_cascade_matches_references(kv_heads, heads_per_kv, head_dim, block_size
     plain = decode_attention_reference(q, k_cache, v_cache, tables, lens, scale)
     reference = cascade_decode_attention_reference(q, k_cache, v_cache, tables, lens, starts, prefix, scale)
     torch.testing.assert_close(reference, plain, atol=1e-5, rtol=1e-5)
-    ours = cascade_decode_attention(q, k_cache, v_cache, tables, lens, starts, prefix, scale,
-                                    split_tokens=16, block_m=16, block_n=16)
+    for split_tokens, block_m in [(16, 16), (48, 32)]:  # one key tile per split; three tiles (online rescaling)
+        ours = cascade_decode_attention(q, k_cache, v_cache, tables, lens, starts, prefix, scale,
+                                        split_tokens=split_tokens, block_m=block_m, block_n=16)
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_peaked_scores_stay_finite():
+    """Scores spread over hundreds (a near one-hot softmax): no overflow in the online softmax or the merge."""
+    q, k_cache, v_cache, tables, lens, starts, prefix = _case(1, 4, 16, 4, [(12, [5, 1, 30]), (0, [40])])
+    reference = decode_attention_reference(q, k_cache, v_cache, tables, lens, 8.0)
+    ours = cascade_decode_attention(q, k_cache, v_cache, tables, lens, starts, prefix, 8.0, split_tokens=16, block_m=16,
+                                    block_n=16)
+    assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
