@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 tests=${1:-tests}
-sections=${2:-ceilings,loss,parse,decode,score}
+sections=${2:-ceilings,loss,parse,decode,cascade,score}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
