@@ -60,7 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", default="1,8,32", help="comma-separated k values (default: 1,8,32)")
     ev.add_argument("--tie-policy", default="strict", choices=("strict", "half", "fractional", "random"))
     ev.add_argument("--out-dir", default="grm_eval", help="where results.json, samples.jsonl and the plot go")
+    demo = commands.add_parser("demo", help="the whole pipeline on a tiny model trained here (no download)",
+                               description="Train a tokenizer and overfit a tiny GRM on this machine (seconds, CPU), "
+                               "write a small data set, then run `score` and `eval` on them.")
+    demo.add_argument("--out-dir", default="grm_demo", help="where the model, data and results go")
+    demo.add_argument("--examples", type=int, default=16)
+    demo.add_argument("--k", type=int, default=4, help="critiques per example")
+    demo.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     return parser
+
+
+def cmd_demo(args) -> int:
+    from .demo import build_demo
+
+    if args.examples < 1 or args.k < 1:
+        raise UsageError("--examples and --k must be >= 1")
+    print(f"building a tokenizer, a tiny GRM and {args.examples} examples under {args.out_dir} (no download)")
+    paths = build_demo(args.out_dir, num_examples=args.examples)
+    out = os.path.join(args.out_dir, "results.jsonl")
+    if os.path.exists(out):
+        os.remove(out)  # a fresh demo each time (score would otherwise resume it)
+    device = ["--device", args.device] if args.device else []
+    common = ["--model", paths["model"], "--data", paths["data"], "--max-tokens", "16", *device]
+    for argv in (["score", *common, "--k", str(args.k), "--out", out],
+                 ["eval", *common, "--k", f"1,{args.k}" if args.k > 1 else "1",
+                  "--out-dir", os.path.join(args.out_dir, "eval")]):
+        print("\n$ grm-engine " + " ".join(argv), flush=True)
+        code = main(argv)
+        if code:
+            return code
+    print(f"\nThe tiny model always answers \\boxed{{9, 2}}: 9 for the response shown first. After un-shuffling, the "
+          f"votes follow the random response orders, so the accuracy above measures the orders, not judgement. "
+          f"Swap --model for a real GRM checkpoint to score for real.")
+    return 0
 
 
 # ---- checks before any model is loaded ----
@@ -332,6 +364,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "score":
             return cmd_score(args)
+        if args.command == "demo":
+            return cmd_demo(args)
         return cmd_eval(args)
     except UsageError as e:
         print(f"grm-engine {args.command}: error: {e}", file=sys.stderr)

@@ -7,7 +7,8 @@ import pytest
 
 from grm_engine import cli
 from grm_engine.grm import GRM, sample_permutation
-from test_grm import build_models, make_examples, sentence
+from grm_engine.demo import make_examples, sentence, write_jsonl
+from test_grm import build_models
 
 SMALL = ["--max-tokens", "16", "--max-num-seqs", "64"]
 
@@ -15,14 +16,6 @@ SMALL = ["--max-tokens", "16", "--max-num-seqs", "64"]
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     return build_models(tmp_path_factory.mktemp("grm_models"))
-
-
-def write_jsonl(path, examples):
-    with open(path, "w") as f:
-        for e in examples:
-            f.write(json.dumps({"id": e.id, "query": e.query, "responses": e.responses, "best": e.best,
-                                "subset": e.subset}) + "\n")
-    return str(path)
 
 
 def write_rewardbench(path, count: int):
@@ -170,10 +163,23 @@ def test_eval_table_json_and_plot(models, tmp_path, capsys):
     assert report["sampled_run"]["parse_failures"] == {"NO_SCORES": 0, "WRONG_COUNT": 0, "OUT_OF_RANGE": 0}
 
 
-def test_module_entry_point_lists_only_score_and_eval():
+def test_module_entry_point_lists_the_existing_commands():
     out = subprocess.run([sys.executable, "-m", "grm_engine", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    assert "{score,eval}" in out.stdout
+    assert "{score,eval,demo}" in out.stdout
+
+
+def test_demo_runs_the_pipeline_end_to_end(tmp_path, capsys):
+    root = tmp_path / "demo"
+    assert cli.main(["demo", "--out-dir", str(root), "--examples", "5", "--k", "2", "--device", "cpu"]) == 0
+    lines = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == [f"ex{i}" for i in range(5)]
+    for line in lines:  # the overfit model's critique parses: 9 for the response shown first, 2 for the second
+        assert [s["status"] for s in line["samples"]] == ["OK", "OK"]
+        assert sorted(line["totals"]) in ([4.0, 18.0], [11.0, 11.0])
+    report = json.loads((root / "eval" / "results.json").read_text())
+    assert set(report["methods"]) == {"Greedy", "Voting@1", "Voting@2"}
+    assert "Voting@2" in capsys.readouterr().out
 
 
 @pytest.mark.gpu
