@@ -281,9 +281,10 @@ class Decoder:
         top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64)
         want_logprobs = any(s.params.logprobs for s in seqs)
         all_greedy = all(s.params.temperature <= 0 for s in seqs)
+        any_greedy = any(s.params.temperature <= 0 for s in seqs)
         any_filter = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs)
         tokens, logprobs = sample(row_logits, temperature.to(device), top_k.to(device), top_p.to(device), keys.to(device),
-                                  want_logprobs, all_greedy=all_greedy, any_filter=any_filter)
+                                  want_logprobs, all_greedy=all_greedy, any_filter=any_filter, any_greedy=any_greedy)
         tokens = tokens.tolist()
         logprobs = logprobs.tolist() if logprobs is not None else None
         finished = 0

@@ -1,11 +1,16 @@
 """Token sampling with counter-based noise: greedy, temperature, top-k, top-p.
 
 Sampling is the Gumbel-max trick: token = argmax(logits / T + g) over the tokens top-k/top-p keep, with
-g = -log(-log(u)) and u a hash of (seed, request, sample index, position, token id). The hash uses int64
-torch ops on 32-bit values with multipliers below 2**31 (no overflow), so CPU and GPU draw the same u, and a
-sample's tokens do not depend on batch composition, step order or preemption.
+g = -log(-log(u)) and u a hash of (seed, request, sample index, position, token id). The specification
+(`uniform_noise_reference`) uses int64 torch ops on 32-bit values with multipliers below 2**31 (no
+overflow), so CPU and GPU draw the same u, and a sample's tokens do not depend on batch composition, step
+order or preemption. `uniform_noise`, used by `sample`, computes the same bits on int32 tensors holding the
+32-bit patterns (multiplication wraps mod 2**32 on CPU and CUDA; right shifts are made logical by masking),
+in place, with the per-token half of the hash cached: half the bytes and fewer [B, V] temporaries.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -31,12 +36,45 @@ def row_keys(keys: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def uniform_noise_reference(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, 4] keys -> u [B, V] in (0, 1), 24 random bits each, a pure function of (key row, token id)."""
     token_ids = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
     token_hash = mix32(token_ids ^ 0x082EFA98)  # [V]
     bits = mix32(row_keys(keys)[:, None] ^ token_hash[None, :])  # [B, V]
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def to_int32_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> int32 tensor with the same 32-bit pattern (explicit, no cast overflow)."""
+    return (x - ((x >> 31) << 32)).to(torch.int32)
+
+
+def mix32_int32_(x: torch.Tensor) -> torch.Tensor:
+    """mix32 on int32 bit patterns, in place. x >> s is arithmetic on int32; masking the top s bits makes it
+    the logical shift of the uint32 reference; x * c wraps mod 2**32, as (x * c) & MASK32 does in int64."""
+    x ^= (x >> 16).bitwise_and_(0xFFFF)
+    x.mul_(0x7FEB352D)
+    x ^= (x >> 15).bitwise_and_(0x1FFFF)
+    x.mul_(0x5BD1E995)
+    x ^= (x >> 16).bitwise_and_(0xFFFF)
+    return x
+
+
+@functools.lru_cache(maxsize=8)
+def token_hash_int32(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[V] int32: mix32(token_id ^ salt), the key-independent half of the noise hash (same every step)."""
+    token_ids = torch.arange(vocab_size, device=device, dtype=torch.int64)
+    return to_int32_bits(mix32(token_ids ^ 0x082EFA98))
+
+
+def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Same u as uniform_noise_reference, bit for bit: [B, 4] keys -> [B, V] fp32."""
+    row_hash = to_int32_bits(row_keys(keys))  # [B]
+    bits = row_hash[:, None] ^ token_hash_int32(vocab_size, keys.device)[None, :]  # [B, V] int32
+    mix32_int32_(bits)
+    bits >>= 8  # the top 24 bits; the mask below undoes the sign extension
+    u = bits.bitwise_and_(0xFFFFFF).float()  # exact: 24-bit integers
+    return u.add_(0.5).mul_(1.0 / (1 << 24))
 
 
 def top_k_top_p_mask(scaled_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -53,24 +91,27 @@ def top_k_top_p_mask(scaled_logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            keys: torch.Tensor, want_logprobs: bool = False, *, all_greedy: bool | None = None,
-           any_filter: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           any_filter: bool | None = None, any_greedy: bool | None = None,
+           noise=uniform_noise) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V] fp32; temperature, top_p [B] float; top_k [B] int; keys [B, 4] int64.
     Returns tokens [B] int64 and, if asked, log_softmax(logits / T)[token] [B] (T = 1 for greedy rows).
-    all_greedy / any_filter may be given by a caller that knows them, to save a device sync each."""
+    all_greedy / any_filter / any_greedy may be given by a caller that knows them, to save a device sync or
+    a [B, V] pass each. noise: uniform_noise or the reference (tests)."""
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    tokens = torch.argmax(logits, dim=-1)
     if all_greedy is None:
         all_greedy = bool(greedy.all())
+    tokens = torch.argmax(logits, dim=-1) if all_greedy or any_greedy is not False else None
     if not all_greedy:
         filtered = scaled
         if any_filter is None:
             any_filter = bool(((top_k > 0) | (top_p < 1)).any())
         if any_filter:
             filtered = scaled.masked_fill(~top_k_top_p_mask(scaled, top_k, top_p), float("-inf"))
-        gumbel = -torch.log(-torch.log(uniform_noise(keys, logits.shape[-1])))
-        sampled = torch.argmax(filtered + gumbel, dim=-1)
-        tokens = torch.where(greedy, tokens, sampled)
+        # -log(-log(u)) + filtered, in place: the same float ops as the unfused expression
+        perturbed = noise(keys, logits.shape[-1]).log_().neg_().log_().neg_().add_(filtered)
+        sampled = torch.argmax(perturbed, dim=-1)
+        tokens = sampled if tokens is None else torch.where(greedy, tokens, sampled)
     logprobs = None
     if want_logprobs:
         logprobs = torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None]).squeeze(1)
