@@ -34,9 +34,13 @@ class PhaseTimer:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.patched: list[tuple[object, str, object]] = []
 
     def wrap(self, owner, attr: str, name: str) -> None:
+        if not hasattr(owner, attr):
+            return  # an older decoder without this phase
         inner = getattr(owner, attr)
+        self.patched.append((owner, attr, owner.__dict__.get(attr)))
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
@@ -46,6 +50,14 @@ class PhaseTimer:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
         setattr(owner, attr, timed)
+
+    def restore(self) -> None:
+        for owner, attr, original in reversed(self.patched):
+            if original is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
+        self.patched.clear()
 
 
 def run_case(vocab_size: int, num_prompts: int, n: int, prompt_len: int, new_tokens: int, temperature: float,
@@ -63,6 +75,8 @@ def run_case(vocab_size: int, num_prompts: int, n: int, prompt_len: int, new_tok
 
     timer = PhaseTimer()
     timer.wrap(dec.runner, "prepare", "prepare")
+    timer.wrap(dec.runner, "prepare_decode", "prepare")
+    timer.wrap(getattr(decoder_module, "SamplingArrays", None), "build", "sampling_inputs")
     timer.wrap(dec.runner.model, "forward", "forward")
     timer.wrap(dec.runner.model, "compute_logits", "logits")
     timer.wrap(decoder_module, "sample", "sample")
@@ -81,6 +95,7 @@ def run_case(vocab_size: int, num_prompts: int, n: int, prompt_len: int, new_tok
     dec.generate(prompts, params, use_tqdm=False)
     if prof:
         prof.disable()
+    timer.restore()
     stats = dec.stats
     steps = stats.decode_steps
     step_ms = 1e3 * stats.decode_seconds / steps

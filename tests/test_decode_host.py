@@ -50,3 +50,63 @@ def test_int32_noise_equals_the_reference_on_gpu():
     keys = random_keys(64, seed=5).cuda()
     assert torch.equal(uniform_noise(keys, 152064), uniform_noise_reference(keys, 152064))
     assert torch.equal(uniform_noise(keys, 152064).cpu(), uniform_noise_reference(keys.cpu(), 152064))
+
+
+def test_host_row_hash_equals_the_device_row_keys():
+    from grm_engine.decode.sampler import row_hash_numpy, row_keys, to_int32_bits
+
+    keys = random_keys(64, seed=2)
+    assert torch.equal(torch.from_numpy(row_hash_numpy(keys.numpy())), to_int32_bits(row_keys(keys)))
+    assert torch.equal(uniform_noise(torch.from_numpy(row_hash_numpy(keys.numpy())), 777), uniform_noise_reference(keys, 777))
+
+
+def test_vectorized_decode_inputs_equal_the_reference_prepare():
+    """Every decode step of a run with forks, copy-on-write and preemption: prepare_decode == prepare."""
+    from grm_engine.decode import Decoder, SamplingParams
+    from test_decode_models import tiny_model
+
+    decoder = Decoder.from_pretrained(tiny_model("qwen2"), num_kv_blocks=40, block_size=4)
+    runner, checked = decoder.runner, []
+    fast = runner.prepare_decode
+
+    def checking(batch, extra=()):
+        ids, pos, meta, extra_t = fast(batch, extra)
+        ref_ids, ref_pos, ref_meta = runner.prepare(batch)
+        assert torch.equal(ids, ref_ids) and torch.equal(pos, ref_pos)
+        for name in ("slot_mapping", "block_tables", "context_lens"):
+            assert torch.equal(getattr(meta, name), getattr(ref_meta, name)), name
+        assert (meta.query_starts, meta.num_cached, meta.max_context_len, meta.is_prefill) == (
+            ref_meta.query_starts, ref_meta.num_cached, ref_meta.max_context_len, ref_meta.is_prefill)
+        assert [torch.equal(t, torch.from_numpy(a)) for t, a in zip(extra_t, extra)] == [True] * len(extra)
+        checked.append(len(batch.seqs))
+        return ids, pos, meta, extra_t
+
+    runner.prepare_decode = checking
+    prompts = [[5 + i for i in range(n)] for n in (3, 9, 14)]
+    decoder.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=20, ignore_eos=True, seed=4), use_tqdm=False)
+    assert decoder.stats.preemptions > 0 and len(checked) == decoder.stats.decode_steps and max(checked) == 9
+
+
+def test_packed_upload_round_trips_every_dtype_and_shape():
+    import numpy as np
+
+    from grm_engine.decode.model_runner import upload_packed
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(-2**40, 2**40, 5), rng.integers(-9, 9, (3, 7)).astype(np.int32), rng.random(3).astype(np.float32),
+              np.zeros((0,), np.int64), rng.integers(0, 5, 1).astype(np.int32), rng.integers(0, 5, (2, 2))]
+    out = upload_packed(arrays, torch.device("cpu"), pin=False)
+    assert len(out) == len(arrays)
+    for t, a in zip(out, arrays):
+        assert t.shape == a.shape and t.numpy().dtype == a.dtype and np.array_equal(t.numpy(), a)
+
+
+@pytest.mark.gpu
+def test_packed_upload_on_gpu():
+    import numpy as np
+
+    from grm_engine.decode.model_runner import upload_packed
+
+    arrays = [np.arange(5, dtype=np.int64), np.arange(21, dtype=np.int32).reshape(3, 7), np.linspace(0, 1, 3, dtype=np.float32)]
+    for t, a in zip(upload_packed(arrays, torch.device("cuda"), pin=True), arrays):
+        assert t.is_cuda and np.array_equal(t.cpu().numpy(), a)

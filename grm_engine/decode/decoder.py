@@ -5,6 +5,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import loader
@@ -12,7 +13,7 @@ from .block_manager import BlockManager
 from .config import DecoderConfig, SamplingParams
 from .model_runner import ModelRunner
 from .models import model_class
-from .sampler import sample
+from .sampler import row_hash_numpy, sample
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 
@@ -227,15 +228,19 @@ class Decoder:
             batch = scheduler.schedule()
             if not batch.seqs:
                 raise RuntimeError("Decoder: the scheduler found nothing to run (KV pool too small for any sequence)")
-            logits = self.runner.run(batch)
-            needs_logits = [batch.needs_logits(i) for i in range(len(batch.seqs))]
-            scheduler.finish_step(batch)
             if batch.is_prefill:
+                logits = self.runner.run(batch)
+                needs_logits = [batch.needs_logits(i) for i in range(len(batch.seqs))]
+                scheduler.finish_step(batch)
                 stats.prefill_steps += 1
                 stats.prefill_tokens += sum(batch.num_new_tokens)
-            else:
+                sampled, finished = self._sample_and_append(batch, needs_logits, logits, scheduler, seeds, results)
+            else:  # every sequence samples; sampling inputs ride along with the step's inputs (one copy)
+                host = SamplingArrays.build(batch.seqs, seeds)
+                logits, device_arrays = self.runner.run_decode(batch, host.arrays())
+                scheduler.finish_step(batch)
                 stats.decode_steps += 1
-            sampled, finished = self._sample_and_append(batch, needs_logits, logits, scheduler, seeds, results)
+                sampled, finished = self._sample_and_append_rows(batch.seqs, logits, host, device_arrays, scheduler, results)
             stats.generated_tokens += sampled
             if batch.is_prefill:
                 stats.prefill_seconds += time.perf_counter() - step_start
@@ -273,19 +278,18 @@ class Decoder:
             row += 1
         if not seqs:
             return 0, 0
-        device = logits.device
-        row_logits = logits[torch.tensor(rows, device=device)] if len(rows) != logits.shape[0] or rows != list(range(len(rows))) else logits
-        keys = torch.tensor([[*seeds[s.request_index], s.sample_index, len(s)] for s in seqs], dtype=torch.int64)
-        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
-        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
-        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64)
-        want_logprobs = any(s.params.logprobs for s in seqs)
-        all_greedy = all(s.params.temperature <= 0 for s in seqs)
-        any_greedy = any(s.params.temperature <= 0 for s in seqs)
-        any_filter = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs)
-        tokens, logprobs = sample(row_logits, temperature.to(device), top_k.to(device), top_p.to(device), keys.to(device),
-                                  want_logprobs, all_greedy=all_greedy, any_filter=any_filter, any_greedy=any_greedy)
-        tokens = tokens.tolist()
+        if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        host = SamplingArrays.build(seqs, seeds)
+        device_arrays = [torch.from_numpy(a).to(logits.device) for a in host.arrays()]
+        return self._sample_and_append_rows(seqs, logits, host, device_arrays, scheduler, results)
+
+    def _sample_and_append_rows(self, seqs, logits, host: "SamplingArrays", device_arrays, scheduler, results) -> tuple[int, int]:
+        """Row i of logits [len(seqs), V] samples seqs[i]'s next token; device_arrays = host.arrays() on the device."""
+        row_hash, temperature, top_p, top_k = device_arrays
+        tokens, logprobs = sample(logits, temperature, top_k, top_p, row_hash, host.want_logprobs,
+                                  all_greedy=host.all_greedy, any_filter=host.any_filter, any_greedy=host.any_greedy)
+        tokens = tokens.tolist()  # the step's one sync
         logprobs = logprobs.tolist() if logprobs is not None else None
         finished = 0
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
@@ -325,6 +329,34 @@ class Decoder:
                 if cut >= 0:
                     text = text[:cut]
         return SampleOutput(seq.sample_index, seq.output_token_ids, text, reason, list(seq.logprobs) if seq.params.logprobs else None)
+
+
+@dataclass
+class SamplingArrays:
+    """Host-side sampling inputs of one step, built with numpy (no per-row tensors, no device syncs)."""
+
+    row_hash: np.ndarray  # [B] int32: the per-row half of the noise hash of key (seed, request, sample, position)
+    temperature: np.ndarray  # [B] float32
+    top_p: np.ndarray  # [B] float32
+    top_k: np.ndarray  # [B] int64
+    want_logprobs: bool
+    all_greedy: bool
+    any_greedy: bool
+    any_filter: bool
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], seeds) -> "SamplingArrays":
+        num = len(seqs)
+        keys = np.array([(*seeds[s.request_index], s.sample_index, len(s)) for s in seqs], dtype=np.uint64).reshape(num, 4)
+        temperature = np.fromiter((s.params.temperature for s in seqs), np.float32, num)
+        top_p = np.fromiter((s.params.top_p for s in seqs), np.float32, num)
+        top_k = np.fromiter((s.params.top_k for s in seqs), np.int64, num)
+        greedy = temperature <= 0
+        return cls(row_hash_numpy(keys), temperature, top_p, top_k, any(s.params.logprobs for s in seqs),
+                   bool(greedy.all()), bool(greedy.any()), bool(((top_k > 0) | (top_p < 1)).any()))
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.row_hash, self.temperature, self.top_p, self.top_k]
 
 
 def _try_tokenizer(path: str):

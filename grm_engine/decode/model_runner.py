@@ -1,6 +1,12 @@
 """Runs one scheduled step: builds the step's tensors (token ids, positions, slots, block tables), applies
-copy-on-write block copies, runs the model and returns the logits of the sequences that sample."""
+copy-on-write block copies, runs the model and returns the logits of the sequences that sample.
+
+A decode step builds its inputs with numpy (`prepare_decode`; `prepare` with its per-token loop is the
+reference) and moves them, with the caller's sampling arrays, to the device in one pinned copy (`upload`).
+"""
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -29,6 +35,34 @@ class ModelRunner:
             src = torch.tensor([s for s, _ in copies], device=self.device)
             dst = torch.tensor([d for _, d in copies], device=self.device)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Host arrays -> device tensors (same dtypes and shapes); on CUDA through one pinned copy."""
+        if self.device.type != "cuda":
+            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        return upload_packed(arrays, self.device, pin=True)
+
+    def prepare_decode(self, batch: ScheduledBatch, extra: list[np.ndarray] = ()):
+        """A decode step (one new token per sequence), vectorized: the same tensors as prepare, plus the
+        caller's `extra` host arrays on the device, all in one transfer."""
+        assert not batch.is_prefill
+        bs, seqs = self.block_size, batch.seqs
+        num_seqs = len(seqs)
+        positions = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, num_seqs)  # [B]
+        input_ids = np.fromiter((s.token_ids[s.num_computed_tokens] for s in seqs), np.int64, num_seqs)
+        tables = [s.block_table for s in seqs]
+        table_lens = np.fromiter(map(len, tables), np.int64, num_seqs)
+        block_tables = np.zeros((num_seqs, int(table_lens.max())), dtype=np.int32)  # [B, max_blocks], 0-padded
+        block_tables[np.arange(block_tables.shape[1])[None, :] < table_lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(tables), np.int32, int(table_lens.sum()))  # row-major, as the rows
+        slots = block_tables[np.arange(num_seqs), positions // bs].astype(np.int64) * bs + positions % bs
+        context_lens = (positions + 1).astype(np.int32)
+        ids_t, pos_t, slots_t, tables_t, lens_t, *extra_t = self.upload(
+            [input_ids, positions, slots, block_tables, context_lens, *extra])
+        meta = AttentionMetadata(is_prefill=False, slot_mapping=slots_t, block_tables=tables_t, context_lens=lens_t,
+                                 query_starts=list(range(num_seqs + 1)), num_cached=positions.tolist(),
+                                 max_context_len=int(context_lens.max()))
+        return ids_t, pos_t, meta, extra_t
 
     def prepare(self, batch: ScheduledBatch):
         bs = self.block_size
@@ -65,6 +99,13 @@ class ModelRunner:
         )
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
 
+    def run_decode(self, batch: ScheduledBatch, extra: list[np.ndarray] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A decode step: -> (fp32 logits [B, vocab], one row per sequence, and `extra` on the device)."""
+        self.copy_blocks(batch.block_copies)
+        input_ids, positions, meta, extra_t = self.prepare_decode(batch, extra)
+        hidden = self.model.forward(input_ids, positions, self.layer_caches, meta)  # [B, hidden]
+        return self.model.compute_logits(hidden), extra_t
+
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """-> fp32 logits [N, vocab], one row per sequence i with batch.needs_logits(i), in batch order."""
         self.copy_blocks(batch.block_copies)
@@ -76,3 +117,21 @@ class ModelRunner:
         if batch.is_prefill:
             hidden = hidden[torch.tensor(rows, device=self.device)]
         return self.model.compute_logits(hidden)
+
+
+def upload_packed(arrays: list[np.ndarray], device: torch.device, pin: bool) -> list[torch.Tensor]:
+    """Copies arrays into one byte buffer (each 8-byte aligned, so every slice views as its dtype), moves it
+    in one (pinned, non-blocking) copy and returns views of the device buffer with the arrays' dtypes/shapes."""
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // 8) * 8
+    staging = np.empty(total, dtype=np.uint8)
+    for a, offset in zip(arrays, offsets):
+        staging[offset:offset + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    host = torch.from_numpy(staging)
+    packed = host.pin_memory().to(device, non_blocking=True) if pin else host.to(device)
+    return [packed[o:o + a.nbytes].view(_TORCH_DTYPE[a.dtype]).view(a.shape) for a, o in zip(arrays, offsets)]
+
+
+_TORCH_DTYPE = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -34,6 +35,28 @@ def row_keys(keys: torch.Tensor) -> torch.Tensor:
     for column, salt in ((1, 0x13198A2E), (2, 0x03707344), (3, 0x299F31D0)):
         h = mix32(h ^ mix32((keys[:, column] & MASK32) ^ salt))
     return h
+
+
+def mix32_numpy(x: np.ndarray) -> np.ndarray:
+    """mix32 on a uint64 numpy array holding values in [0, 2**32) (host side, for the per-row half)."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & np.uint64(MASK32)
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x5BD1E995)) & np.uint64(MASK32)
+    return x ^ (x >> np.uint64(16))
+
+
+def row_hash_numpy(keys: np.ndarray) -> np.ndarray:
+    """row_keys on the host: keys [B, 4] int64/uint64 -> [B] int32 holding the 32-bit row states (as
+    to_int32_bits(row_keys(keys))). Saves the ~50 tiny device ops of row_keys per step."""
+    keys = keys.astype(np.uint64)
+    m = np.uint64(MASK32)
+    seed = keys[:, 0]
+    h = mix32_numpy(((seed >> np.uint64(32)) & m) ^ np.uint64(0x243F6A88))
+    h = mix32_numpy(h ^ (seed & m))
+    for column, salt in ((1, 0x13198A2E), (2, 0x03707344), (3, 0x299F31D0)):
+        h = mix32_numpy(h ^ mix32_numpy((keys[:, column] & m) ^ np.uint64(salt)))
+    return h.astype(np.uint32).view(np.int32)
 
 
 def uniform_noise_reference(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -68,8 +91,11 @@ def token_hash_int32(vocab_size: int, device: torch.device) -> torch.Tensor:
 
 
 def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Same u as uniform_noise_reference, bit for bit: [B, 4] keys -> [B, V] fp32."""
-    row_hash = to_int32_bits(row_keys(keys))  # [B]
+    """Same u as uniform_noise_reference, bit for bit: [B, 4] int64 keys, or [B] int32 row hashes
+    (row_hash_numpy, computed on the host) -> [B, V] fp32."""
+    row_hash = keys if keys.dim() == 1 else to_int32_bits(row_keys(keys))  # [B] int32
+    if row_hash.dtype != torch.int32:
+        raise TypeError(f"uniform_noise: row hashes must be int32, got {row_hash.dtype}")
     bits = row_hash[:, None] ^ token_hash_int32(vocab_size, keys.device)[None, :]  # [B, V] int32
     mix32_int32_(bits)
     bits >>= 8  # the top 24 bits; the mask below undoes the sign extension
@@ -93,7 +119,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            keys: torch.Tensor, want_logprobs: bool = False, *, all_greedy: bool | None = None,
            any_filter: bool | None = None, any_greedy: bool | None = None,
            noise=uniform_noise) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits [B, V] fp32; temperature, top_p [B] float; top_k [B] int; keys [B, 4] int64.
+    """logits [B, V] fp32; temperature, top_p [B] float; top_k [B] int; keys [B, 4] int64 (or [B] int32 row
+    hashes from row_hash_numpy, with the default noise).
     Returns tokens [B] int64 and, if asked, log_softmax(logits / T)[token] [B] (T = 1 for greedy rows).
     all_greedy / any_filter / any_greedy may be given by a caller that knows them, to save a device sync or
     a [B, V] pass each. noise: uniform_noise or the reference (tests)."""
