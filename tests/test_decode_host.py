@@ -110,3 +110,20 @@ def test_packed_upload_on_gpu():
     arrays = [np.arange(5, dtype=np.int64), np.arange(21, dtype=np.int32).reshape(3, 7), np.linspace(0, 1, 3, dtype=np.float32)]
     for t, a in zip(upload_packed(arrays, torch.device("cuda"), pin=True), arrays):
         assert t.is_cuda and np.array_equal(t.cpu().numpy(), a)
+
+
+def test_noise_never_reaches_one():
+    """u = 1.0 would give +inf Gumbel noise (a uniformly random token, filters ignored); the top 24-bit value
+    is capped below 1. Keys chosen so that the old formula produced exactly 1.0 somewhere."""
+    keys = torch.stack([torch.full((64,), 5), torch.zeros(64, dtype=torch.long), torch.arange(64), torch.full((64,), 100)], 1)
+    from grm_engine.decode.sampler import row_keys, mix32
+
+    bits = mix32(row_keys(keys)[:, None] ^ mix32(torch.arange(152064) ^ 0x082EFA98)[None, :])
+    assert ((bits >> 8) == 0xFFFFFF).any()  # the edge case is exercised
+    for noise in (uniform_noise, uniform_noise_reference):
+        u = noise(keys, 152064)
+        assert u.max() < 1 and u.min() > 0 and torch.isfinite(-torch.log(-torch.log(u))).all()
+    # a token the top-k filter removed is never drawn
+    logits = torch.zeros(64, 152064)
+    tokens, _ = sample(logits, torch.ones(64), torch.full((64,), 1), torch.ones(64), keys)
+    assert (tokens == 0).all()

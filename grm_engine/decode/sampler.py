@@ -16,6 +16,10 @@ import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
+# (2**24 - 1 + 0.5) / 2**24 rounds to exactly 1.0 in fp32, and u = 1 makes the Gumbel noise +inf: that token
+# would win whatever its logit or filter (~V / 2**24 of the rows, 0.9% at V = 152k). u is capped at the
+# largest fp32 below 1 instead.
+U_MAX = 1.0 - 2.0**-24
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +68,7 @@ def uniform_noise_reference(keys: torch.Tensor, vocab_size: int) -> torch.Tensor
     token_ids = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
     token_hash = mix32(token_ids ^ 0x082EFA98)  # [V]
     bits = mix32(row_keys(keys)[:, None] ^ token_hash[None, :])  # [B, V]
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return (((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp_max(U_MAX)
 
 
 def to_int32_bits(x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +104,7 @@ def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     mix32_int32_(bits)
     bits >>= 8  # the top 24 bits; the mask below undoes the sign extension
     u = bits.bitwise_and_(0xFFFFFF).float()  # exact: 24-bit integers
-    return u.add_(0.5).mul_(1.0 / (1 << 24))
+    return u.add_(0.5).mul_(1.0 / (1 << 24)).clamp_max_(U_MAX)
 
 
 def top_k_top_p_mask(scaled_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
