@@ -46,7 +46,9 @@ def test_sampler_draws_the_same_tokens_with_either_noise():
 
 
 @pytest.mark.gpu
-def test_int32_noise_equals_the_reference_on_gpu():
+@pytest.mark.parametrize("backend", ["triton", "reference"])  # the fused kernel, the torch int32 ops
+def test_fast_noise_equals_the_reference_on_gpu(backend, monkeypatch):
+    monkeypatch.setenv("GRM_ENGINE_BACKEND", backend)
     keys = random_keys(64, seed=5).cuda()
     assert torch.equal(uniform_noise(keys, 152064), uniform_noise_reference(keys, 152064))
     assert torch.equal(uniform_noise(keys, 152064).cpu(), uniform_noise_reference(keys.cpu(), 152064))
@@ -127,3 +129,21 @@ def test_noise_never_reaches_one():
     logits = torch.zeros(64, 152064)
     tokens, _ = sample(logits, torch.ones(64), torch.full((64,), 1), torch.ones(64), keys)
     assert (tokens == 0).all()
+
+
+def test_triton_noise_kernel_equals_the_reference():
+    """Under TRITON_INTERPRET=1 on CPU, on the device in the gpu lane; includes a draw at the u < 1 cap."""
+    from grm_engine.decode.noise_triton import uniform_noise_triton
+    from grm_engine.decode.sampler import mix32, row_keys, to_int32_bits
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    keys = random_keys(6, seed=9)
+    for vocab_size in (1, 1000, 3333):
+        fast = uniform_noise_triton(to_int32_bits(row_keys(keys)).to(device), vocab_size).cpu()
+        assert torch.equal(fast, uniform_noise_reference(keys, vocab_size))
+    # a key row whose top 24-bit draw sits at token `col` (the cap below 1 applies there)
+    edge = torch.tensor([[5, 0, r, 100] for r in range(64)])
+    bits = mix32(row_keys(edge)[:, None] ^ mix32(torch.arange(152064) ^ 0x082EFA98)[None, :])
+    row, col = [int(i) for i in ((bits >> 8) == 0xFFFFFF).nonzero()[0]]
+    fast = uniform_noise_triton(to_int32_bits(row_keys(edge[row:row + 1])).to(device), col + 1, block=4096).cpu()
+    assert torch.equal(fast, uniform_noise_reference(edge[row:row + 1], col + 1)) and fast[0, col] < 1

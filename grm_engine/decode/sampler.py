@@ -6,7 +6,8 @@ g = -log(-log(u)) and u a hash of (seed, request, sample index, position, token 
 overflow), so CPU and GPU draw the same u, and a sample's tokens do not depend on batch composition, step
 order or preemption. `uniform_noise`, used by `sample`, computes the same bits on int32 tensors holding the
 32-bit patterns (multiplication wraps mod 2**32 on CPU and CUDA; right shifts are made logical by masking),
-in place, with the per-token half of the hash cached: half the bytes and fewer [B, V] temporaries.
+in place, with the per-token half of the hash cached: half the bytes and fewer [B, V] temporaries; on
+CUDA it is one Triton kernel (noise_triton.py) that only writes u.
 """
 from __future__ import annotations
 
@@ -100,6 +101,12 @@ def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     row_hash = keys if keys.dim() == 1 else to_int32_bits(row_keys(keys))  # [B] int32
     if row_hash.dtype != torch.int32:
         raise TypeError(f"uniform_noise: row hashes must be int32, got {row_hash.dtype}")
+    from .attention import attention_backend
+
+    if attention_backend(row_hash.device) == "triton":  # CUDA: one fused kernel (noise_triton.py)
+        from .noise_triton import uniform_noise_triton
+
+        return uniform_noise_triton(row_hash, vocab_size)
     bits = row_hash[:, None] ^ token_hash_int32(vocab_size, keys.device)[None, :]  # [B, V] int32
     mix32_int32_(bits)
     bits >>= 8  # the top 24 bits; the mask below undoes the sign extension
