@@ -64,6 +64,7 @@ def run_case(vocab_size: int, num_prompts: int, n: int, prompt_len: int, new_tok
              profile: bool, top: int) -> dict:
     from grm_engine.decode import Decoder, SamplingParams
     from grm_engine.decode import decoder as decoder_module
+    from grm_engine.decode import scheduler as scheduler_module
 
     model = tiny_qwen2(vocab_size)
     blocks = num_prompts * n * (-(-(prompt_len + new_tokens) // 16) + 1) + 16
@@ -77,6 +78,7 @@ def run_case(vocab_size: int, num_prompts: int, n: int, prompt_len: int, new_tok
     timer.wrap(dec.runner, "prepare", "prepare")
     timer.wrap(dec.runner, "prepare_decode", "prepare")
     timer.wrap(getattr(decoder_module, "SamplingArrays", None), "build", "sampling_inputs")
+    timer.wrap(scheduler_module.Scheduler, "schedule", "schedule")
     timer.wrap(dec.runner.model, "forward", "forward")
     timer.wrap(dec.runner.model, "compute_logits", "logits")
     timer.wrap(decoder_module, "sample", "sample")

@@ -162,6 +162,8 @@ class BlockManager:
             self._unref(src)
             seq.block_table[index] = dst
             copy = (src, dst)
+        else:
+            return None  # nothing taken: the peak cannot have moved
         self._note_peak()
         return copy
 

@@ -100,6 +100,9 @@ class Scheduler:
         queue = deque(self.running)
         while queue:
             seq = queue.popleft()
+            if self.block_manager.num_blocks_to_append(seq) == 0:  # most steps: the slot is in a private block
+                scheduled.append(seq)
+                continue
             while self.block_manager.num_blocks_to_append(seq) > self.block_manager.num_free_blocks:
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
