@@ -147,3 +147,26 @@ def test_triton_noise_kernel_equals_the_reference():
     row, col = [int(i) for i in ((bits >> 8) == 0xFFFFFF).nonzero()[0]]
     fast = uniform_noise_triton(to_int32_bits(row_keys(edge[row:row + 1])).to(device), col + 1, block=4096).cpu()
     assert torch.equal(fast, uniform_noise_reference(edge[row:row + 1], col + 1)) and fast[0, col] < 1
+
+
+def test_sampling_arrays_hold_each_rows_key_and_params():
+    """SamplingArrays.build (numpy) == the per-row formula: key (seed, request key, sample index, length)."""
+    from grm_engine.decode import SamplingParams
+    from grm_engine.decode.decoder import SamplingArrays
+    from grm_engine.decode.sampler import row_keys, to_int32_bits
+    from grm_engine.decode.sequence import Sequence
+
+    shared = SamplingParams(temperature=0.7, top_k=5)
+    mixed = [shared, SamplingParams(temperature=0.0, top_p=0.9, logprobs=True), SamplingParams(top_k=3)]
+    seeds = [(2**63 - 1, 0), (12345, 2**32 - 1), (0, 7)]
+    for params in ([shared] * 3, mixed):
+        seqs = [Sequence(10 + i, i % 3, i, list(range(3 + i)), 3, params[i % 3]) for i in range(7)]
+        host = SamplingArrays.build(seqs, seeds)
+        keys = torch.tensor([[*seeds[s.request_index], s.sample_index, len(s)] for s in seqs], dtype=torch.int64)
+        assert torch.equal(torch.from_numpy(host.row_hash), to_int32_bits(row_keys(keys)))
+        assert host.temperature.tolist() == [torch.tensor(s.params.temperature).item() for s in seqs]
+        assert host.top_p.tolist() == [torch.tensor(s.params.top_p).item() for s in seqs]
+        assert host.top_k.tolist() == [s.params.top_k for s in seqs]
+        assert host.want_logprobs == any(s.params.logprobs for s in seqs)
+        assert (host.all_greedy, host.any_greedy) == (False, any(s.params.temperature == 0 for s in seqs))
+        assert host.any_filter

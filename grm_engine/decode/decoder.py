@@ -346,13 +346,26 @@ class SamplingArrays:
 
     @classmethod
     def build(cls, seqs: list[Sequence], seeds) -> "SamplingArrays":
+        """seeds[r] = (seed, request key) of request r; a row's noise key is (seed, key, sample index, length)."""
         num = len(seqs)
-        keys = np.array([(*seeds[s.request_index], s.sample_index, len(s)) for s in seqs], dtype=np.uint64).reshape(num, 4)
-        temperature = np.fromiter((s.params.temperature for s in seqs), np.float32, num)
-        top_p = np.fromiter((s.params.top_p for s in seqs), np.float32, num)
-        top_k = np.fromiter((s.params.top_k for s in seqs), np.int64, num)
+        request = np.fromiter((s.request_index for s in seqs), np.int64, num)
+        keys = np.empty((num, 4), dtype=np.uint64)
+        keys[:, :2] = np.array(seeds, dtype=np.uint64).reshape(-1, 2)[request]
+        keys[:, 2] = np.fromiter((s.sample_index for s in seqs), np.int64, num)
+        keys[:, 3] = np.fromiter(map(len, seqs), np.int64, num)
+        params = [s.params for s in seqs]
+        if all(p is params[0] for p in params):  # one SamplingParams for the whole batch (the usual case)
+            first = params[0]
+            temperature = np.full(num, first.temperature, np.float32)
+            top_p, top_k = np.full(num, first.top_p, np.float32), np.full(num, first.top_k, np.int64)
+            want_logprobs = first.logprobs
+        else:
+            temperature = np.fromiter((p.temperature for p in params), np.float32, num)
+            top_p = np.fromiter((p.top_p for p in params), np.float32, num)
+            top_k = np.fromiter((p.top_k for p in params), np.int64, num)
+            want_logprobs = any(p.logprobs for p in params)
         greedy = temperature <= 0
-        return cls(row_hash_numpy(keys), temperature, top_p, top_k, any(s.params.logprobs for s in seqs),
+        return cls(row_hash_numpy(keys), temperature, top_p, top_k, want_logprobs,
                    bool(greedy.all()), bool(greedy.any()), bool(((top_k > 0) | (top_p < 1)).any()))
 
     def arrays(self) -> list[np.ndarray]:
