@@ -32,6 +32,19 @@ def _chunk_logits(h, weight, bias, out):
     return torch.addmm(bias, h, weight.t(), out=out)
 
 
+def _token_chunks(flat_hidden, token_index, weight, bias, chunk):
+    """Per chunk of `chunk` unmasked tokens: (start, end, flat index [C], hidden rows h [C, H], logits [C, V]).
+    One logits buffer serves every chunk: allocating per chunk kept two chunks alive at the peak."""
+    num_tokens = token_index.numel()
+    buffer = torch.empty(min(chunk, num_tokens), weight.shape[0], device=flat_hidden.device,
+                         dtype=flat_hidden.dtype)  # [C, V]
+    for start in range(0, num_tokens, chunk):
+        end = min(start + chunk, num_tokens)
+        index = token_index[start:end]
+        h = flat_hidden.index_select(0, index)  # [C, H]
+        yield start, end, index, h, _chunk_logits(h, weight, bias, buffer[: end - start])
+
+
 def _gather(tensor, index, batch, length):
     """[B] or [B, T] per-token quantity -> [N] at the flat token positions `index`."""
     if tensor is None:
@@ -67,13 +80,7 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
         grad_bias = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
         loss_parts, kl_parts, clip_parts = [], [], []
         chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size(), hidden.device)
-        # one logits buffer for every chunk: allocating per chunk kept two chunks alive at the peak
-        buffer = torch.empty(min(chunk, num_tokens), vocab, device=hidden.device, dtype=hidden.dtype)  # [C, V]
-        for start in range(0, num_tokens, chunk):
-            end = min(start + chunk, num_tokens)
-            index = token_index[start:end]
-            h = flat_hidden.index_select(0, index)  # [C, H]
-            logits = _chunk_logits(h, weight, bias, buffer[: end - start])  # [C, V], hidden dtype
+        for start, end, index, h, logits in _token_chunks(flat_hidden, token_index, weight, bias, chunk):
             rows = slice(start, end)
             out = launch_rows(
                 logits[None], ids[None, rows], token_w[None, rows], advantages=adv[None, rows],
@@ -147,12 +154,7 @@ def fused_linear_token_logprobs_triton(hidden, weight, completion_ids, *, bias=N
     entropy = torch.zeros_like(logp) if return_entropy else None
     flat_hidden = hidden.reshape(-1, hidden_size)
     chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size(), hidden.device)
-    buffer = torch.empty(min(chunk, num_tokens), vocab, device=hidden.device, dtype=hidden.dtype)  # [C, V]
-    for start in range(0, num_tokens, chunk):
-        end = min(start + chunk, num_tokens)
-        index = token_index[start:end]
-        h = flat_hidden.index_select(0, index)  # [C, H]
-        logits = _chunk_logits(h, weight, bias, buffer[: end - start])  # [C, V]
+    for start, end, index, _, logits in _token_chunks(flat_hidden, token_index, weight, bias, chunk):
         out = launch_rows(logits[None], ids[None, start:end], ones[None, start:end], temperature=temperature,
                           compute_loss=False, compute_entropy=return_entropy, block_v=block_v, num_warps=num_warps)
         logp.index_copy_(0, index, out["logp"][0])
