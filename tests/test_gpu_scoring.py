@@ -269,15 +269,22 @@ def test_host_core_vote_matches_reference(host_core, variant):
     assert (want.best == -1).sum() >= 4 and (want.best >= 0).sum() > 10  # ties and winners both occur
 
 
-def test_host_core_rule_reward_matches_reference(host_core):
-    g = torch.Generator().manual_seed(5)
-    rows, n_max = 300, 3
+def random_reward_case(seed: int, rows: int, n_max: int):
+    """Ragged rows (1..n_max responses, NaN past n) of small scores (ties), 60% OK statuses, and a best index
+    (the label for one-response rows): scores [rows, n_max], counts [rows], status [rows], best [rows]."""
+    g = torch.Generator().manual_seed(seed)
     scores = torch.randint(1, 4, (rows, n_max), generator=g).float()
     counts = torch.randint(1, n_max + 1, (rows,), generator=g)
     scores[torch.arange(n_max)[None, :] >= counts[:, None]] = float("nan")
     status = torch.randint(0, 4, (rows,), generator=g).to(torch.int8)
     status[torch.rand(rows, generator=g) < 0.6] = 0
     best = torch.where(counts == 1, torch.randint(1, 4, (rows,), generator=g), torch.randint(0, 3, (rows,), generator=g) % counts)
+    return scores, counts, status, best
+
+
+def test_host_core_rule_reward_matches_reference(host_core):
+    rows, n_max = 300, 3
+    scores, counts, status, best = random_reward_case(5, rows, n_max)
     for num_responses in (None, counts):
         want_correct = is_correct(scores, status, best, num_responses=num_responses)
         correct = np.zeros(rows, dtype=bool)
@@ -360,14 +367,8 @@ def test_gpu_vote_rejects_bad_permutation():
 def test_gpu_rule_reward_matches_reference():
     from grm_engine.gpu_scoring import is_correct_cuda, rule_reward_cuda
 
-    g = torch.Generator().manual_seed(9)
     rows, n_max = 4000, 3
-    scores = torch.randint(1, 4, (rows, n_max), generator=g).float()
-    counts = torch.randint(1, n_max + 1, (rows,), generator=g)
-    scores[torch.arange(n_max)[None, :] >= counts[:, None]] = float("nan")
-    status = torch.randint(0, 4, (rows,), generator=g).to(torch.int8)
-    status[torch.rand(rows, generator=g) < 0.6] = 0
-    best = torch.where(counts == 1, torch.randint(1, 4, (rows,), generator=g), torch.randint(0, 3, (rows,), generator=g) % counts)
+    scores, counts, status, best = random_reward_case(9, rows, n_max)
     for num_responses in (None, counts):
         want = rule_reward(scores, status, best, num_responses=num_responses)
         got = rule_reward_cuda(scores.cuda(), status.cuda(), best.cuda(),
