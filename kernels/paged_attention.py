@@ -49,7 +49,7 @@ def _tanh(x):
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, partial_ptr, stats_ptr,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
-    scale, softcap, window, tokens_per_split, num_splits,
+    scale, softcap, window, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -62,8 +62,12 @@ def _paged_decode_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(query_pos - window + 1, 0)
-    start = tl.maximum(lo, split * tokens_per_split)
-    end = tl.minimum(context_len, (split + 1) * tokens_per_split)
+    # Each sequence splits its own visible span [lo, context_len) into num_splits pieces of whole key tiles, so
+    # the split points depend only on its own length (and num_splits), not on the longest sequence of the batch,
+    # and the grid does not depend on any length at all (a CUDA graph can freeze it). Empty splits store (-inf, 0).
+    tokens_per_split = tl.cdiv(tl.cdiv(context_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * tokens_per_split
+    end = tl.minimum(context_len, start + tokens_per_split)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -146,19 +150,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softcap: float | None = None, max_context_len: int | None = None,
                            num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, kv_heads, D]; block_tables [B, max_blocks] int32;
-    context_lens [B] int32 (the query sits at position context_lens[b] - 1). Returns [B, H, D] in q's dtype."""
+    context_lens [B] int32 (the query sits at position context_lens[b] - 1). Returns [B, H, D] in q's dtype.
+    num_splits: key splits per sequence (default from the batch and max_context_len; given, the host reads
+    nothing from the device, as inside a CUDA graph)."""
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     assert num_heads % kv_heads == 0, f"paged_decode_attention: {num_heads} query heads for {kv_heads} KV heads"
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
     assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
-    if max_context_len is None:
-        max_context_len = int(context_lens.max())
     if num_splits is None:
+        if max_context_len is None:
+            max_context_len = int(context_lens.max())
         num_splits = choose_num_splits(batch, kv_heads, max_context_len, q.device)
-    tokens_per_split = -(-max_context_len // num_splits)
-    tokens_per_split = -(-tokens_per_split // block_n) * block_n
-    num_splits = -(-max_context_len // tokens_per_split)
     group = num_heads // kv_heads
     out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=q.dtype)
     partial = stats = out
@@ -170,7 +173,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, out, partial, stats,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        float(scale), float(softcap or 1.0), int(window or 0), tokens_per_split, num_splits,
+        float(scale), float(softcap or 1.0), int(window or 0), num_splits,
         GROUP=group, HEAD_DIM=head_dim, NUM_HEADS=num_heads, SINGLE_SPLIT=num_splits == 1, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None,

@@ -40,6 +40,7 @@ def test_store_kv_matches_reference():
     (4, 1, 32, 8, [5, 70, 41], None, None, 3),  # split-K with uneven and empty splits
     (2, 2, 16, 4, [30, 12], 8, 2.0, 2),  # sliding window + soft-capping (Gemma 2)
     (6, 2, 24, 16, [19, 50], None, None, 2),  # head_dim not a power of two, group of 3
+    (4, 2, 16, 4, [3, 100, 17], 12, None, 8),  # more splits than a short sequence has tiles: empty splits
 ])
 def test_paged_decode_matches_reference(num_heads, kv_heads, head_dim, block_size, lens, window, softcap, num_splits):
     k_cache, v_cache, tables, context_lens = random_pages(len(lens), kv_heads, head_dim, block_size, lens)

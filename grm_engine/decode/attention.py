@@ -26,6 +26,8 @@ class AttentionMetadata:
     query_starts: list[int]  # [B + 1] prefill: sequence b's new tokens are rows query_starts[b]:[b + 1]
     num_cached: list[int]  # [B] prefill: tokens already in the pages before this step
     max_context_len: int
+    num_splits: int | None = None  # decode: key splits per sequence, fixed by the caller (CUDA graphs); None: chosen here
+    cascade: object | None = None  # decode: a CascadePlan when samples share prompt pages (rows grouped by prompt)
 
 
 def attention_backend(device: torch.device) -> str:
@@ -134,10 +136,16 @@ def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, 
 
 def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale, window=None, softcap=None):
     if attention_backend(q.device) == "triton":
+        if meta.cascade is not None and window is None and softcap is None:  # the shared-prefix kernel's scope
+            from grm_engine.kernels.cascade_attention import cascade_decode_attention
+
+            return cascade_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, None, None,
+                                            scale, plan=meta.cascade)
         from grm_engine.kernels.paged_attention import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                      window=window, softcap=softcap, max_context_len=meta.max_context_len)
+                                      window=window, softcap=softcap, max_context_len=meta.max_context_len,
+                                      num_splits=meta.num_splits)
     return decode_attention_reference(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window, softcap)
 
 

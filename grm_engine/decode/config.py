@@ -1,6 +1,7 @@
 """User-facing settings of the decoder: what to sample (SamplingParams) and how to run (DecoderConfig)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 
@@ -62,6 +63,12 @@ class DecoderConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA only); False: the same step, eager
+    max_cuda_graphs: int = 64  # step shapes captured at most; later shapes run eagerly
+
+    def use_cuda_graphs(self) -> bool:
+        """cuda_graphs, unless the environment says GRM_ENGINE_CUDA_GRAPHS=0 (debugging without editing code)."""
+        return self.cuda_graphs and os.environ.get("GRM_ENGINE_CUDA_GRAPHS", "1").strip() not in ("0", "false", "off")
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

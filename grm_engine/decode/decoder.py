@@ -78,7 +78,8 @@ class Decoder:
         self.vocab_size = model.lm_head.shape[0]
         num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs, config.use_cuda_graphs(),
+                                  config.max_cuda_graphs)
         self.stats = DecoderStats()
         self.step_hook = None  # called with each finished ScheduledBatch (profilers, progress probes)
         self._next_seq_id = 0
@@ -87,9 +88,10 @@ class Decoder:
     def from_pretrained(cls, path_or_module, *, tokenizer=None, dtype=None, device=None, block_size: int = 16,
                         kv_cache_memory_fraction: float = 0.9, max_num_seqs: int = 256, num_kv_blocks: int | None = None,
                         max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
-                        enable_prefix_caching: bool = True) -> "Decoder":
+                        enable_prefix_caching: bool = True, cuda_graphs: bool = True) -> "Decoder":
         """path_or_module: a Hugging Face checkpoint directory (config.json + *.safetensors) or a live
-        transformers causal LM (its weights are shared, not copied, when dtype/device match)."""
+        transformers causal LM (its weights are shared, not copied, when dtype/device match).
+        cuda_graphs=False (or GRM_ENGINE_CUDA_GRAPHS=0) runs the decode step eagerly, same numbers (for debugging)."""
         live = isinstance(path_or_module, torch.nn.Module)
         if live:
             config = path_or_module.config
@@ -112,7 +114,8 @@ class Decoder:
         model = cls_(config, weights, max_positions=max_model_len)
         dconfig = DecoderConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory_fraction=kv_cache_memory_fraction,
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching)
+                                max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+                                cuda_graphs=cuda_graphs)
         return cls(model, tokenizer, dconfig, loader.generation_eos_ids(path_or_module, config), max_model_len, live)
 
     def _blocks_from_memory(self) -> int:
@@ -237,10 +240,10 @@ class Decoder:
                 sampled, finished = self._sample_and_append(batch, needs_logits, logits, scheduler, seeds, results)
             else:  # every sequence samples; sampling inputs ride along with the step's inputs (one copy)
                 host = SamplingArrays.build(batch.seqs, seeds)
-                logits, device_arrays = self.runner.run_decode(batch, host.arrays())
+                tokens, logprobs = self.runner.decode_step(batch, host)
                 scheduler.finish_step(batch)
                 stats.decode_steps += 1
-                sampled, finished = self._sample_and_append_rows(batch.seqs, logits, host, device_arrays, scheduler, results)
+                sampled, finished = self._append_tokens(batch.seqs, tokens, logprobs, scheduler, results)
             stats.generated_tokens += sampled
             if batch.is_prefill:
                 stats.prefill_seconds += time.perf_counter() - step_start
@@ -289,6 +292,10 @@ class Decoder:
         row_hash, temperature, top_p, top_k = device_arrays
         tokens, logprobs = sample(logits, temperature, top_k, top_p, row_hash, host.want_logprobs,
                                   all_greedy=host.all_greedy, any_filter=host.any_filter, any_greedy=host.any_greedy)
+        return self._append_tokens(seqs, tokens, logprobs, scheduler, results)
+
+    def _append_tokens(self, seqs, tokens, logprobs, scheduler, results) -> tuple[int, int]:
+        """tokens [len(seqs)] (log-probs [len(seqs)] or None) on the device: append, finish. -> (sampled, finished)."""
         tokens = tokens.tolist()  # the step's one sync
         logprobs = logprobs.tolist() if logprobs is not None else None
         finished = 0

@@ -1,8 +1,9 @@
 """Runs one scheduled step: builds the step's tensors (token ids, positions, slots, block tables), applies
 copy-on-write block copies, runs the model and returns the logits of the sequences that sample.
 
-A decode step builds its inputs with numpy (`prepare_decode`; `prepare` with its per-token loop is the
-reference) and moves them, with the caller's sampling arrays, to the device in one pinned copy (`upload`).
+A decode step builds its inputs with numpy (`decode_arrays`; `prepare` with its per-token loop is the
+reference) and moves them, with the sampling arrays, to the device in one pinned copy; on CUDA the step
+(forward, logits, sampling) runs padded to a bucket, replayed from a CUDA graph (cuda_graphs.py).
 """
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import itertools
 import numpy as np
 import torch
 
-from .attention import AttentionMetadata
+from .attention import AttentionMetadata, attention_backend
+from .cuda_graphs import DecodeGraphs, StepKey
+from .sampler import sample
 from .scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model, num_kv_blocks: int, block_size: int):
+    def __init__(self, model, num_kv_blocks: int, block_size: int, max_num_seqs: int = 256, cuda_graphs: bool = True,
+                 max_cuda_graphs: int = 64):
         self.model = model
         self.block_size = block_size
         self.device = model.device
@@ -25,6 +29,9 @@ class ModelRunner:
         self.kv_cache = torch.zeros(2, model.num_layers, num_kv_blocks, block_size, model.num_kv_heads,
                                     model.head_dim, dtype=model.dtype, device=self.device)
         self.layer_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(model.num_layers)]
+        self.graphs = None  # the padded (graph-capturable) decode step: CUDA with the Triton kernels only
+        if self.device.type == "cuda" and attention_backend(self.device) == "triton":
+            self.graphs = DecodeGraphs(model, self.layer_caches, block_size, max_num_seqs, cuda_graphs, max_cuda_graphs)
 
     @staticmethod
     def kv_bytes_per_block(model, block_size: int) -> int:
@@ -42,9 +49,8 @@ class ModelRunner:
             return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         return upload_packed(arrays, self.device, pin=True)
 
-    def prepare_decode(self, batch: ScheduledBatch, extra: list[np.ndarray] = ()):
-        """A decode step (one new token per sequence), vectorized: the same tensors as prepare, plus the
-        caller's `extra` host arrays on the device, all in one transfer."""
+    def decode_arrays(self, batch: ScheduledBatch) -> dict[str, np.ndarray]:
+        """A decode step's inputs on the host, vectorized (one new token per sequence)."""
         assert not batch.is_prefill
         bs, seqs = self.block_size, batch.seqs
         num_seqs = len(seqs)
@@ -57,11 +63,17 @@ class ModelRunner:
             itertools.chain.from_iterable(tables), np.int32, int(table_lens.sum()))  # row-major, as the rows
         slots = block_tables[np.arange(num_seqs), positions // bs].astype(np.int64) * bs + positions % bs
         context_lens = (positions + 1).astype(np.int32)
-        ids_t, pos_t, slots_t, tables_t, lens_t, *extra_t = self.upload(
-            [input_ids, positions, slots, block_tables, context_lens, *extra])
+        return dict(input_ids=input_ids, positions=positions, slots=slots, block_tables=block_tables,
+                    context_lens=context_lens)
+
+    def prepare_decode(self, batch: ScheduledBatch, extra: list[np.ndarray] = ()):
+        """A decode step's tensors (as prepare's), plus the caller's `extra` host arrays, in one transfer."""
+        arrays = self.decode_arrays(batch)
+        ids_t, pos_t, slots_t, tables_t, lens_t, *extra_t = self.upload(list(arrays.values()) + list(extra))
+        positions = arrays["positions"]
         meta = AttentionMetadata(is_prefill=False, slot_mapping=slots_t, block_tables=tables_t, context_lens=lens_t,
-                                 query_starts=list(range(num_seqs + 1)), num_cached=positions.tolist(),
-                                 max_context_len=int(context_lens.max()))
+                                 query_starts=list(range(len(batch.seqs) + 1)), num_cached=positions.tolist(),
+                                 max_context_len=int(positions.max()) + 1)
         return ids_t, pos_t, meta, extra_t
 
     def prepare(self, batch: ScheduledBatch):
@@ -99,12 +111,28 @@ class ModelRunner:
         )
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
 
-    def run_decode(self, batch: ScheduledBatch, extra: list[np.ndarray] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """A decode step: -> (fp32 logits [B, vocab], one row per sequence, and `extra` on the device)."""
+    def decode_step(self, batch: ScheduledBatch, sampling) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A decode step with sampling (`sampling`: the decoder's SamplingArrays for batch.seqs)
+        -> (tokens [B] int64, log-probs [B] fp32 or None) on the device. On CUDA with the Triton kernels: a
+        padded step replayed from a CUDA graph (cuda_graphs.py); elsewhere: eager and unpadded."""
         self.copy_blocks(batch.block_copies)
-        input_ids, positions, meta, extra_t = self.prepare_decode(batch, extra)
-        hidden = self.model.forward(input_ids, positions, self.layer_caches, meta)  # [B, hidden]
-        return self.model.compute_logits(hidden), extra_t
+        flags = dict(all_greedy=sampling.all_greedy, any_filter=sampling.any_filter, any_greedy=sampling.any_greedy)
+        if self.graphs is None:
+            input_ids, positions, meta, (row_hash, temperature, top_p, top_k) = self.prepare_decode(batch, sampling.arrays())
+            hidden = self.model.forward(input_ids, positions, self.layer_caches, meta)  # [B, hidden]
+            logits = self.model.compute_logits(hidden)  # [B, V] fp32
+            return sample(logits, temperature, top_k, top_p, row_hash, sampling.want_logprobs, **flags)
+        from grm_engine.kernels.paged_attention import choose_num_splits
+
+        arrays = self.decode_arrays(batch)
+        arrays.update(row_hash=sampling.row_hash, temperature=sampling.temperature, top_p=sampling.top_p,
+                      top_k=sampling.top_k)
+        num_seqs = len(batch.seqs)
+        padded = self.graphs.bucket(num_seqs)
+        width = max(16, 1 << (arrays["block_tables"].shape[1] - 1).bit_length())  # power of two: few graph shapes
+        key = StepKey(padded, width, (sampling.all_greedy, sampling.any_greedy, sampling.any_filter, sampling.want_logprobs),
+                      choose_num_splits(padded, self.model.num_kv_heads, width * self.block_size, self.device))
+        return self.graphs.run(key, arrays, num_seqs)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """-> fp32 logits [N, vocab], one row per sequence i with batch.needs_logits(i), in batch order."""

@@ -1,0 +1,89 @@
+"""The decode step padded to a batch bucket and replayed from CUDA graphs (grm_engine/decode/cuda_graphs.py).
+
+CPU lane: the padded step (run eagerly, Triton kernels under the interpreter) gives the unpadded step's tokens.
+GPU lane: graphs on == graphs off bit for bit (tokens and log-probs), across bucket changes, sampler modes,
+sliding-window / soft-capped layers and preemption; captured graphs are reused.
+"""
+import pytest
+import torch
+
+from grm_engine.decode import Decoder, SamplingParams
+from grm_engine.decode.cuda_graphs import DecodeGraphs, StepBuffers, StepKey, batch_buckets, step_fields
+from test_decode_models import make_prompts, tiny_model
+
+
+def test_batch_buckets():
+    assert batch_buckets(256)[:6] == [1, 2, 4, 8, 16, 24]
+    assert batch_buckets(256)[-3:] == [192, 224, 256]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert batch_buckets(1) == [1]
+
+
+def test_step_buffers_views_do_not_overlap():
+    key = StepKey(8, 16, (False, False, False, False), 2, cascade=(4, 1, 1))
+    buffers = StepBuffers(step_fields(key), torch.device("cpu"))
+    for i, view in enumerate(buffers.host_views.values()):
+        view[...] = i + 1
+    buffers.upload()
+    for i, (name, view) in enumerate(buffers.device_views.items()):
+        assert bool((view == i + 1).all()), name
+
+
+def outputs(decoder, prompts, params):
+    results = decoder.generate(prompts, params, use_tqdm=False)
+    return [[(s.token_ids, s.logprobs) for s in r.outputs] for r in results]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_padded_step_matches_unpadded_on_cpu(family, monkeypatch):
+    """The bucketed step (padding rows, widened block tables, fixed splits) == the plain eager step."""
+    monkeypatch.setenv("GRM_ENGINE_BACKEND", "triton")
+    model = tiny_model(family, seed=3)
+    prompts = make_prompts()[:3]
+    params = [SamplingParams(n=3, temperature=0.8, top_k=20, max_tokens=6 + 3 * i, seed=5, ignore_eos=True, logprobs=True)
+              for i in range(len(prompts))]
+    plain = Decoder.from_pretrained(model, num_kv_blocks=64, block_size=4, max_num_seqs=16)
+    padded = Decoder.from_pretrained(model, num_kv_blocks=64, block_size=4, max_num_seqs=16)
+    padded.runner.graphs = DecodeGraphs(padded.model, padded.runner.layer_caches, 4, 16, enabled=False)
+    ours, ref = outputs(padded, prompts, params), outputs(plain, prompts, params)
+    assert [[t for t, _ in r] for r in ours] == [[t for t, _ in r] for r in ref]
+    for r_ours, r_ref in zip(ours, ref):
+        for (_, lp_ours), (_, lp_ref) in zip(r_ours, r_ref):
+            torch.testing.assert_close(torch.tensor(lp_ours), torch.tensor(lp_ref), atol=1e-4, rtol=1e-4)
+    assert padded.runner.graphs.buffers, "the padded path did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_graphs_on_equal_graphs_off_gpu(family):
+    from test_decode_gpu import medium_model, prompts as gpu_prompts
+
+    model = medium_model(family)
+    prompts = gpu_prompts()
+    cases = [
+        SamplingParams(n=5, temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=True),  # greedy
+        [SamplingParams(n=4, temperature=1.0, top_p=0.9, top_k=50, max_tokens=20 + 15 * i, seed=2, ignore_eos=True,
+                        logprobs=True) for i in range(len(prompts))],  # filters; batch shrinks through buckets
+        SamplingParams(n=7, temperature=0.7, max_tokens=33, seed=9, ignore_eos=True),  # no filter, no log-probs
+    ]
+    on = Decoder.from_pretrained(model, max_num_seqs=32, num_kv_blocks=2048)
+    off = Decoder.from_pretrained(model, max_num_seqs=32, num_kv_blocks=2048, cuda_graphs=False)
+    for params in cases:
+        assert outputs(on, prompts, params) == outputs(off, prompts, params)
+    assert on.runner.graphs.graphs and not off.runner.graphs.graphs
+    captured = len(on.runner.graphs.graphs)
+    outputs(on, prompts, cases[0])
+    assert len(on.runner.graphs.graphs) == captured, "a repeated run captured new graphs"
+
+
+@pytest.mark.gpu
+def test_graphs_with_preemption_gpu():
+    """A pool too small for every sample: preempted sequences recompute, graphs keep giving the eager tokens."""
+    from test_decode_gpu import medium_model, prompts as gpu_prompts
+
+    model = medium_model("llama")
+    params = SamplingParams(n=8, temperature=1.0, max_tokens=64, seed=4, ignore_eos=True)
+    on = Decoder.from_pretrained(model, max_num_seqs=32, num_kv_blocks=160)
+    off = Decoder.from_pretrained(model, max_num_seqs=32, num_kv_blocks=300, cuda_graphs=False)
+    assert outputs(on, gpu_prompts(), params) == outputs(off, gpu_prompts(), params)
+    assert on.stats.preemptions > 0
