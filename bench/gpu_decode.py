@@ -147,6 +147,13 @@ def run_case(args, section_start, name, model_type, shape, num_prompts, prompt_l
         "peak_blocks": stats.peak_blocks_in_use, "peak_KV_GB": stats.peak_blocks_in_use * 16 * kv_bytes_per_token(model) / 1e9,
         "pool_blocks": decoder.block_manager.num_blocks, "preemptions": stats.preemptions,
     }
+    row["cuda_graphs"] = stats.extra.get("cuda_graphs")
+    row["graph_capture_s"] = stats.extra.get("graph_capture_s")
+    if DEVICE == "cuda":  # the same padded step without graphs (the debugging switch): what the graphs save
+        decoder.runner.graphs.enabled = False
+        decoder.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=32, ignore_eos=True, seed=0), use_tqdm=False)
+        decoder.runner.graphs.enabled = True
+        row["eager_step_ms"] = 1e3 * decoder.stats.decode_seconds / max(decoder.stats.decode_steps, 1)
     if num_prompts * n * prompt_len <= 64 * 1024:  # the gather-everything reference is affordable here
         row["ref_ms"] = reference_attention_step_ms(decoder, prompts, n)
     out_dir = os.environ.get("OUT", ".")

@@ -221,6 +221,10 @@ class Decoder:
         stats.prefix_cache_hit_tokens = scheduler.num_prefix_hit_tokens
         stats.peak_blocks_in_use = self.block_manager.peak_blocks_in_use
         stats.preemptions = scheduler.num_preemptions
+        graphs = self.runner.graphs
+        if graphs is not None:  # cumulative over the decoder's life: a shape is captured once
+            stats.extra.update(cuda_graphs=len(graphs.graphs), graph_capture_s=graphs.capture_seconds,
+                               graphs_enabled=graphs.enabled)
         self.stats = stats
         return [RequestOutput(r, token_lists[r], list(outs)) for r, outs in enumerate(results)]
 
