@@ -114,11 +114,11 @@ def _stacked_rows_attention_kernel(
     if IS_SUFFIX:  # grid (B, kv_heads, num_suffix_splits): one sample's private pages
         first_sample = tl.program_id(0)
         split = tl.program_id(2)
-        num_samples = 1
         first_row = 0
         prefix_len = tl.load(prefix_tokens_ptr + first_sample)
         token_start = prefix_len + split * split_tokens
         token_end = tl.minimum(tl.load(context_lens_ptr + first_sample), token_start + split_tokens)
+        num_samples = (token_start < token_end).to(tl.int32)  # 0 past the suffix (or for an empty suffix)
         slot = (prefix_len + split_tokens - 1) // split_tokens + split
     else:  # grid (num_items, kv_heads): one row tile of a group against one split of its shared prefix
         item = items_ptr + tl.program_id(0) * 6
@@ -130,6 +130,8 @@ def _stacked_rows_attention_kernel(
         slot = tl.load(item + 5)
 
     r = first_row + tl.arange(0, BLOCK_M)
+    # A program with no rows (a no-op item padding a graph's work list; a suffix split past the sequence's
+    # suffix, the grid being an upper bound) loads nothing, loops over its (empty) key range and stores nothing.
     row_mask = r < num_samples * HEADS_PER_KV
     sample = (first_sample + r // HEADS_PER_KV).to(tl.int64)  # [BLOCK_M]
     head = kv_head * HEADS_PER_KV + r % HEADS_PER_KV
@@ -161,7 +163,7 @@ def _stacked_rows_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
-    # partial [B, H, num_slots, D], stats [B, H, num_slots, 2]; an empty range writes (-inf, 0) and zeros
+    # partial [B, H, num_slots, D], stats [B, H, num_slots, 2]; the merge reads only the slots whose range is not empty
     out_row = (sample * NUM_HEADS + head) * num_slots + slot  # [BLOCK_M]
     tl.store(partial_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_mask[:, None] & d_mask[None, :])
     tl.store(stats_ptr + out_row * 2, m, mask=row_mask)
@@ -192,68 +194,155 @@ def _merge_slots_kernel(partial_ptr, stats_ptr, context_lens_ptr, prefix_tokens_
 
 
 # ----------------------------------------------------------------------------------------------- launcher
-@dataclass
-class CascadePlan:
-    """Work lists for one decode step (shared by every layer of the step; build once with plan_cascade)."""
+NO_OP_ITEM = (0, 0, 0, 0, 0, 0)  # no rows and an empty key range: the program stores nothing (pads a graph's list)
 
-    prefix_items: torch.Tensor  # [num_items, ITEM_FIELDS] int32 on the device
-    prefix_tokens: torch.Tensor  # [B] int32: shared prefix tokens of each sequence's group
+
+def item_capacity_for(num_items: int) -> int:
+    """Work-list rows to allocate for num_items: the next power of two, so CUDA-graph keys repeat across steps."""
+    return 1 << max(0, int(num_items) - 1).bit_length()
+
+
+@dataclass
+class HostCascadePlan:
+    """A step's work lists on the host (numpy), for the caller to pack into its one host-to-device copy; the ints
+    are what a CUDA graph freezes (`graph_key`). Turn it into a CascadePlan with CascadePlan.from_host."""
+
+    items: np.ndarray  # [item_capacity, ITEM_FIELDS] int32; rows past num_items are NO_OP_ITEM
+    prefix_tokens: np.ndarray  # [B] int32: shared prefix tokens of each sequence's group (0: plain)
+    num_items: int  # work items used (the rest pad to the capacity)
     num_prefix_slots: int  # max prefix splits over groups
-    num_suffix_splits: int  # suffix splits launched per sequence (an upper bound; empty ones are cheap)
+    num_suffix_splits: int  # suffix splits launched per sequence: an upper bound; past a suffix, a split stores nothing
     split_tokens: int
     block_m: int
     heads_per_kv: int
 
+    @property
+    def graph_key(self) -> tuple[int, int, int]:
+        """(item capacity, prefix slots, suffix splits): the launch shape a captured graph freezes."""
+        return self.items.shape[0], self.num_prefix_slots, self.num_suffix_splits
+
+
+def _group_arrays(group_starts, prefix_blocks) -> tuple[np.ndarray, np.ndarray]:
+    """group_starts [G + 1], prefix_blocks [G] as int64 numpy (host values only), checked like check_groups."""
+    starts = np.asarray(group_starts.tolist() if torch.is_tensor(group_starts) else group_starts, dtype=np.int64)
+    blocks = np.asarray(prefix_blocks.tolist() if torch.is_tensor(prefix_blocks) else prefix_blocks, dtype=np.int64)
+    if starts.ndim != 1 or blocks.ndim != 1 or len(starts) != len(blocks) + 1:
+        raise ValueError(f"group_starts has {len(starts)} entries, prefix_blocks {len(blocks)}: need G + 1 and G")
+    if starts[0] != 0 or (np.diff(starts) < 0).any():
+        raise ValueError(f"group_starts {starts.tolist()} must rise from 0 to the batch size")
+    if (blocks < 0).any():
+        raise ValueError(f"prefix_blocks {blocks.tolist()} must be >= 0")
+    return starts, blocks
+
+
+def plan_cascade_host(group_starts, prefix_blocks, block_size: int, num_heads: int, kv_heads: int,
+                      max_context_len: int, split_tokens: int = 1024, block_m: int = 64,
+                      item_capacity: int | None = None) -> HostCascadePlan:
+    """Host lists in, numpy work lists out (vectorized; runs once per decode step). One item per (row tile of
+    block_m stacked query rows, split of split_tokens prefix keys) of each group with a shared prefix.
+    max_context_len bounds every context (it sizes the suffix grid); item_capacity pads the list with no-ops."""
+    if num_heads % kv_heads:
+        raise ValueError(f"plan_cascade: {num_heads} query heads for {kv_heads} KV heads")
+    if split_tokens % 16 or split_tokens <= 0 or block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"plan_cascade: split_tokens {split_tokens} must be a multiple of 16, block_m {block_m} a power of 2 >= 16")
+    starts, blocks = _group_arrays(group_starts, prefix_blocks)
+    heads_per_kv = num_heads // kv_heads
+    num_samples = np.diff(starts)  # [G]
+    prefix_len = blocks * block_size  # [G]
+    prefix_tokens = np.repeat(prefix_len, num_samples).astype(np.int32)  # [B]
+    shared = (prefix_len > 0) & (num_samples > 0)
+    tiles = np.where(shared, -(-num_samples * heads_per_kv // block_m), 0)  # row tiles per group
+    splits = -(-prefix_len // split_tokens)  # prefix splits per group
+    counts = tiles * splits  # items per group, tile-major then split
+    num_items = int(counts.sum())
+    group = np.repeat(np.arange(len(blocks)), counts)  # [num_items]
+    local = np.arange(num_items) - np.repeat(np.cumsum(counts) - counts, counts)
+    split = local % np.maximum(splits[group], 1)
+    token_start = split * split_tokens
+    capacity = num_items if item_capacity is None else int(item_capacity)
+    if capacity < num_items:
+        raise ValueError(f"item_capacity {capacity} is below the {num_items} work items this step needs")
+    items = np.zeros((capacity, ITEM_FIELDS), dtype=np.int32)  # zero rows are NO_OP_ITEM
+    items[:num_items] = np.stack([starts[group], num_samples[group], local // np.maximum(splits[group], 1) * block_m,
+                                  token_start, np.minimum(prefix_len[group], token_start + split_tokens), split], axis=1)
+    num_prefix_slots = -(-int(prefix_tokens.max(initial=0)) // split_tokens)
+    max_suffix = max(1, int(max_context_len) - int(prefix_tokens.min(initial=0)))
+    return HostCascadePlan(items, prefix_tokens, num_items, num_prefix_slots, -(-max_suffix // split_tokens),
+                           split_tokens, block_m, heads_per_kv)
+
+
+@dataclass
+class CascadePlan:
+    """Work lists for one decode step on the device (shared by every layer of the step)."""
+
+    prefix_items: torch.Tensor  # [item_capacity, ITEM_FIELDS] int32 on the device (no-op rows allowed)
+    prefix_tokens: torch.Tensor  # [B] int32: shared prefix tokens of each sequence's group (padded rows: 0)
+    num_prefix_slots: int  # max prefix splits over groups
+    num_suffix_splits: int  # suffix splits launched per sequence (an upper bound; splits past a suffix store nothing)
+    split_tokens: int
+    block_m: int
+    heads_per_kv: int
+
+    @classmethod
+    def from_host(cls, host: HostCascadePlan, items: torch.Tensor, prefix_tokens: torch.Tensor) -> "CascadePlan":
+        """The device plan from device copies of host.items (or a buffer of at least num_items rows, the rest
+        no-ops) and host.prefix_tokens (or a longer one whose extra rows are padding with 0). Reads no device value."""
+        if items.dtype != torch.int32 or items.dim() != 2 or items.shape[1] != ITEM_FIELDS or items.shape[0] < host.num_items:
+            raise ValueError(f"items: need int32 [>= {host.num_items}, {ITEM_FIELDS}], got {items.dtype} {list(items.shape)}")
+        if prefix_tokens.dtype != torch.int32 or prefix_tokens.dim() != 1 or prefix_tokens.shape[0] < len(host.prefix_tokens):
+            raise ValueError(f"prefix_tokens: need int32 [>= {len(host.prefix_tokens)}], got {prefix_tokens.dtype} "
+                             f"{list(prefix_tokens.shape)}")
+        return cls(items, prefix_tokens, host.num_prefix_slots, host.num_suffix_splits, host.split_tokens, host.block_m,
+                   host.heads_per_kv)
+
 
 def plan_cascade(group_starts: Sequence[int] | torch.Tensor, prefix_blocks: Sequence[int] | torch.Tensor,
                  block_size: int, num_heads: int, kv_heads: int, max_context_len: int, device,
-                 split_tokens: int = 1024, block_m: int = 64) -> CascadePlan:
-    """Host lists in, device work lists out. split_tokens: keys per split (a multiple of 16)."""
-    if num_heads % kv_heads:
-        raise ValueError(f"plan_cascade: {num_heads} query heads for {kv_heads} KV heads")
-    if split_tokens % 16 or block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"plan_cascade: split_tokens {split_tokens} must be a multiple of 16, block_m {block_m} a power of 2 >= 16")
-    batch = int(group_starts[-1])
-    starts, blocks = check_groups(group_starts, prefix_blocks, batch)
-    heads_per_kv = num_heads // kv_heads
-    items, prefix_tokens = [], np.zeros(batch, dtype=np.int32)
-    for g, n_blocks in enumerate(blocks):
-        first, num_samples = starts[g], starts[g + 1] - starts[g]
-        prefix_len = n_blocks * block_size
-        prefix_tokens[first:first + num_samples] = prefix_len
-        for first_row in range(0, num_samples * heads_per_kv if prefix_len else 0, block_m):
-            for split, token_start in enumerate(range(0, prefix_len, split_tokens)):
-                items.append((first, num_samples, first_row, token_start, min(prefix_len, token_start + split_tokens), split))
-    items_array = np.asarray(items, dtype=np.int32).reshape(-1, ITEM_FIELDS)
-    num_prefix_slots = -(-int(prefix_tokens.max(initial=0)) // split_tokens)
-    max_suffix = max(1, max_context_len - int(prefix_tokens.min(initial=0)))
-    return CascadePlan(torch.from_numpy(items_array).to(device), torch.from_numpy(prefix_tokens).to(device),
-                       num_prefix_slots, -(-max_suffix // split_tokens), split_tokens, block_m, heads_per_kv)
+                 split_tokens: int = 1024, block_m: int = 64, item_capacity: int | None = None) -> CascadePlan:
+    """plan_cascade_host, then its arrays copied to `device` (two small copies; the decoder packs them itself)."""
+    host = plan_cascade_host(group_starts, prefix_blocks, block_size, num_heads, kv_heads, max_context_len, split_tokens,
+                             block_m, item_capacity)
+    return CascadePlan.from_host(host, torch.from_numpy(host.items).to(device),
+                                 torch.from_numpy(host.prefix_tokens).to(device))
+
+
+def workspace_numel(plan: CascadePlan | HostCascadePlan, batch: int, num_heads: int, head_dim: int) -> int:
+    """fp32 elements of the scratch (partials [B, H, slots, D] and stats [B, H, slots, 2]) one call needs."""
+    return batch * num_heads * (plan.num_prefix_slots + plan.num_suffix_splits) * (head_dim + 2)
 
 
 def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                              context_lens: torch.Tensor, group_starts, prefix_blocks, scale: float, *,
                              max_context_len: int | None = None, plan: CascadePlan | None = None,
-                             split_tokens: int = 1024, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                             split_tokens: int = 1024, block_m: int = 64, block_n: int = 64,
+                             workspace: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, kv_heads, D]; block_tables [B, max_blocks] int32; context_lens
     [B] int32; group_starts [G + 1] and prefix_blocks [G] on the host (samples of group g are rows
     group_starts[g]:group_starts[g+1] and share their first prefix_blocks[g] blocks; a group of one or with no
-    shared block is the plain path). Pass `plan` (from plan_cascade) to reuse the work lists across layers.
-    Returns [B, H, D] in q's dtype. Full attention only: no sliding window, no soft-capping."""
+    shared block is the plain path). Pass `plan` (plan_cascade or CascadePlan.from_host) to reuse the work lists
+    across layers: then the host reads no device value (CUDA-graph capturable). workspace: an optional fp32 buffer
+    of >= workspace_numel(...) elements reused for the scratch (every slot the merge reads is written by this call,
+    so stale contents never leak). Returns [B, H, D] in q's dtype. Full attention only: no window, no soft-capping."""
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
     assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32, "block_tables/context_lens: int32"
     if plan is None:
         if max_context_len is None:
-            max_context_len = int(context_lens.max())
+            max_context_len = int(context_lens.max())  # a device read: pass max_context_len or a plan to avoid it
         plan = plan_cascade(group_starts, prefix_blocks, block_size, num_heads, kv_heads, max_context_len, q.device,
                             split_tokens, block_m)
     if plan.prefix_tokens.shape[0] != batch:
-        raise ValueError(f"group_starts cover {plan.prefix_tokens.shape[0]} sequences but q holds {batch}")
+        raise ValueError(f"group_starts / the plan cover {plan.prefix_tokens.shape[0]} sequences but q holds {batch}")
     num_slots = plan.num_prefix_slots + plan.num_suffix_splits
-    partial = torch.empty(batch, num_heads, num_slots, head_dim, device=q.device, dtype=torch.float32)
-    stats = torch.empty(batch, num_heads, num_slots, 2, device=q.device, dtype=torch.float32)
+    partial_numel, need = batch * num_heads * num_slots * head_dim, workspace_numel(plan, batch, num_heads, head_dim)
+    if workspace is None:
+        workspace = torch.empty(need, device=q.device, dtype=torch.float32)
+    elif workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.numel() < need:
+        raise ValueError(f"workspace: need a contiguous fp32 buffer of >= {need} elements, got {workspace.dtype} "
+                         f"{workspace.numel()}")
+    partial = workspace[:partial_numel].view(batch, num_heads, num_slots, head_dim)
+    stats = workspace[partial_numel:need].view(batch, num_heads, num_slots, 2)
     block_d = max(16, triton.next_power_of_2(head_dim))
     common = dict(HEADS_PER_KV=plan.heads_per_kv, HEAD_DIM=head_dim, NUM_HEADS=num_heads, BLOCK_SIZE=block_size,
                   BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
