@@ -19,7 +19,9 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
         self.lm_head = self.w("model.embed_tokens.weight")  # Gemma 2 always ties the head
 
-    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    gemma_norm = True
+
+    def norm_reference(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return gemma_rms_norm(x, self.w(name), self.eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

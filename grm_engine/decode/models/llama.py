@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttentionMetadata, decode_attention, default_scale, prefill_attention, store_kv
+from ..attention import AttentionMetadata, attention_backend, decode_attention, default_scale, prefill_attention, store_kv
 from .layers import RotaryEmbedding, rms_norm
 
 ACTIVATIONS = {
@@ -19,6 +19,7 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
 }
+FUSED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 def layer_windows(config) -> list[int | None]:
@@ -51,6 +52,8 @@ class LlamaForCausalLM:
         if act not in ACTIVATIONS:
             raise NotImplementedError(f"{config.model_type}: activation {act!r} is not supported ({sorted(ACTIVATIONS)})")
         self.act = ACTIVATIONS[act]
+        self.fused_act = FUSED_ACTIVATIONS.get(act)  # the Triton gated-activation kernel's name for it, if it has one
+        self.fused = False  # Triton kernels for norms, rotary + store, gated activation (set per forward)
         self.windows = layer_windows(config)
         embed = self.w("model.embed_tokens.weight")
         self.device, self.dtype = embed.device, embed.dtype
@@ -65,8 +68,27 @@ class LlamaForCausalLM:
         except KeyError:
             raise KeyError(f"{self.config.model_type}: checkpoint lacks weight {name!r}") from None
 
+    gemma_norm = False  # (1 + w) RMSNorm weights (Gemma)
+
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.fused and x.is_contiguous():
+            from grm_engine.kernels.rms_norm import rms_norm_triton
+
+            return rms_norm_triton(x.view(-1, x.shape[-1]), self.w(name), self.eps, gemma=self.gemma_norm).view(x.shape)
+        return self.norm_reference(x, name)
+
+    def norm_reference(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return rms_norm(x, self.w(name), self.eps)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (x + delta, norm(x + delta)): the residual add and the next norm, one kernel on the fused path."""
+        if self.fused and x.is_contiguous() and delta.is_contiguous():
+            from grm_engine.kernels.rms_norm import rms_norm_triton
+
+            normed, x = rms_norm_triton(x, self.w(name), self.eps, delta=delta, gemma=self.gemma_norm)
+            return x, normed
+        x = x + delta
+        return x, self.norm_reference(x, name)
 
     def linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         return F.linear(x, self.w(prefix + ".weight"), self.weights.get(prefix + ".bias"))
@@ -83,9 +105,14 @@ class LlamaForCausalLM:
         if prefix + ".q_norm.weight" in self.weights:  # Qwen3: RMSNorm over each head before rope
             q = self.norm(q, prefix + ".q_norm.weight")
             k = self.norm(k, prefix + ".k_norm.weight")
-        q, k = self.rotary.rotate(q, *rope), self.rotary.rotate(k, *rope)
         k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if self.fused and self.head_dim & (self.head_dim - 1) == 0:  # one kernel: rotate q, k in place, store k, v
+            from grm_engine.kernels.rotary_store import rotary_store_triton
+
+            rotary_store_triton(q, k, v, *rope, k_cache, v_cache, meta.slot_mapping)
+        else:
+            q, k = self.rotary.rotate(q, *rope), self.rotary.rotate(k, *rope)
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         window = self.windows[layer]
         if meta.is_prefill:
             out = prefill_attention(q, k, v, k_cache, v_cache, meta, self.scale, window, self.softcap)
@@ -95,16 +122,23 @@ class LlamaForCausalLM:
 
     def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         prefix = f"model.layers.{layer}.mlp"
-        return self.linear(self.act(self.linear(x, prefix + ".gate_proj")) * self.linear(x, prefix + ".up_proj"), prefix + ".down_proj")
+        gate, up = self.linear(x, prefix + ".gate_proj"), self.linear(x, prefix + ".up_proj")
+        if self.fused and self.fused_act is not None:
+            from grm_engine.kernels.gated_act import gated_act_triton
+
+            return self.linear(gated_act_triton(gate, up, self.fused_act), prefix + ".down_proj")
+        return self.linear(self.act(gate) * up, prefix + ".down_proj")
 
     def decoder_layer(self, x, layer, rope, kv_cache, meta):
         prefix = f"model.layers.{layer}"
-        x = x + self.attention(self.norm(x, prefix + ".input_layernorm.weight"), layer, rope, kv_cache, meta)
-        return x + self.mlp(self.norm(x, prefix + ".post_attention_layernorm.weight"), layer)
+        attn = self.attention(self.norm(x, prefix + ".input_layernorm.weight"), layer, rope, kv_cache, meta)
+        x, normed = self.add_norm(x, attn, prefix + ".post_attention_layernorm.weight")
+        return x + self.mlp(normed, layer)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
+        self.fused = attention_backend(self.device) == "triton"
         x = self.embed(input_ids)
         rope = self.rotary.tables(positions)
         for layer in range(self.num_layers):
