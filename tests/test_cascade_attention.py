@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from grm_engine.decode.attention import decode_attention_reference
-from grm_engine.kernels.cascade_attention import (cascade_decode_attention, cascade_decode_attention_reference,
-                                                  check_shared_prefix, plan_cascade)
+from grm_engine.kernels.cascade_attention import (NO_OP_ITEM, CascadePlan, cascade_decode_attention,
+                                                  cascade_decode_attention_reference, check_shared_prefix,
+                                                  item_capacity_for, plan_cascade, plan_cascade_host, workspace_numel)
 
 
 def shared_prefix_batch(groups, kv_heads, head_dim, block_size, dtype=torch.float32, device="cpu", seed=0):
@@ -113,6 +114,88 @@ def test_contract_violations_are_named():
         plan_cascade([0, 3], [-1], 4, 2, 1, 9, "cpu")
 
 
+def test_host_plan_from_host_equals_device_plan():
+    starts, prefix = [0, 3, 4, 6, 11], [3, 0, 2, 9]
+    host = plan_cascade_host(starts, prefix, 4, 8, 2, 60, split_tokens=16, block_m=16)
+    device = plan_cascade(starts, prefix, 4, 8, 2, 60, "cpu", split_tokens=16, block_m=16)
+    built = CascadePlan.from_host(host, torch.from_numpy(host.items), torch.from_numpy(host.prefix_tokens))
+    for plan in (device, built):
+        assert torch.equal(plan.prefix_items, torch.from_numpy(host.items))
+        assert torch.equal(plan.prefix_tokens, torch.from_numpy(host.prefix_tokens))
+        assert (plan.num_prefix_slots, plan.num_suffix_splits, plan.split_tokens, plan.block_m, plan.heads_per_kv) == (
+            host.num_prefix_slots, host.num_suffix_splits, 16, 16, 4)
+    # the work list, restated: per group with a prefix, each 16-row tile of its samples x 4 heads per KV head
+    # against each 16-token split of its prefix (3 samples: 12 rows, 1 tile; 5 samples: 20 rows, 2 tiles)
+    expected = [(0, 3, 0, 0, 12, 0)] + [(4, 2, 0, 0, 8, 0)] + [(6, 5, row, start, min(36, start + 16), start // 16)
+                                                                for row in (0, 16) for start in (0, 16, 32)]
+    assert host.items.tolist() == [list(e) for e in expected] and host.num_items == 8
+    assert host.prefix_tokens.tolist() == [12] * 3 + [0] + [8] * 2 + [36] * 5
+    assert host.num_prefix_slots == 3 and host.num_suffix_splits == 4  # ceil((60 - 0) / 16)
+    padded = plan_cascade_host(starts, prefix, 4, 8, 2, 60, split_tokens=16, block_m=16, item_capacity=item_capacity_for(8 + 1))
+    assert padded.graph_key == (16, 3, 4) and padded.num_items == 8
+    assert (padded.items[:8] == host.items).all() and (padded.items[8:] == NO_OP_ITEM).all()
+    with pytest.raises(ValueError, match="item_capacity"):
+        plan_cascade_host(starts, prefix, 4, 8, 2, 60, split_tokens=16, block_m=16, item_capacity=7)
+    with pytest.raises(ValueError, match="items"):
+        CascadePlan.from_host(host, torch.zeros(7, 6, dtype=torch.int32), torch.from_numpy(host.prefix_tokens))
+    assert [item_capacity_for(n) for n in (0, 1, 2, 3, 8, 9, 1000)] == [1, 1, 2, 4, 8, 16, 1024]
+
+
+SENTINEL = 12345.0
+
+
+def _slots_written(workspace, batch, num_heads, num_slots, head_dim):
+    """[B, H, num_slots] bool: the scratch slots a call overwrote (a partial row or its stats left the sentinel)."""
+    partial_numel = batch * num_heads * num_slots * head_dim
+    partial = workspace[:partial_numel].view(batch, num_heads, num_slots, head_dim)
+    stats = workspace[partial_numel:partial_numel + batch * num_heads * num_slots * 2].view(batch, num_heads, num_slots, 2)
+    return (partial != SENTINEL).any(-1) | (stats != SENTINEL).any(-1)
+
+
+@pytest.mark.parametrize("groups", [
+    [(3, [1, 5, 0]), (0, [7]), (2, [1]), (5, [2, 9, 1, 0])],  # suffix 0: the context ends where the prefix does
+    [(4, [0, 0, 0])],  # every context is exactly the shared prefix
+    [(0, [1]), (0, [13])],  # no prefix anywhere: no items at all
+])
+def test_padded_plan_is_bitwise_equal_and_writes_only_used_slots(groups):
+    """No-op items and suffix splits past a sequence's suffix write nothing: the outputs are bitwise those of
+    the tight plan, and the only scratch slots written are those each sequence's merge reads."""
+    q, k_cache, v_cache, tables, lens, starts, prefix = _case(2, 3, 16, 4, groups)
+    batch, num_heads, head_dim = q.shape
+    tight = plan_cascade(starts, prefix, 4, num_heads, 2, int(lens.max()), "cpu", split_tokens=16, block_m=16)
+    host = plan_cascade_host(starts, prefix, 4, num_heads, 2, int(lens.max()) + 40, split_tokens=16, block_m=16,
+                             item_capacity=item_capacity_for(tight.prefix_items.shape[0] + 3))
+    padded = CascadePlan.from_host(host, torch.from_numpy(host.items), torch.from_numpy(host.prefix_tokens))
+    assert host.items.shape[0] > host.num_items and padded.num_suffix_splits > tight.num_suffix_splits
+    reference = decode_attention_reference(q, k_cache, v_cache, tables, lens, 0.25)
+    full = cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, 0.25, plan=tight, block_n=16)
+    torch.testing.assert_close(full, reference, atol=1e-5, rtol=1e-5)
+    workspace = torch.full((workspace_numel(padded, batch, num_heads, head_dim) + 5,), SENTINEL)
+    ours = cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, 0.25, plan=padded, block_n=16,
+                                    workspace=workspace)
+    assert torch.equal(ours, full)
+    num_slots = padded.num_prefix_slots + padded.num_suffix_splits
+    prefix_tokens = torch.from_numpy(host.prefix_tokens).long()
+    used = -(-prefix_tokens // 16) + -(-(lens.long() - prefix_tokens) // 16)  # [B], as the merge kernel counts
+    expected = (torch.arange(num_slots)[None, :] < used[:, None])[:, None, :].expand(batch, num_heads, num_slots)
+    assert torch.equal(_slots_written(workspace, batch, num_heads, num_slots, head_dim), expected)
+    assert (workspace[-5:] == SENTINEL).all()
+
+
+def test_workspace_reuse_is_clean():
+    """A scratch buffer reused across calls (layers) full of NaN or another call's partials changes nothing."""
+    q, k_cache, v_cache, tables, lens, starts, prefix = _case(1, 4, 16, 4, [(6, [3, 1, 9]), (0, [20]), (3, [2, 2])])
+    plan = plan_cascade(starts, prefix, 4, 4, 1, int(lens.max()), "cpu", split_tokens=16, block_m=16)
+    fresh = cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, 0.3, plan=plan, block_n=16)
+    workspace = torch.full((workspace_numel(plan, *q.shape),), float("nan"))
+    for layer_q in (q, q.flip(0) * 2.0, q):  # the second "layer" leaves other partials behind
+        out = cascade_decode_attention(layer_q, k_cache, v_cache, tables, lens, None, None, 0.3, plan=plan, block_n=16,
+                                       workspace=workspace)
+    assert torch.equal(out, fresh)
+    with pytest.raises(ValueError, match="workspace"):
+        cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, 0.3, plan=plan, workspace=workspace[:-1])
+
+
 # ----------------------------------------------------------------------------------------------- GPU lane
 def _bf16_math_attention(q, k_cache, v_cache, tables, lens, scale):
     """The plain PyTorch attention with every op in bf16 (the low-precision reference, as flash-attention's tests)."""
@@ -163,3 +246,53 @@ def test_cascade_batch_invariance_gpu():
     fewer = cascade_decode_attention(q[1:first], k_cache, v_cache, tables[1:first], lens[1:first], [0, first - 1],
                                      prefix[:1], 0.1)
     assert torch.equal(fewer, full[1:first])
+
+
+@pytest.mark.gpu
+def test_cascade_replayed_from_cuda_graph_gpu():
+    """Captured once with padded work lists and an over-sized suffix grid, replayed after refilling the buffers
+    with another step's inputs (new queries, shorter contexts incl. empty suffixes, another grouping of the same
+    graph key): bitwise equal to the eager call with that step's tight plan. Capture fails on any host sync."""
+    q, k_cache, v_cache, tables, lens, starts, prefix = _gpu_case(4, 1024, 16)
+    batch, num_heads, _ = q.shape
+    bound = tables.shape[1] * 16  # the block-table width bounds every context, as in the decoder
+
+    def host_plan(group_starts, prefix_blocks):
+        return plan_cascade_host(group_starts, prefix_blocks, 16, num_heads, 4, bound, item_capacity=64)
+
+    first = host_plan(starts, prefix)
+    buffers = dict(q=q.clone(), lens=lens.clone(), items=torch.from_numpy(first.items).cuda(),
+                   prefix_tokens=torch.from_numpy(first.prefix_tokens).cuda())
+    plan = CascadePlan.from_host(first, buffers["items"], buffers["prefix_tokens"])
+
+    def step():
+        return cascade_decode_attention(buffers["q"], k_cache, v_cache, tables, buffers["lens"], None, None, 0.1, plan=plan)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    second_starts = [0, 10, starts[1], starts[2], batch]  # group 0 split in two, the last group kept
+    second_prefix = [prefix[0], prefix[0] // 2, prefix[1], 0]
+    prefix_len = torch.tensor([prefix[0] * 16] * starts[1] + [prefix[1] * 16] * (starts[2] - starts[1]) + [1], device="cuda")
+    shorter = prefix_len + (lens - prefix_len) // 3  # a third of each suffix
+    shorter[0] = prefix[0] * 16  # an empty suffix: the context is exactly the shared prefix
+    for new_lens in (lens, shorter):
+        new_q = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=generator)
+        second = host_plan(second_starts, second_prefix)
+        assert second.graph_key == first.graph_key
+        buffers["q"].copy_(new_q)
+        buffers["lens"].copy_(new_lens.to(torch.int32))
+        buffers["items"].copy_(torch.from_numpy(second.items))
+        buffers["prefix_tokens"].copy_(torch.from_numpy(second.prefix_tokens))
+        graph.replay()
+        eager = cascade_decode_attention(new_q, k_cache, v_cache, tables, new_lens.to(torch.int32), second_starts,
+                                         second_prefix, 0.1)
+        assert torch.equal(out, eager)
+        exact = decode_attention_reference(new_q.float(), k_cache.float(), v_cache.float(), tables, new_lens.to(torch.int32), 0.1)
+        assert (out.float() - exact).abs().max().item() < 2e-2
