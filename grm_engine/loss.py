@@ -115,7 +115,8 @@ def check_loss_inputs(batch, length, device, completion_ids, mask, *, advantages
 
 
 def check_token_ids(completion_ids, valid, vocab_size):
-    """An id outside [0, V) at a completion position is a caller bug that would read out of bounds."""
+    """An id outside [0, V) at a completion position is a caller bug: raise, naming the first one (row-major).
+    A host sync: the reference paths call it first; the Triton paths check on the GPU and call it on failure."""
     bad = valid & ((completion_ids < 0) | (completion_ids >= vocab_size))
     if bool(bad.any()):
         index = tuple(bad.nonzero()[0].tolist())
@@ -240,6 +241,8 @@ def grpo_loss(logits, completion_ids, mask, *, advantages=None, rewards=None, gr
 
     inplace=True (Triton path): the gradient is written into the logits buffer during the forward,
     so after this call the logits hold dlogits; pass inplace=False to keep them.
+    A completion id outside [0, V) raises ValueError on every path. The Triton path checks on the GPU and reads
+    the result after its kernels are queued (no stall before them); a failed call writes no gradient.
     """
     _check_logits(logits)
     batch, length, vocab = logits.shape
@@ -248,8 +251,8 @@ def grpo_loss(logits, completion_ids, mask, *, advantages=None, rewards=None, gr
                    loss_type=loss_type, max_completion_length=max_completion_length)
     check_loss_inputs(batch, length, logits.device, completion_ids, mask,
                       **{k: v for k, v in options.items() if k not in ("beta", "eps_low", "eps_high")})
-    check_token_ids(completion_ids, mask != 0, vocab)
     if not _use_triton(logits):
+        check_token_ids(completion_ids, mask != 0, vocab)
         return grpo_loss_reference(logits, completion_ids, mask, **options)
     from .kernels.grpo_loss import grpo_loss_triton
 
@@ -264,8 +267,9 @@ def token_logprobs(logits, completion_ids, *, mask=None, temperature=1.0, return
         raise ValueError(f"completion_ids must have shape [{batch}, {length}], got {list(completion_ids.shape)}")
     if mask is not None and tuple(mask.shape) != (batch, length):
         raise ValueError(f"mask must have shape [{batch}, {length}], got {list(mask.shape)}")
-    check_token_ids(completion_ids, torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0, vocab)
     if not _use_triton(logits):
+        check_token_ids(completion_ids, torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0,
+                        vocab)
         return token_logprobs_reference(logits, completion_ids, mask=mask, temperature=temperature,
                                         return_entropy=return_entropy)
     from .kernels.grpo_loss import token_logprobs_triton
@@ -291,8 +295,8 @@ def fused_linear_grpo_loss(hidden, weight, completion_ids, mask, *, bias=None, c
                       **{k: options.get(k) for k in ("advantages", "rewards", "group_size", "old_logp", "ref_logp",
                                                      "max_completion_length")},
                       loss_type=options.get("loss_type", "grpo"), temperature=options.get("temperature", 1.0))
-    check_token_ids(completion_ids, mask != 0, weight.shape[0])
     if not _use_triton(hidden):
+        check_token_ids(completion_ids, mask != 0, weight.shape[0])
         return fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, bias=bias, **options)
     from .kernels.linear_grpo import fused_linear_grpo_loss_triton
 
@@ -310,10 +314,10 @@ def fused_linear_token_logprobs(hidden, weight, completion_ids, *, bias=None, ma
         raise ValueError(f"completion_ids must have shape [{batch}, {length}], got {list(completion_ids.shape)}")
     if mask is not None and tuple(mask.shape) != (batch, length):
         raise ValueError(f"mask must have shape [{batch}, {length}], got {list(mask.shape)}")
-    check_token_ids(completion_ids, torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0,
-                    weight.shape[0])
     options = dict(bias=bias, mask=mask, temperature=temperature, return_entropy=return_entropy)
     if not _use_triton(hidden):
+        check_token_ids(completion_ids, torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0,
+                        weight.shape[0])
         return fused_linear_token_logprobs_reference(hidden, weight, completion_ids, **options)
     from .kernels.linear_grpo import fused_linear_token_logprobs_triton
 

@@ -1,8 +1,12 @@
-"""Fused GRPO loss over logits [B, T, V]: one program per (b, t) row computes log_softmax(x / T)[id] by an
-online fp32 log-sum-exp, TRL's per-token loss, and (when a gradient is needed) dlogits = c * (onehot - softmax)
-written in a second, reversed sweep of the same row, in place into the logits by default.
-Traffic: an unmasked row is read, re-read (largely from L2: the reversed sweep starts with the chunks read
-last) and written; a masked row is only zero-filled. Reference: grm_engine.loss.grpo_loss_reference.
+"""Fused GRPO loss over logits [B, T, V]: one program per (b, t) row computes log_softmax(x / T)[id] by an online
+fp32 log-sum-exp and TRL's per-token loss; a second kernel writes dlogits = c * (onehot - softmax), in place into
+the logits by default. Traffic: an unmasked row is read, then read and written; a masked row is only zero-filled;
+a per-sequence prologue reads the ids and the mask once. Reference: grm_engine.loss.grpo_loss_reference.
+
+No host sync stands before the big kernels: the token-id range check runs on the GPU (_check_sequences_kernel),
+its flag is copied to pinned memory right behind it, and the host waits for that copy only after the big kernels
+are queued. Every gather index is clamped into [0, V), so a bad id never reads out of bounds, and the gradient is
+not written when the flag is set, so a failed call leaves the logits as they were.
 """
 from __future__ import annotations
 
@@ -10,10 +14,34 @@ import torch
 import triton
 import triton.language as tl
 
-from grm_engine.loss import LOG_RATIO_MAX, GRPOStats, token_weights
+from grm_engine.loss import LOG_RATIO_MAX, GRPOStats, check_token_ids
 
 LOG2E = 1.4426950408889634  # host side: folded into the scale argument
 LN2 = tl.constexpr(0.6931471805599453)  # used inside kernels: Triton needs constexpr globals
+NUM_STATS = 4  # per-row stats: weighted loss, kl, clipped, completion token
+SCALE_PROGRAMS = 2048  # _scale_rows_kernel's grid: returns at once when the upstream gradient is 1
+
+
+@triton.jit
+def _check_sequences_kernel(ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, stride_mt, counts_ptr, flag_ptr,
+                            T, V, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Per sequence b: counts[b] = its completion tokens (mask != 0); *flag = 1 (zeroed by the caller) when one
+    of them has an id outside [0, V). Programs that find one all store the same 1, so no atomic is needed."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    count = tl.zeros([BLOCK_T], tl.int32)
+    bad = tl.zeros([BLOCK_T], tl.int32)
+    for start in range(0, T, BLOCK_T):
+        t = start + offs
+        valid = t < T
+        token = tl.load(ids_ptr + b * stride_ib + t * stride_it, mask=valid, other=0)
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + b * stride_mb + t * stride_mt, mask=valid, other=0) != 0)
+        count += valid.to(tl.int32)
+        bad += (valid & ((token < 0) | (token >= V))).to(tl.int32)
+    tl.store(counts_ptr + b, tl.sum(count, axis=0))
+    if tl.sum(bad, axis=0) > 0:
+        tl.store(flag_ptr, 1)
 
 
 @triton.jit
@@ -22,15 +50,18 @@ def _grpo_row(
     logits_ptr, stride_lb, stride_lt, STRIDE_LV: tl.constexpr,  # [B, T, V], any strides
     grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr,  # [B, T, V] dlogits (may alias logits)
     ids_ptr, stride_ib, stride_it,  # [B, T] int
-    weight_ptr,  # [B*T] fp32 reduction weight; 0 marks a masked token
+    mask_ptr, stride_mb, stride_mt,  # [B, T] any dtype, nonzero = completion token (HAS_MASK; else all are)
+    count_ptr, stride_cb, stride_ct,  # [B, T] view of the token count that divides this token's weight (HAS_COUNT)
     adv_ptr, stride_ab, stride_at,  # [B, T] view (stride_at = 0 for per-sequence advantages)
     rewards_ptr,  # [B] fp32, when the advantage is computed here from group rewards
     old_ptr, stride_ob, stride_ot,
     ref_ptr, stride_rb, stride_rt,
-    logp_out, loss_out, kl_out, clip_out, entropy_out,  # [B*T] fp32
+    flag_ptr,  # int32, 1 when a completion id is outside [0, V): the gradient is then not written
+    logp_out, entropy_out,  # [B*T] fp32
+    stats_out,  # [B*T, NUM_STATS] fp32: weight * loss, kl, clipped, 1 (0 everywhere for a masked token)
     lse_out, coef_out,  # [B*T] fp32: base-2 LSE of x / T and d loss / d logit scale, for _grad_rows_kernel
-    num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
-    GROUP_SIZE: tl.constexpr, GROUP_BLOCK: tl.constexpr,
+    T, V, weight_factor, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
+    GROUP_SIZE: tl.constexpr, GROUP_BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COUNT: tl.constexpr,
     HAS_REWARDS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -38,10 +69,12 @@ def _grpo_row(
     row = tl.cast(program_row, tl.int64)  # int64: B*T*V exceeds 2**31 at real sizes
     b = row // T
     t = row % T
-    w = tl.load(weight_ptr + row)
     offs = tl.arange(0, BLOCK_V)
     num_chunks = tl.cdiv(V, BLOCK_V)
-    if w != 0:
+    valid = tl.full([], 1, tl.int1)
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + b * stride_mb + t * stride_mt) != 0
+    if valid:
         x_row = logits_ptr + b * stride_lb + t * stride_lt
         # online log-sum-exp in base 2 (x2 = logit * log2(e) / T); m starts finite so -inf logits give 0, not NaN
         m = tl.full([], -3.0e38, tl.float32)
@@ -59,13 +92,20 @@ def _grpo_row(
             s = s * alpha + tl.sum(e, axis=0)
             m = m_new
         lse2 = m + tl.log2(s)
+        # clamped: an id outside [0, V) (reported by the host from the flag) reads inside the row
         token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
+        token = tl.minimum(tl.maximum(token, 0), V - 1)
         x_token = tl.load(x_row + token * STRIDE_LV).to(tl.float32) * scale2
         logp = (x_token - lse2) * LN2
         tl.store(logp_out + row, logp)
         if COMPUTE_ENTROPY:
             tl.store(entropy_out + row, (tl.log2(s) - ent / s) * LN2)
         if COMPUTE_LOSS:
+            # the reduction weight (grm_engine.loss.token_weights): 1 / (max(count, 1) * factor)
+            w = tl.math.div_rn(1.0, weight_factor)
+            if HAS_COUNT:
+                count = tl.load(count_ptr + b * stride_cb + t * stride_ct).to(tl.float32)
+                w = tl.math.div_rn(1.0, tl.maximum(count, 1.0) * weight_factor)
             if HAS_REWARDS:  # group advantage: (r - mean) / (unbiased std + eps) over this sample's group
                 group_start = (b // GROUP_SIZE) * GROUP_SIZE
                 goffs = tl.arange(0, GROUP_BLOCK)
@@ -95,78 +135,75 @@ def _grpo_row(
                 kl = exp_gap - gap - 1
                 loss_tok += beta * kl
                 dloss += beta * tl.where(ref_gap <= log_ratio_max, 1 - exp_gap, 0.0)
-            tl.store(loss_out + row, w * loss_tok)
-            tl.store(kl_out + row, kl)
-            tl.store(clip_out + row, is_clipped.to(tl.float32))
+            stats_row = stats_out + row * NUM_STATS
+            tl.store(stats_row, w * loss_tok)
+            tl.store(stats_row + 1, kl)
+            tl.store(stats_row + 2, is_clipped.to(tl.float32))
+            tl.store(stats_row + 3, 1.0)
             coef = w * dloss * inv_temp  # d loss / d logit_v = coef * (onehot_v - softmax_v)
             tl.store(lse_out + row, lse2)
             tl.store(coef_out + row, coef)
             if WRITE_GRAD:
-                g_row = grad_ptr + b * stride_gb + t * stride_gt
-                for i in range(0, num_chunks):
-                    cols = (num_chunks - 1 - i) * BLOCK_V + offs  # reversed: the last chunks read are in L2
-                    x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
-                    p = tl.exp2(x - lse2)
-                    grad = tl.where(cols == token, coef - coef * p, -coef * p)
-                    tl.store(g_row + cols * STRIDE_GV, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
+                if tl.load(flag_ptr) == 0:
+                    g_row = grad_ptr + b * stride_gb + t * stride_gt
+                    for i in range(0, num_chunks):
+                        cols = (num_chunks - 1 - i) * BLOCK_V + offs  # reversed: the last chunks read are in L2
+                        x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf"))
+                        p = tl.exp2(x.to(tl.float32) * scale2 - lse2)
+                        grad = tl.where(cols == token, coef - coef * p, -coef * p)
+                        tl.store(g_row + cols * STRIDE_GV, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
     else:  # masked token: logits never read; outputs 0; its gradient row is zero-filled
         tl.store(logp_out + row, 0.0)
         if COMPUTE_ENTROPY:
             tl.store(entropy_out + row, 0.0)
         if COMPUTE_LOSS:
-            tl.store(loss_out + row, 0.0)
-            tl.store(kl_out + row, 0.0)
-            tl.store(clip_out + row, 0.0)
+            stats_row = stats_out + row * NUM_STATS
+            for k in tl.static_range(NUM_STATS):
+                tl.store(stats_row + k, 0.0)
             tl.store(lse_out + row, 0.0)
             tl.store(coef_out + row, 0.0)
             if WRITE_GRAD:
-                g_row = grad_ptr + b * stride_gb + t * stride_gt
-                zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
-                for i in range(0, num_chunks):
-                    cols = i * BLOCK_V + offs
-                    tl.store(g_row + cols * STRIDE_GV, zeros, mask=cols < V)
+                if tl.load(flag_ptr) == 0:
+                    g_row = grad_ptr + b * stride_gb + t * stride_gt
+                    zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
+                    for i in range(0, num_chunks):
+                        cols = i * BLOCK_V + offs
+                        tl.store(g_row + cols * STRIDE_GV, zeros, mask=cols < V)
 
 
 @triton.jit
 def _grpo_rows_kernel(
-    logits_ptr, stride_lb, stride_lt, STRIDE_LV: tl.constexpr,  # [B, T, V], any strides
-    grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr,  # [B, T, V] dlogits (may alias logits)
-    ids_ptr, stride_ib, stride_it,  # [B, T] int
-    weight_ptr,  # [B*T] fp32 reduction weight; 0 marks a masked token
-    adv_ptr, stride_ab, stride_at,  # [B, T] view (stride_at = 0 for per-sequence advantages)
-    rewards_ptr,  # [B] fp32, when the advantage is computed here from group rewards
-    old_ptr, stride_ob, stride_ot,
-    ref_ptr, stride_rb, stride_rt,
-    logp_out, loss_out, kl_out, clip_out, entropy_out,  # [B*T] fp32
-    lse_out, coef_out,  # [B*T] fp32: base-2 LSE of x / T and d loss / d logit scale, for _grad_rows_kernel
-    num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
-    GROUP_SIZE: tl.constexpr, GROUP_BLOCK: tl.constexpr,
+    logits_ptr, stride_lb, stride_lt, STRIDE_LV: tl.constexpr, grad_ptr, stride_gb, stride_gt,
+    STRIDE_GV: tl.constexpr, ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, stride_mt, count_ptr, stride_cb,
+    stride_ct, adv_ptr, stride_ab, stride_at, rewards_ptr, old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb,
+    stride_rt, flag_ptr, logp_out, entropy_out, stats_out, lse_out, coef_out,
+    num_rows, T, V, weight_factor, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
+    GROUP_SIZE: tl.constexpr, GROUP_BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COUNT: tl.constexpr,
     HAS_REWARDS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    BLOCK_V: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    # The vocabulary strides are constexpr, so a contiguous last dimension is known to be contiguous (other
-    # strides compile their own variant). PERSISTENT: fewer programs than rows, each striding over rows, which
-    # bounds how many rows are in flight so that the second sweep may find its row in L2.
+    # Arguments as in _grpo_row. The vocabulary strides are constexpr, so a contiguous last dimension is known to
+    # be contiguous (other strides compile their own variant). PERSISTENT: fewer programs than rows, each striding
+    # over rows, which bounds how many rows are in flight so that the second sweep may find its row in L2.
     if PERSISTENT:
         for program_row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
             _grpo_row(
                 program_row, logits_ptr, stride_lb, stride_lt, STRIDE_LV, grad_ptr, stride_gb, stride_gt, STRIDE_GV,
-                ids_ptr, stride_ib, stride_it, weight_ptr, adv_ptr, stride_ab, stride_at, rewards_ptr, old_ptr,
-                stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt, logp_out, loss_out, kl_out, clip_out,
-                entropy_out, lse_out, coef_out, num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high,
-                reward_eps, log_ratio_max, GROUP_SIZE, GROUP_BLOCK, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS,
-                WRITE_GRAD, COMPUTE_ENTROPY, BLOCK_V
+                ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, stride_mt, count_ptr, stride_cb, stride_ct,
+                adv_ptr, stride_ab, stride_at, rewards_ptr, old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb,
+                stride_rt, flag_ptr, logp_out, entropy_out, stats_out, lse_out, coef_out, T, V, weight_factor, scale2,
+                inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max, GROUP_SIZE, GROUP_BLOCK, HAS_MASK,
+                HAS_COUNT, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS, WRITE_GRAD, COMPUTE_ENTROPY, BLOCK_V
             )
     else:  # one row per program: no outer loop, so the sweeps over the row pipeline their loads
         _grpo_row(
-            tl.program_id(0), logits_ptr, stride_lb, stride_lt, STRIDE_LV, grad_ptr, stride_gb, stride_gt,
-            STRIDE_GV, ids_ptr, stride_ib, stride_it, weight_ptr, adv_ptr, stride_ab, stride_at, rewards_ptr,
-            old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt, logp_out, loss_out, kl_out, clip_out,
-            entropy_out, lse_out, coef_out, num_rows, T, V, scale2, inv_temp, beta, eps_low, eps_high, reward_eps,
-            log_ratio_max, GROUP_SIZE, GROUP_BLOCK, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS, WRITE_GRAD,
-            COMPUTE_ENTROPY, BLOCK_V
+            tl.program_id(0), logits_ptr, stride_lb, stride_lt, STRIDE_LV, grad_ptr, stride_gb, stride_gt, STRIDE_GV,
+            ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, stride_mt, count_ptr, stride_cb, stride_ct, adv_ptr,
+            stride_ab, stride_at, rewards_ptr, old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt,
+            flag_ptr, logp_out, entropy_out, stats_out, lse_out, coef_out, T, V, weight_factor, scale2, inv_temp,
+            beta, eps_low, eps_high, reward_eps, log_ratio_max, GROUP_SIZE, GROUP_BLOCK, HAS_MASK, HAS_COUNT,
+            HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS, WRITE_GRAD, COMPUTE_ENTROPY, BLOCK_V
         )
 
 
@@ -176,6 +213,7 @@ def _grad_rows_kernel(
     grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr,  # [B, T, V] (may alias logits)
     ids_ptr, stride_ib, stride_it,  # [B, T]
     lse_ptr, coef_ptr,  # [B*T] fp32, from the loss kernel
+    flag_ptr,  # int32: 1 when a completion id is outside [0, V): nothing is written
     T, V: tl.constexpr, scale2,  # V constexpr: the sweep's trip count and tail mask are known when compiling
     BLOCK_V: tl.constexpr,
 ):
@@ -187,29 +225,101 @@ def _grad_rows_kernel(
     coef = tl.load(coef_ptr + row)
     g_row = grad_ptr + b * stride_gb + t * stride_gt
     offs = tl.arange(0, BLOCK_V)
-    if coef != 0:
-        lse2 = tl.load(lse_ptr + row)
-        token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int32)  # int32: compared with int32 cols
-        x_row = logits_ptr + b * stride_lb + t * stride_lt
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
-            p = tl.exp2(x - lse2)
-            grad = tl.where(cols == token, coef - coef * p, -coef * p)
-            tl.store(g_row + cols * STRIDE_GV, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
-    else:
-        zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            tl.store(g_row + cols * STRIDE_GV, zeros, mask=cols < V)
+    if tl.load(flag_ptr) == 0:
+        if coef != 0:
+            lse2 = tl.load(lse_ptr + row)
+            token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int32)  # int32: compared with int32 cols
+            x_row = logits_ptr + b * stride_lb + t * stride_lt
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                x = tl.load(x_row + cols * STRIDE_LV, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
+                p = tl.exp2(x - lse2)
+                grad = tl.where(cols == token, coef - coef * p, -coef * p)
+                tl.store(g_row + cols * STRIDE_GV, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        else:
+            zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                tl.store(g_row + cols * STRIDE_GV, zeros, mask=cols < V)
 
 
-def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=None, group_size=None, old_logp=None,
-                ref_logp=None, beta=0.0, eps_low=0.2, eps_high=0.2, temperature=1.0, grad=None,
-                compute_loss=True, compute_entropy=False, block_v=None, num_warps=None, num_stages=None, programs=None,
-                fused_grad=False, grad_block_v=8192, grad_num_warps=16, grad_num_stages=1):
-    """Run the row kernel. logits/grad [B, T, V]; completion_ids, weights (fp32 contiguous), advantages
-    (or None with rewards [B]), old_logp, ref_logp: [B, T] (any strides). Returns dict of [B, T] fp32.
+@triton.jit
+def _scale_rows_kernel(grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr, scale_ptr, num_rows, T, V,
+                       BLOCK_V: tl.constexpr):
+    """grad [B, T, V] *= scale (a device scalar). When scale == 1, the usual upstream gradient of a loss, every
+    program returns at once: backward rescales without a host sync to learn the value."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        offs = tl.arange(0, BLOCK_V)
+        for program_row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+            row = tl.cast(program_row, tl.int64)
+            g_row = grad_ptr + (row // T) * stride_gb + (row % T) * stride_gt
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                g = tl.load(g_row + cols * STRIDE_GV, mask=cols < V).to(tl.float32)
+                tl.store(g_row + cols * STRIDE_GV, (g * scale).to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def check_sequences(completion_ids, mask, vocab):
+    """Queue the per-sequence prologue: (counts [B] int32 completion tokens, flag [1] int32: an id outside [0, V))."""
+    batch, length = completion_ids.shape
+    buffer = torch.zeros(batch + 1, device=completion_ids.device, dtype=torch.int32)  # counts, then the flag
+    counts, flag = buffer[:batch], buffer[batch:]
+    if batch and length:
+        _check_sequences_kernel[(batch,)](
+            completion_ids, *completion_ids.stride(), mask if mask is not None else counts,
+            *(mask.stride() if mask is not None else (0, 0)), counts, flag, length, vocab,
+            HAS_MASK=mask is not None, BLOCK_T=min(1024, triton.next_power_of_2(length)), num_warps=4)
+    return counts, flag
+
+
+class FlagReader:
+    """Reads a device flag after more work is queued. The copy to pinned memory is queued now, so waiting for it
+    later waits for the work queued before the copy only, never for the kernels queued after it."""
+
+    def __init__(self, flag):
+        self.event = None
+        self.host = flag
+        if flag.is_cuda:
+            self.host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def is_set(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host.item())
+
+
+def raise_bad_token_ids(completion_ids, mask, vocab):
+    """The flag was set: name the first bad position (grm_engine.loss.check_token_ids raises the error)."""
+    valid = torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0
+    check_token_ids(completion_ids, valid, vocab)
+    raise RuntimeError("the GPU range check flagged a completion id outside the vocabulary that the host check "
+                       "does not find (were completion_ids changed while the kernels ran?)")
+
+
+def reduction_counts(counts, loss_type, batch, length, max_completion_length):
+    """(count view [B, T] or None, factor) such that a token's weight is 1 / (max(count, 1) * factor): the
+    kernel form of grm_engine.loss.token_weights, from the per-sequence counts [B]."""
+    if loss_type == "grpo":
+        return counts[:, None].expand(batch, length), float(batch)
+    if loss_type == "bnpo":
+        return counts.sum().expand(batch, length), 1.0
+    return None, float(batch * (max_completion_length or length))
+
+
+def launch_rows(logits, completion_ids, flag, *, mask=None, counts=None, weight_factor=1.0, advantages=None,
+                rewards=None, group_size=None, old_logp=None, ref_logp=None, beta=0.0, eps_low=0.2, eps_high=0.2,
+                temperature=1.0, grad=None, compute_loss=True, compute_entropy=False, block_v=None, num_warps=None,
+                num_stages=None, programs=None, fused_grad=False, grad_block_v=8192, grad_num_warps=16,
+                grad_num_stages=1):
+    """Run the row kernel. logits/grad [B, T, V]; completion_ids, mask (None: every token counts), counts (None:
+    weight 1 / factor), advantages (or None with rewards [B]), old_logp, ref_logp: [B, T] (any strides); flag
+    from check_sequences. Returns a dict: logp and entropy [B, T] fp32, stats [B*T, NUM_STATS] fp32.
 
     With grad, the gradient is written by a second kernel (_grad_rows_kernel; its own block shape) unless
     fused_grad, where the loss kernel's program sweeps its row a second time (measured slower on an H200:
@@ -219,16 +329,17 @@ def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=Non
     device = logits.device
     rows = batch * length
     out = {"logp": torch.empty(batch, length, device=device, dtype=torch.float32)}
-    for name, wanted in (("loss", compute_loss), ("kl", compute_loss), ("clip", compute_loss),
-                         ("entropy", compute_entropy)):
-        if wanted:
-            out[name] = torch.empty(batch, length, device=device, dtype=torch.float32)
+    if compute_entropy:
+        out["entropy"] = torch.empty(batch, length, device=device, dtype=torch.float32)
+    if compute_loss:
+        out["stats"] = torch.empty(rows, NUM_STATS, device=device, dtype=torch.float32)
     if rows == 0:
         return out
     dummy = out["logp"]
     has_rewards = compute_loss and rewards is not None
     has_ref = compute_loss and ref_logp is not None and beta != 0
     has_old = compute_loss and old_logp is not None
+    has_count = compute_loss and counts is not None
     if compute_loss and not has_rewards:
         advantages = advantages if advantages.dim() == 2 else advantages[:, None].expand(batch, length)
     else:
@@ -247,17 +358,17 @@ def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=Non
         logits, *logits.stride(),
         grad_view, *grad_view.stride(),
         completion_ids, *completion_ids.stride(),
-        weights,
+        mask if mask is not None else dummy, *(mask.stride() if mask is not None else (0, 0)),
+        counts if has_count else dummy, *(counts.stride() if has_count else (0, 0)),
         advantages, *advantages.stride(),
         rewards.float().contiguous() if has_rewards else dummy,
         old_logp if has_old else dummy, *(old_logp.stride() if has_old else (0, 0)),
         ref_logp if has_ref else dummy, *(ref_logp.stride() if has_ref else (0, 0)),
-        out["logp"], out.get("loss", dummy), out.get("kl", dummy), out.get("clip", dummy), out.get("entropy", dummy),
-        lse, coef,
-        rows, length, vocab, LOG2E / temperature, 1.0 / temperature, float(beta), float(eps_low), float(eps_high), 1e-4,
-        LOG_RATIO_MAX,
-        GROUP_SIZE=group_size, GROUP_BLOCK=triton.next_power_of_2(group_size),
-        HAS_REWARDS=has_rewards, HAS_OLD=has_old, HAS_REF=has_ref,
+        flag, out["logp"], out.get("entropy", dummy), out.get("stats", dummy), lse, coef,
+        rows, length, vocab, float(weight_factor), LOG2E / temperature, 1.0 / temperature, float(beta),
+        float(eps_low), float(eps_high), 1e-4, LOG_RATIO_MAX,
+        GROUP_SIZE=group_size, GROUP_BLOCK=triton.next_power_of_2(group_size), HAS_MASK=mask is not None,
+        HAS_COUNT=has_count, HAS_REWARDS=has_rewards, HAS_OLD=has_old, HAS_REF=has_ref,
         COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None and compute_loss and fused_grad,
         COMPUTE_ENTROPY=compute_entropy, BLOCK_V=block_v, PERSISTENT=programs is not None and programs < rows,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
@@ -265,62 +376,80 @@ def launch_rows(logits, completion_ids, weights, *, advantages=None, rewards=Non
     if grad is not None and compute_loss and not fused_grad:
         _grad_rows_kernel[(rows,)](
             logits, *logits.stride(), grad_view, *grad_view.stride(), completion_ids, *completion_ids.stride(),
-            lse, coef, length, vocab, LOG2E / temperature,
+            lse, coef, flag, length, vocab, LOG2E / temperature,
             BLOCK_V=min(grad_block_v, triton.next_power_of_2(vocab)), num_warps=grad_num_warps,
             num_stages=grad_num_stages,
         )
     return out
 
 
+def scale_rows(grad, scale):
+    """grad [B, T, V] *= scale (0-dim tensor) on the device, skipped on the device when scale == 1."""
+    batch, length, vocab = grad.shape
+    rows = batch * length
+    if rows:
+        _scale_rows_kernel[(min(rows, SCALE_PROGRAMS),)](
+            grad, *grad.stride(), scale, rows, length, vocab, BLOCK_V=min(4096, triton.next_power_of_2(vocab)),
+            num_warps=8)
+
+
 class _GRPOLossFunction(torch.autograd.Function):
     """Forward computes the loss and, when logits need a gradient, dlogits for an upstream gradient of 1;
-    backward only rescales when the upstream gradient is not 1 (one sync, as Liger does)."""
+    backward rescales on the device (no host sync; a no-op when the upstream gradient is 1)."""
 
     @staticmethod
-    def forward(ctx, logits, completion_ids, weights, advantages, rewards, old_logp, ref_logp, options, inplace,
-                needs_grad):
+    def forward(ctx, logits, completion_ids, mask, counts, weight_factor, flag, advantages, rewards, old_logp,
+                ref_logp, options, inplace, needs_grad):
         grad = None
         if needs_grad:  # not ctx.needs_input_grad: that is True under torch.no_grad() too
             grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        out = launch_rows(logits, completion_ids, weights, advantages=advantages, rewards=rewards,
-                          old_logp=old_logp, ref_logp=ref_logp, grad=grad, **options)
+        out = launch_rows(logits, completion_ids, flag, mask=mask, counts=counts, weight_factor=weight_factor,
+                          advantages=advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp, grad=grad,
+                          **options)
         ctx.grad = grad
-        ctx.mark_non_differentiable(out["logp"], out["kl"], out["clip"])
-        return out["loss"].sum(), out["logp"], out["kl"], out["clip"]
+        stats = out["stats"]  # [B*T, 4]
+        loss = stats[:, 0].sum()
+        stat_sums = stats[:, 1:].sum(dim=0)  # [3]: kl sum, clipped tokens, completion tokens
+        ctx.mark_non_differentiable(out["logp"], stat_sums)
+        return loss, out["logp"], stat_sums
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         grad, ctx.grad = ctx.grad, None
-        if grad is not None and bool(grad_loss != 1):
-            grad.mul_(grad_loss.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None, None, None
+        if grad is not None:
+            scale_rows(grad, grad_loss)
+        return grad, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=None, group_size=None, old_logp=None,
                      ref_logp=None, beta=0.08, eps_low=0.2, eps_high=0.2, temperature=1.0, loss_type="grpo",
                      max_completion_length=None, inplace=True, **kernel_options):
-    """Inputs already checked by grm_engine.loss.grpo_loss. Returns (loss, GRPOStats).
+    """Inputs other than the ids' range already checked by grm_engine.loss.grpo_loss. Returns (loss, GRPOStats).
     kernel_options: launch_rows' block shapes and variants (block_v, num_warps, num_stages, programs,
     fused_grad, grad_block_v, grad_num_warps, grad_num_stages), for tuning and tests."""
-    valid = mask != 0
-    weights = token_weights(valid, loss_type, max_completion_length).contiguous()  # [B, T] fp32
+    batch, length, vocab = logits.shape
+    counts, flag = check_sequences(completion_ids, mask, vocab)
+    pending = FlagReader(flag)
+    count_view, weight_factor = reduction_counts(counts, loss_type, batch, length, max_completion_length)
     options = dict(group_size=group_size, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
                    **kernel_options)
-    loss, logp, kl, clipped = _GRPOLossFunction.apply(logits, completion_ids, weights, advantages, rewards,
-                                                      old_logp, ref_logp, options, inplace,
-                                                      torch.is_grad_enabled() and logits.requires_grad)
-    count = valid.sum().clamp(min=1).float()
-    return loss, GRPOStats(kl=kl.sum() / count, clip_frac=clipped.sum() / count, logp=logp)
+    loss, logp, stat_sums = _GRPOLossFunction.apply(
+        logits, completion_ids, mask, count_view, weight_factor, flag, advantages, rewards, old_logp, ref_logp,
+        options, inplace, torch.is_grad_enabled() and logits.requires_grad)
+    means = stat_sums[:2] / stat_sums[2].clamp(min=1.0)  # [2]: kl mean, clip fraction over completion tokens
+    if pending.is_set():  # the kernels are queued: this waits for the prologue only
+        raise_bad_token_ids(completion_ids, mask, vocab)
+    return loss, GRPOStats(kl=means[0], clip_frac=means[1], logp=logp)
 
 
 def token_logprobs_triton(logits, completion_ids, *, mask=None, temperature=1.0, return_entropy=False,
                           block_v=None, num_warps=None, num_stages=None, programs=None):
     """Forward-only log_softmax(logits / T)[id] [B, T] fp32 (0 where masked), optionally the entropy."""
-    if mask is None:
-        weights = torch.ones(completion_ids.shape, device=logits.device, dtype=torch.float32)
-    else:
-        weights = (mask != 0).float().contiguous()
-    out = launch_rows(logits, completion_ids, weights, temperature=temperature, compute_loss=False,
+    _, flag = check_sequences(completion_ids, mask, logits.shape[-1])
+    pending = FlagReader(flag)
+    out = launch_rows(logits, completion_ids, flag, mask=mask, temperature=temperature, compute_loss=False,
                       compute_entropy=return_entropy, block_v=block_v, num_warps=num_warps,
                       num_stages=num_stages, programs=programs)
+    if pending.is_set():
+        raise_bad_token_ids(completion_ids, mask, logits.shape[-1])
     return (out["logp"], out["entropy"]) if return_entropy else out["logp"]

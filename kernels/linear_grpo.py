@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from grm_engine.loss import GRPOStats, group_advantages, token_weights
+from grm_engine.loss import GRPOStats, group_advantages
 
-from .grpo_loss import launch_rows
+from .grpo_loss import NUM_STATS, check_sequences, launch_rows, raise_bad_token_ids
 
 CHUNK_BYTES_MAX = 768 * 1024**2  # one chunk's logits: with a bf16 grad_weight, ~2 GB extra at V=152k, H=3584
 
@@ -58,17 +58,15 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
     """All three gradients are produced in the forward for an upstream gradient of 1; backward rescales."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, completion_ids, weights, advantages, old_logp, ref_logp, options, chunk_size,
-                needs):
+    def forward(ctx, hidden, weight, bias, completion_ids, token_index, token_counts, weight_factor, flag, advantages,
+                old_logp, ref_logp, options, chunk_size, needs):
         batch, length, hidden_size = hidden.shape
         vocab = weight.shape[0]
         need_hidden, need_weight, need_bias = needs  # not ctx.needs_input_grad: True under torch.no_grad() too
         any_grad = need_hidden or need_weight or need_bias
-        token_index = (weights.reshape(-1) != 0).nonzero().squeeze(1)  # [N] unmasked flat positions (one sync)
         num_tokens = token_index.numel()
         flat_hidden = hidden.reshape(-1, hidden_size)  # [B*T, H]
         ids = completion_ids.reshape(-1).index_select(0, token_index)  # [N]
-        token_w = weights.reshape(-1).index_select(0, token_index).contiguous()  # [N] fp32
         adv = _gather(advantages, token_index, batch, length)
         old = _gather(old_logp, token_index, batch, length)
         ref = _gather(ref_logp, token_index, batch, length)
@@ -78,18 +76,16 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
         # written by the first chunk's GEMM (no memset, no read of zeros); zeroed only if there is no chunk
         grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
-        loss_parts, kl_parts, clip_parts = [], [], []
+        stat_parts = []
         chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size(), hidden.device)
         for start, end, index, h, logits in _token_chunks(flat_hidden, token_index, weight, bias, chunk):
             rows = slice(start, end)
             out = launch_rows(
-                logits[None], ids[None, rows], token_w[None, rows], advantages=adv[None, rows],
-                old_logp=None if old is None else old[None, rows], ref_logp=None if ref is None else ref[None, rows],
-                grad=logits[None] if any_grad else None, **options)
+                logits[None], ids[None, rows], flag, counts=None if token_counts is None else token_counts[None, rows],
+                weight_factor=weight_factor, advantages=adv[None, rows], old_logp=None if old is None else old[None, rows],
+                ref_logp=None if ref is None else ref[None, rows], grad=logits[None] if any_grad else None, **options)
             logp.index_copy_(0, index, out["logp"][0])
-            loss_parts.append(out["loss"].sum())
-            kl_parts.append(out["kl"].sum())
-            clip_parts.append(out["clip"].sum())
+            stat_parts.append(out["stats"].sum(dim=0))  # [4]: weighted loss, kl, clipped, tokens
             if need_hidden:
                 grad_hidden.index_copy_(0, index, logits @ weight)  # [C, H]
             if need_weight:
@@ -101,10 +97,9 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
                 grad_bias += logits.float().sum(0)
         if need_weight and num_tokens == 0:
             grad_weight.zero_()
-        zero = hidden.new_zeros((), dtype=torch.float32)
-        loss = torch.stack(loss_parts).sum() if loss_parts else zero
-        kl_sum = torch.stack(kl_parts).sum() if kl_parts else zero.clone()
-        clip_sum = torch.stack(clip_parts).sum() if clip_parts else zero.clone()
+        totals = (torch.stack(stat_parts).sum(dim=0) if stat_parts
+                  else hidden.new_zeros(NUM_STATS, dtype=torch.float32))  # [4]
+        loss, kl_sum, clip_sum = totals[0].clone(), totals[1].clone(), totals[2].clone()
         ctx.grads = (None if grad_hidden is None else grad_hidden.view_as(hidden), grad_weight,
                      None if grad_bias is None else grad_bias.to(bias.dtype))
         logp = logp.view(batch, length)
@@ -116,16 +111,27 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         scale = bool(grad_loss != 1)
         grads = [g.mul_(grad_loss.to(g.dtype)) if (g is not None and scale) else g for g in grads]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, *, bias=None, chunk_size=None, advantages=None,
                                   rewards=None, group_size=None, old_logp=None, ref_logp=None, beta=0.08, eps_low=0.2,
                                   eps_high=0.2, temperature=1.0, loss_type="grpo", max_completion_length=None,
                                   block_v=None, num_warps=None, programs=None):
-    """Inputs already checked by grm_engine.loss.fused_linear_grpo_loss. Returns (loss, GRPOStats)."""
+    """Inputs other than the ids' range already checked by grm_engine.loss.fused_linear_grpo_loss.
+    Returns (loss, GRPOStats)."""
+    batch, length, _ = hidden.shape
     valid = mask != 0
-    weights = token_weights(valid, loss_type, max_completion_length).contiguous()  # [B, T] fp32
+    counts, flag = check_sequences(completion_ids, mask, weight.shape[0])  # [B] completion tokens, bad-id flag
+    token_index = valid.reshape(-1).nonzero().squeeze(1)  # [N] unmasked flat positions (a sync, before any GEMM)
+    if flag.item():
+        raise_bad_token_ids(completion_ids, mask, weight.shape[0])
+    if loss_type == "grpo":  # the token weight 1 / (max(count, 1) * factor), as grm_engine.loss.token_weights
+        token_counts, weight_factor = counts.index_select(0, token_index // length), float(batch)  # [N]
+    elif loss_type == "bnpo":
+        token_counts, weight_factor = counts.sum().expand(token_index.numel()), 1.0
+    else:
+        token_counts, weight_factor = None, float(batch * (max_completion_length or length))
     if advantages is None:
         advantages = group_advantages(rewards, group_size)
     options = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
@@ -133,8 +139,9 @@ def fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, *, bias=
     grad_enabled = torch.is_grad_enabled()
     needs = tuple(grad_enabled and t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, logp, kl_sum, clip_sum = _FusedLinearGRPOFunction.apply(
-        hidden, weight, bias, completion_ids, weights, advantages, old_logp, ref_logp, options, chunk_size, needs)
-    count = valid.sum().clamp(min=1).float()
+        hidden, weight, bias, completion_ids, token_index, token_counts, weight_factor, flag, advantages, old_logp,
+        ref_logp, options, chunk_size, needs)
+    count = max(token_index.numel(), 1)
     return loss, GRPOStats(kl=kl_sum / count, clip_frac=clip_sum / count, logp=logp)
 
 
@@ -146,16 +153,18 @@ def fused_linear_token_logprobs_triton(hidden, weight, completion_ids, *, bias=N
     batch, length, hidden_size = hidden.shape
     vocab = weight.shape[0]
     valid = torch.ones(batch * length, device=hidden.device, dtype=torch.bool) if mask is None else (mask != 0).reshape(-1)
-    token_index = valid.nonzero().squeeze(1)  # [N]
+    _, flag = check_sequences(completion_ids, mask, vocab)
+    token_index = valid.nonzero().squeeze(1)  # [N] (a sync, before any GEMM)
+    if flag.item():
+        raise_bad_token_ids(completion_ids, mask, vocab)
     num_tokens = token_index.numel()
     ids = completion_ids.reshape(-1).index_select(0, token_index)  # [N]
-    ones = torch.ones(num_tokens, device=hidden.device, dtype=torch.float32)
     logp = torch.zeros(batch * length, device=hidden.device, dtype=torch.float32)
     entropy = torch.zeros_like(logp) if return_entropy else None
     flat_hidden = hidden.reshape(-1, hidden_size)
     chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size(), hidden.device)
     for start, end, index, _, logits in _token_chunks(flat_hidden, token_index, weight, bias, chunk):
-        out = launch_rows(logits[None], ids[None, start:end], ones[None, start:end], temperature=temperature,
+        out = launch_rows(logits[None], ids[None, start:end], flag, temperature=temperature,
                           compute_loss=False, compute_entropy=return_entropy, block_v=block_v, num_warps=num_warps)
         logp.index_copy_(0, index, out["logp"][0])
         if return_entropy:

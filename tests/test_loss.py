@@ -183,7 +183,7 @@ def test_inplace_writes_gradient_into_logits_and_optout_keeps_them():
     for inplace in (True, False):
         leaf = logits.clone().requires_grad_()
         before = leaf.detach().clone()
-        loss, _ = grpo_loss_triton(leaf, ids[:, :1].expand(B, T + 1), torch.ones(B, T + 1), advantages=adv,
+        loss, _ = grpo_loss_triton(leaf, ids.clamp(min=0)[:, :1].expand(B, T + 1), torch.ones(B, T + 1), advantages=adv,
                                    inplace=inplace, block_v=BLOCK_V)
         loss.backward()
         if inplace:  # the buffer now holds dlogits (a leaf's AccumulateGrad keeps its own copy)
