@@ -5,6 +5,9 @@ private suffix of 64-192 tokens, 256 sequences in the batch (256 / n prompts). P
 
 floor_ms: unique KV bytes (each shared prefix once, each suffix once) / measured bandwidth; pct_floor = floor / ours.
 peer_GB/s: the plain kernel's achieved bandwidth on the bytes it must read (every sample reads its whole context).
+plan_ms / group_ms: host time of plan_cascade_host / find_shared_prefix_groups for the case (once per decode step).
+A "padded plan" row times the launch shape a CUDA graph freezes (no-op items, an over-sized suffix grid) against
+the tight plan, and its graph replay.
 """
 from __future__ import annotations
 
@@ -72,15 +75,23 @@ def device_bandwidth() -> float:
 
 
 def one_case(prefix_len, num_samples, num_groups, bandwidth, block_m=64, split_tokens=1024) -> dict:
-    from grm_engine.kernels.cascade_attention import cascade_decode_attention, plan_cascade
+    from grm_engine.decode.shared_prefix import find_shared_prefix_groups
+    from grm_engine.kernels.cascade_attention import CascadePlan, cascade_decode_attention, plan_cascade_host
     from grm_engine.kernels.paged_attention import paged_decode_attention
 
     q, k_cache, v_cache, tables, lens, starts, prefix = build_batch(prefix_len, num_samples, num_groups)
     scale = HEAD_DIM ** -0.5
     max_len = int(lens.max())
+    host_tables, host_lens = tables.cpu().numpy(), lens.cpu().numpy()
+    table_lens = -(-host_lens // BLOCK_SIZE)
+    find_shared_prefix_groups(host_tables, table_lens, host_lens, BLOCK_SIZE)  # warm-up
     host_start = time.perf_counter()
-    plan = plan_cascade(starts, prefix, BLOCK_SIZE, NUM_HEADS, KV_HEADS, max_len, q.device, split_tokens, block_m)
+    _, _, found = find_shared_prefix_groups(host_tables, table_lens, host_lens, BLOCK_SIZE)  # as the runner would
+    group_ms = (time.perf_counter() - host_start) * 1e3
+    host_start = time.perf_counter()
+    host = plan_cascade_host(starts, prefix, BLOCK_SIZE, NUM_HEADS, KV_HEADS, max_len, split_tokens, block_m)
     plan_ms = (time.perf_counter() - host_start) * 1e3  # once per decode step, shared by every layer
+    plan = CascadePlan.from_host(host, torch.from_numpy(host.items).to(DEVICE), torch.from_numpy(host.prefix_tokens).to(DEVICE))
     ours = lambda: cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, scale, plan=plan)  # noqa: E731
     plain = lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, max_context_len=max_len)  # noqa: E731
     max_diff = (ours().float() - plain().float()).abs().max().item()
@@ -89,12 +100,56 @@ def one_case(prefix_len, num_samples, num_groups, bandwidth, block_m=64, split_t
     unique_bytes = (num_groups * prefix_len + int(lens.sum()) - len(lens) * prefix_len) * token_bytes
     plain_bytes = int(lens.sum()) * token_bytes
     floor_ms = unique_bytes / bandwidth * 1e3
-    del q, k_cache, v_cache
-    return {"section": "cascade", "case": f"prefix={prefix_len} n={num_samples} prompts={num_groups}",
-            "block_m": block_m, "split_tokens": split_tokens, "ours_ms": ours_ms, "peer_ms": peer_ms,
-            "floor_ms": floor_ms, "speedup": peer_ms / ours_ms, "pct_floor": 100 * floor_ms / ours_ms,
-            "unique_GB": unique_bytes / 1e9, "plain_GB": plain_bytes / 1e9,
-            "peer_GB/s": plain_bytes / (peer_ms * 1e-3) / 1e9, "plan_ms": plan_ms, "max_diff": max_diff}
+    row = {"section": "cascade", "case": f"prefix={prefix_len} n={num_samples} prompts={num_groups}",
+           "block_m": block_m, "split_tokens": split_tokens, "ours_ms": ours_ms, "peer_ms": peer_ms,
+           "floor_ms": floor_ms, "speedup": peer_ms / ours_ms, "pct_floor": 100 * floor_ms / ours_ms,
+           "unique_GB": unique_bytes / 1e9, "plain_GB": plain_bytes / 1e9,
+           "peer_GB/s": plain_bytes / (peer_ms * 1e-3) / 1e9, "plan_ms": plan_ms, "group_ms": group_ms,
+           "max_diff": max_diff, "items": host.num_items, "groups_found": int((found > 0).sum())}
+    return row
+
+
+def padded_case(prefix_len, num_samples, num_groups, bandwidth) -> dict:
+    """The launch a captured decode step freezes: the work list padded with no-op items to twice its power-of-two
+    capacity and the suffix grid sized for a context bound of the block-table width rounded up to a power of two.
+    ref_ms: the tight plan, ours_ms: the padded one (eager), graph_ms: the padded one replayed from a CUDA graph."""
+    from grm_engine.kernels.cascade_attention import (CascadePlan, cascade_decode_attention, item_capacity_for,
+                                                      plan_cascade_host)
+
+    q, k_cache, v_cache, tables, lens, starts, prefix = build_batch(prefix_len, num_samples, num_groups)
+    scale = HEAD_DIM ** -0.5
+    bound = (1 << (tables.shape[1] - 1).bit_length()) * BLOCK_SIZE
+
+    def device_plan(host):
+        return CascadePlan.from_host(host, torch.from_numpy(host.items).to(DEVICE),
+                                     torch.from_numpy(host.prefix_tokens).to(DEVICE))
+
+    tight_host = plan_cascade_host(starts, prefix, BLOCK_SIZE, NUM_HEADS, KV_HEADS, int(lens.max()))
+    padded_host = plan_cascade_host(starts, prefix, BLOCK_SIZE, NUM_HEADS, KV_HEADS, bound,
+                                    item_capacity=2 * item_capacity_for(tight_host.num_items))
+    tight, padded = device_plan(tight_host), device_plan(padded_host)
+    run_tight = lambda: cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, scale, plan=tight)  # noqa: E731
+    run_padded = lambda: cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, scale, plan=padded)  # noqa: E731
+    bitwise = bool(torch.equal(run_tight(), run_padded()))
+    row = {"section": "cascade", "case": f"padded plan prefix={prefix_len} n={num_samples} prompts={num_groups}",
+           "ours_ms": bench_ms(run_padded), "ref_ms": bench_ms(run_tight), "bitwise_equal": bitwise,
+           "items": f"{tight_host.num_items}->{padded_host.items.shape[0]}",
+           "suffix_splits": f"{tight_host.num_suffix_splits}->{padded_host.num_suffix_splits}"}
+    row["padded_vs_tight"] = row["ours_ms"] / row["ref_ms"]
+    if DEVICE == "cuda":
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                run_padded()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run_padded()
+            row["graph_ms"] = bench_ms(graph.replay)
+        except Exception as error:  # record it, keep the table
+            row["graph_error"] = str(error)[:80]
+    return row
 
 
 def crossover(rows: list[dict], prefix_lens, samples) -> list[dict]:
@@ -130,6 +185,7 @@ def run(args) -> list[dict]:
         except Exception as error:  # e.g. a tile that does not fit shared memory: record it, keep the table
             table.append({"section": "cascade", "case": f"config block_m={block_m} split={split_tokens}",
                           "error": str(error)[:80]})
+    table.append(padded_case(*CONFIG_CASE, bandwidth))
     return table + crossover(rows, prefix_lens, samples)
 
 
