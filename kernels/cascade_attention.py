@@ -10,6 +10,12 @@ layers: the dispatcher keeps grm_engine.kernels.paged_attention for those). Spli
 on a sequence's own prefix and context lengths (multiples of split_tokens from the prefix start and from the
 suffix start), and a query row's math never mixes with other rows, so a sequence's result does not depend on
 which other sequences share its batch, its group, or its row tile.
+
+CUDA graphs: plan_cascade_host builds the work lists in numpy (the decoder packs them into its one upload) and
+CascadePlan.from_host wraps the device copies; with a plan, the launcher reads no device value. A graph freezes
+the grids, so the work list may be padded with NO_OP_ITEMs (item_capacity) and the suffix grid may be an upper
+bound (max_context_len): programs without rows or keys store nothing, and the merge reads only the slots a
+sequence's own lengths say it filled, so padded plans give bitwise the same output as tight ones.
 """
 from __future__ import annotations
 
