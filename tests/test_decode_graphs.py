@@ -87,3 +87,44 @@ def test_graphs_with_preemption_gpu():
     off = Decoder.from_pretrained(model, max_num_seqs=32, num_kv_blocks=300, cuda_graphs=False)
     assert outputs(on, gpu_prompts(), params) == outputs(off, gpu_prompts(), params)
     assert on.stats.preemptions > 0
+
+
+def test_shared_prefix_step_matches_plain_on_cpu(monkeypatch):
+    """Samples of a shared prompt go through the shared-prefix kernel (rows regrouped, work lists padded) and give
+    the plain step's tokens; a short prompt in the same batch stays on the plain path. The crossover thresholds
+    are lowered so that the interpreter runs small shapes."""
+    monkeypatch.setenv("GRM_ENGINE_BACKEND", "triton")
+    model = tiny_model("qwen2", seed=4)
+    g = torch.Generator().manual_seed(0)
+    prompts = [list(range(20, 27)), torch.randint(4, 384, (70,), generator=g).tolist()]
+    params = SamplingParams(n=5, temperature=0.9, max_tokens=5, seed=3, ignore_eos=True, logprobs=True)
+    kwargs = dict(num_kv_blocks=256, block_size=4, max_num_seqs=16)
+    plain = Decoder.from_pretrained(model, cascade_attention=False, **kwargs)
+    shared = Decoder.from_pretrained(model, **kwargs)
+    shared.runner.graphs = DecodeGraphs(shared.model, shared.runner.layer_caches, 4, 16, enabled=False)
+    shared.runner.cascade_thresholds = dict(min_prefix_tokens=32, min_samples=4)
+    ours, ref = outputs(shared, prompts, params), outputs(plain, prompts, params)
+    assert [[t for t, _ in r] for r in ours] == [[t for t, _ in r] for r in ref]
+    for r_ours, r_ref in zip(ours, ref):
+        for (_, lp_ours), (_, lp_ref) in zip(r_ours, r_ref):
+            torch.testing.assert_close(torch.tensor(lp_ours), torch.tensor(lp_ref), atol=1e-4, rtol=1e-4)
+    assert any(key.cascade is not None for key in shared.runner.graphs.buffers), "the shared-prefix path did not run"
+
+
+@pytest.mark.gpu
+def test_shared_prefix_close_to_plain_gpu():
+    """bf16: the 1,300-token prompt's samples take the shared-prefix kernel; its greedy log-probs match the plain
+    kernel's up to bf16 rounding wherever the tokens still agree (a near tie may flip a later token)."""
+    from test_decode_gpu import medium_model, prompts as gpu_prompts
+
+    model = medium_model("qwen2")
+    params = SamplingParams(n=8, temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=True)
+    shared = Decoder.from_pretrained(model, max_num_seqs=32, num_kv_blocks=2048)
+    plain = Decoder.from_pretrained(model, max_num_seqs=32, num_kv_blocks=2048, cascade_attention=False)
+    ours, ref = outputs(shared, gpu_prompts(), params), outputs(plain, gpu_prompts(), params)
+    assert any(key.cascade is not None for key in shared.runner.graphs.buffers), "the shared-prefix path did not run"
+    for r_ours, r_ref in zip(ours, ref):
+        for (t_ours, lp_ours), (t_ref, lp_ref) in zip(r_ours, r_ref):
+            same = next((i for i, (a, b) in enumerate(zip(t_ours, t_ref)) if a != b), len(t_ref))
+            assert same >= 4, f"tokens diverge at {same}"
+            torch.testing.assert_close(torch.tensor(lp_ours[:same]), torch.tensor(lp_ref[:same]), atol=0.05, rtol=0.05)

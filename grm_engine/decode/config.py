@@ -65,6 +65,7 @@ class DecoderConfig:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA only); False: the same step, eager
     max_cuda_graphs: int = 64  # step shapes captured at most; later shapes run eagerly
+    cascade_attention: bool = True  # samples sharing a long prompt read its KV once per group (CUDA); False: plain kernel
 
     def use_cuda_graphs(self) -> bool:
         """cuda_graphs, unless the environment says GRM_ENGINE_CUDA_GRAPHS=0 (debugging without editing code)."""

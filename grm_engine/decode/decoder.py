@@ -79,7 +79,7 @@ class Decoder:
         num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs, config.use_cuda_graphs(),
-                                  config.max_cuda_graphs)
+                                  config.max_cuda_graphs, config.cascade_attention)
         self.stats = DecoderStats()
         self.step_hook = None  # called with each finished ScheduledBatch (profilers, progress probes)
         self._next_seq_id = 0
@@ -88,10 +88,12 @@ class Decoder:
     def from_pretrained(cls, path_or_module, *, tokenizer=None, dtype=None, device=None, block_size: int = 16,
                         kv_cache_memory_fraction: float = 0.9, max_num_seqs: int = 256, num_kv_blocks: int | None = None,
                         max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
-                        enable_prefix_caching: bool = True, cuda_graphs: bool = True) -> "Decoder":
+                        enable_prefix_caching: bool = True, cuda_graphs: bool = True,
+                        cascade_attention: bool = True) -> "Decoder":
         """path_or_module: a Hugging Face checkpoint directory (config.json + *.safetensors) or a live
         transformers causal LM (its weights are shared, not copied, when dtype/device match).
-        cuda_graphs=False (or GRM_ENGINE_CUDA_GRAPHS=0) runs the decode step eagerly, same numbers (for debugging)."""
+        cuda_graphs=False (or GRM_ENGINE_CUDA_GRAPHS=0) runs the decode step eagerly, same numbers (for debugging);
+        cascade_attention=False keeps the plain paged kernel when samples share a prompt."""
         live = isinstance(path_or_module, torch.nn.Module)
         if live:
             config = path_or_module.config
@@ -115,7 +117,7 @@ class Decoder:
         dconfig = DecoderConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory_fraction=kv_cache_memory_fraction,
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
-                                cuda_graphs=cuda_graphs)
+                                cuda_graphs=cuda_graphs, cascade_attention=cascade_attention)
         return cls(model, tokenizer, dconfig, loader.generation_eos_ids(path_or_module, config), max_model_len, live)
 
     def _blocks_from_memory(self) -> int:

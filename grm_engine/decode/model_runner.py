@@ -20,7 +20,7 @@ from .scheduler import ScheduledBatch
 
 class ModelRunner:
     def __init__(self, model, num_kv_blocks: int, block_size: int, max_num_seqs: int = 256, cuda_graphs: bool = True,
-                 max_cuda_graphs: int = 64):
+                 max_cuda_graphs: int = 64, cascade: bool = True):
         self.model = model
         self.block_size = block_size
         self.device = model.device
@@ -30,6 +30,9 @@ class ModelRunner:
                                     model.head_dim, dtype=model.dtype, device=self.device)
         self.layer_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(model.num_layers)]
         self.graphs = None  # the padded (graph-capturable) decode step: CUDA with the Triton kernels only
+        # the shared-prefix kernel serves full-attention layers without soft-capping (others keep the plain kernel)
+        self.cascade = cascade and any(w is None for w in model.windows) and model.softcap is None
+        self.cascade_thresholds = {}  # find_shared_prefix_groups' defaults (the measured crossover); tests lower them
         if self.device.type == "cuda" and attention_backend(self.device) == "triton":
             self.graphs = DecodeGraphs(model, self.layer_caches, block_size, max_num_seqs, cuda_graphs, max_cuda_graphs)
 
@@ -64,12 +67,13 @@ class ModelRunner:
         slots = block_tables[np.arange(num_seqs), positions // bs].astype(np.int64) * bs + positions % bs
         context_lens = (positions + 1).astype(np.int32)
         return dict(input_ids=input_ids, positions=positions, slots=slots, block_tables=block_tables,
-                    context_lens=context_lens)
+                    context_lens=context_lens, table_lens=table_lens)
 
     def prepare_decode(self, batch: ScheduledBatch, extra: list[np.ndarray] = ()):
         """A decode step's tensors (as prepare's), plus the caller's `extra` host arrays, in one transfer."""
         arrays = self.decode_arrays(batch)
-        ids_t, pos_t, slots_t, tables_t, lens_t, *extra_t = self.upload(list(arrays.values()) + list(extra))
+        names = ("input_ids", "positions", "slots", "block_tables", "context_lens")
+        ids_t, pos_t, slots_t, tables_t, lens_t, *extra_t = self.upload([arrays[n] for n in names] + list(extra))
         positions = arrays["positions"]
         meta = AttentionMetadata(is_prefill=False, slot_mapping=slots_t, block_tables=tables_t, context_lens=lens_t,
                                  query_starts=list(range(len(batch.seqs) + 1)), num_cached=positions.tolist(),
@@ -113,8 +117,10 @@ class ModelRunner:
 
     def decode_step(self, batch: ScheduledBatch, sampling) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A decode step with sampling (`sampling`: the decoder's SamplingArrays for batch.seqs)
-        -> (tokens [B] int64, log-probs [B] fp32 or None) on the device. On CUDA with the Triton kernels: a
-        padded step replayed from a CUDA graph (cuda_graphs.py); elsewhere: eager and unpadded."""
+        -> (tokens [B] int64, log-probs [B] fp32 or None) on the device, row i for batch.seqs[i]. On CUDA with
+        the Triton kernels: a padded step replayed from a CUDA graph (cuda_graphs.py), with the shared-prefix
+        attention when samples share a long prompt; then batch.seqs may come back reordered (groups adjacent).
+        Elsewhere: eager and unpadded."""
         self.copy_blocks(batch.block_copies)
         flags = dict(all_greedy=sampling.all_greedy, any_filter=sampling.any_filter, any_greedy=sampling.any_greedy)
         if self.graphs is None:
@@ -127,12 +133,37 @@ class ModelRunner:
         arrays = self.decode_arrays(batch)
         arrays.update(row_hash=sampling.row_hash, temperature=sampling.temperature, top_p=sampling.top_p,
                       top_k=sampling.top_k)
+        plan = self.group_shared_prefixes(batch, arrays) if self.cascade else None
         num_seqs = len(batch.seqs)
         padded = self.graphs.bucket(num_seqs)
         width = max(16, 1 << (arrays["block_tables"].shape[1] - 1).bit_length())  # power of two: few graph shapes
         key = StepKey(padded, width, (sampling.all_greedy, sampling.any_greedy, sampling.any_filter, sampling.want_logprobs),
-                      choose_num_splits(padded, self.model.num_kv_heads, width * self.block_size, self.device))
-        return self.graphs.run(key, arrays, num_seqs)
+                      choose_num_splits(padded, self.model.num_kv_heads, width * self.block_size, self.device),
+                      plan.graph_key if plan is not None else None)
+        return self.graphs.run(key, arrays, num_seqs, plan)
+
+    def group_shared_prefixes(self, batch: ScheduledBatch, arrays: dict[str, np.ndarray]):
+        """Samples that share a prompt's pages, by the measured crossover (shared_prefix.py): when some group
+        qualifies, reorders batch.seqs and every per-row array so each group's rows are adjacent and returns the
+        host cascade plan (else None: the plain paged kernel serves the step)."""
+        from grm_engine.kernels.cascade_attention import item_capacity_for, plan_cascade_host
+
+        from .shared_prefix import find_shared_prefix_groups, use_cascade
+
+        order, group_starts, prefix_blocks = find_shared_prefix_groups(
+            arrays["block_tables"], arrays["table_lens"], arrays["context_lens"], self.block_size,
+            **self.cascade_thresholds)
+        if not use_cascade(prefix_blocks):
+            return None
+        batch.seqs = [batch.seqs[i] for i in order]  # the caller appends the sampled tokens in this order
+        for name, values in arrays.items():
+            arrays[name] = values[order]
+        plan = plan_cascade_host(group_starts, prefix_blocks, self.block_size, self.model.num_heads,
+                                 self.model.num_kv_heads, int(arrays["context_lens"].max()))
+        padding = item_capacity_for(plan.num_items) - plan.num_items  # no-op items: graph shapes repeat
+        plan.items = np.concatenate([plan.items, np.zeros((padding, plan.items.shape[1]), plan.items.dtype)])
+        arrays.update(cascade_items=plan.items, prefix_tokens=plan.prefix_tokens)  # ride in the step's one copy
+        return plan
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """-> fp32 logits [N, vocab], one row per sequence i with batch.needs_logits(i), in batch order."""
