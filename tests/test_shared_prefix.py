@@ -207,6 +207,8 @@ def test_edge_cases_and_errors():
     assert [a.tolist() for a in empty] == [[], [0], []]
     order, starts, prefix = find_shared_prefix_groups(np.array([[5, 6]], np.int32), [2], [20], BS, min_prefix_tokens=1)
     assert order.tolist() == [0] and starts.tolist() == [0, 1] and prefix.tolist() == [0]
+    no_full_block = find_shared_prefix_groups(np.array([[5], [5], [5]], np.int32), [1] * 3, [3] * 3, BS, 1, 2)
+    assert [a.tolist() for a in no_full_block] == [[0, 1, 2], [0, 1, 2, 3], [0, 0, 0]]
     with pytest.raises(ValueError, match="min_samples"):
         find_shared_prefix_groups(np.array([[5, 6]], np.int32), [2], [20], BS, min_samples=1)
     with pytest.raises(ValueError, match="context_lens"):

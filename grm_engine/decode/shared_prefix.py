@@ -69,11 +69,11 @@ def find_shared_prefix_groups(block_tables: np.ndarray, table_lens: np.ndarray, 
                          f"{len(context_lens)}: need [B, W], [B], [B]")
     if min_samples < 2:
         raise ValueError(f"min_samples = {min_samples}: a group shares a prefix among at least 2 rows")
-    if batch == 0:
-        return np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64)
     # full blocks inside the context (context_len <= table_len * block_size, so never past the table)
     caps = np.minimum(np.asarray(context_lens, np.int64) // block_size, np.asarray(table_lens, np.int64))  # [B]
-    width = int(min(block_tables.shape[1], caps.max()))
+    width = int(min(block_tables.shape[1], caps.max(initial=0)))
+    if width == 0:  # no full block anywhere (or no rows): every row alone
+        return np.arange(batch, dtype=np.int64), np.arange(batch + 1, dtype=np.int64), np.zeros(batch, np.int64)
     rows = np.arange(batch)
     # the id just past a row's cap becomes a unique negative (ids are >= 0): no two rows match there, so only
     # blocks inside both contexts can count as shared, whatever follows
