@@ -4,8 +4,16 @@ Cases: logits path fwd+bwd (B=16, T=1024, V=152064 bf16), the same at 50% paddin
 forward-only token log-probs, and the fused lm_head path (16,384 tokens, H=3584) unpadded, 50% padded and at
 65,536 tokens. Floors: bytes / measured copy bandwidth (logits path), FLOPs / measured bf16 matmul rate (fused).
 Liger is imported lazily; a failed import or call records 'n/a' (the reason goes to the row's `note`).
+"profile" rows: where the time of one call goes on the GPU (torch.profiler, CUDA activity): the GPU ops per call,
+their summed time (kernel_ms), the span from the first op's start to the last one's end (ours_ms), the idle time
+inside that span and every idle gap over 20 us with the GPU ops around it and the host op that launched the next.
 """
 from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
 
 import torch
 from triton.testing import do_bench
@@ -36,6 +44,78 @@ def measure(fn, rep=200):
     except Exception as exc:  # OOM or a peer's API change must not end the section
         torch.cuda.empty_cache()
         return "n/a", "n/a", f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+
+
+def summarize_trace(events, calls=1, gap_us=20.0, max_gaps=6):
+    """Chrome-trace events of `calls` back-to-back calls -> per-call GPU op count, busy and span ms, idle gaps.
+    A gap names the GPU op before it, the one after it and the innermost host op that launched the one after."""
+    gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
+    if not gpu:
+        return {"gpu_ops": 0, "note": "no GPU activity in the trace"}
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+    host_ops = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation")]
+
+    def launched_by(op):
+        launch = launches.get(op.get("args", {}).get("correlation"))
+        if launch is None:
+            return "?"
+        around = [h for h in host_ops if h.get("tid") == launch.get("tid")
+                  and h["ts"] <= launch["ts"] <= h["ts"] + h.get("dur", 0)]
+        return min(around, key=lambda h: h.get("dur", 0))["name"] if around else launch["name"]
+
+    def short(name, width=40):
+        return name if len(name) <= width else name[: width - 3] + "..."
+
+    busy_us = sum(e.get("dur", 0) for e in gpu)
+    span_us = gpu[-1]["ts"] + gpu[-1].get("dur", 0) - gpu[0]["ts"]
+    gaps, idle_us, covered_until = [], 0.0, gpu[0]["ts"]
+    for before, after in zip(gpu, gpu[1:]):
+        covered_until = max(covered_until, before["ts"] + before.get("dur", 0))
+        gap = after["ts"] - covered_until
+        idle_us += max(gap, 0.0)
+        if gap > gap_us:
+            gaps.append((gap, f"{gap:.0f}us {short(before['name'])} -> {short(after['name'])} "
+                              f"(launched in {short(launched_by(after), 50)})"))
+    listed = [text for _, text in sorted(gaps, reverse=True)[:max_gaps]]
+    return {"gpu_ops": len(gpu) / calls, "kernel_ms": busy_us / calls / 1e3, "span_ms": span_us / calls / 1e3,
+            "idle_ms": idle_us / calls / 1e3, "gaps_over_20us": len(gaps),
+            "gaps": "; ".join(listed) + (f"; +{len(gaps) - max_gaps} more" if len(gaps) > max_gaps else "")}
+
+
+def profile_calls(fn, calls=1):
+    """Profile `calls` back-to-back calls of fn (after a warm-up and a sync) -> summarize_trace(...) plus host_ms,
+    the wall time of one unprofiled call including its syncs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    host_ms = (time.perf_counter() - start) * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    return {**summarize_trace(events, calls=calls), "host_ms": host_ms}
+
+
+def profile_row(case, fn, calls=1):
+    try:
+        summary = profile_calls(fn, calls)
+    except Exception as exc:  # a profiler problem must not end the section
+        return {"section": "loss", "case": case, "ours_ms": "n/a", "note": f"{type(exc).__name__}: {str(exc)[:120]}"}
+    return {"section": "loss", "case": case, "ours_ms": summary.pop("span_ms", "n/a"), **summary}
 
 
 def liger_logits_loss():
@@ -115,8 +195,13 @@ def logits_cases(args, bandwidth):
         name = f"logits fwd+bwd B={batch} T={length} V={vocab} bf16" + (" 50% pad" if padding else "")
         rows.append(row(name, measure(ours), measure(reference, rep=50), measure(peer), floor_ms,
                         two_pass_floor_ms=two_pass_ms))
+        summary_row = len(rows) - 1
+        rows.append(profile_row("  profile ours, 3 calls back to back (per call)", ours, calls=3))
         if padding == 0:
-            unpadded_ms = rows[-1]["ours_ms"]
+            rows.append(profile_row("  profile ours, 1 isolated call", ours))
+            if liger is not None:
+                rows.append(profile_row("  profile Liger, 3 calls back to back (per call)", peer, calls=3))
+            unpadded_ms = rows[summary_row]["ours_ms"]
             sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 2
             for options in ({}, dict(grad_num_warps=8, grad_num_stages=2), dict(grad_block_v=2048, grad_num_warps=4,
                             grad_num_stages=3), dict(grad_block_v=8192, grad_num_warps=16), dict(num_warps=1, num_stages=4),
@@ -129,8 +214,8 @@ def logits_cases(args, bandwidth):
 
                 label = " ".join(f"{k}={v}" for k, v in options.items()) or "default (split: loss kernel + grad kernel)"
                 rows.append(row(f"  config {label}", measure(config), ("", "", ""), ("", "", ""), floor_ms))
-        elif isinstance(unpadded_ms, float) and isinstance(rows[-1]["ours_ms"], float):
-            rows[-1]["x_of_unpadded"] = rows[-1]["ours_ms"] / unpadded_ms
+        elif isinstance(unpadded_ms, float) and isinstance(rows[summary_row]["ours_ms"], float):
+            rows[summary_row]["x_of_unpadded"] = rows[summary_row]["ours_ms"] / unpadded_ms
 
     # forward-only log-probs (old / ref log-probs): one pass over the logits
     mask = torch.ones(batch, length, device=device)
@@ -141,10 +226,13 @@ def logits_cases(args, bandwidth):
 
         return fused_selective_log_softmax(contiguous, ids, 1.0, mask)
 
-    rows.append(row(f"token_logprobs B={batch} T={length} V={vocab} bf16",
-                    measure(lambda: grm_engine.token_logprobs(contiguous[:, :-1], ids, mask=mask)),
+    def ours_logprobs():
+        return grm_engine.token_logprobs(contiguous[:, :-1], ids, mask=mask)
+
+    rows.append(row(f"token_logprobs B={batch} T={length} V={vocab} bf16", measure(ours_logprobs),
                     measure(lambda: token_logprobs_reference(contiguous[:, :-1], ids, mask=mask), rep=50),
                     measure(peer_logprobs), batch * length * vocab * element / bandwidth * 1e3))
+    rows.append(profile_row("  profile token_logprobs, 3 calls back to back (per call)", ours_logprobs, calls=3))
     from grm_engine.kernels.grpo_loss import token_logprobs_triton
 
     for block_v, num_warps, num_stages in ((2048, 1, 4), (2048, 2, 3), (4096, 4, 3), (1024, 1, 4)):

@@ -1,7 +1,11 @@
-"""Launch our GRPO gradient kernel and Liger's backward kernel once each on the benchmark shape, for Nsight
-Compute to compare (DRAM bytes, achieved bandwidth, occupancy, stall reasons):
+r"""Launch our GRPO loss kernels and Liger's forward and backward kernels once each on the benchmark shape, for
+Nsight Compute to compare (DRAM bytes, achieved bandwidth, occupancy, stall reasons). Liger comes from the carried
+wheel: install it into /tmp/site (bench/gpu_run.sh does this too) and put /tmp/site on PYTHONPATH in the SAME shell
+command as ncu, or the Liger half is skipped ("liger not importable"):
 
-    ncu --clock-control none --kernel-name regex:"_grad_rows_kernel|_grpo_rows_kernel|_grpo_loss_bwd_kernel|_grpo_loss_fwd_kernel" \
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/liger_kernel-*.whl
+    export PYTHONPATH=/tmp/site:$PYTHONPATH && ncu --clock-control none \
+        --kernel-name regex:"_check_sequences_kernel|_grpo_rows_kernel|_grad_rows_kernel|_scale_rows_kernel|_grpo_loss_bwd_kernel|_grpo_loss_fwd_kernel" \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
         python bench/ncu_loss.py
 """
@@ -27,7 +31,7 @@ def main():
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
     except ImportError as exc:
-        print(f"liger not importable: {exc}")
+        print(f"liger not importable (is /tmp/site on PYTHONPATH in this shell?): {exc}")
         return
     loss, _ = triton_grpo_loss(buffer, old, ref, ids, advantages, mask, temperature=1.0, beta=0.08, eps_low=0.2,
                                eps_high=0.2, inplace=True, loss_type="grpo", reduce=True)
