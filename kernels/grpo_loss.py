@@ -19,6 +19,7 @@ from grm_engine.loss import LOG_RATIO_MAX, GRPOStats, check_token_ids
 LOG2E = 1.4426950408889634  # host side: folded into the scale argument
 LN2 = tl.constexpr(0.6931471805599453)  # used inside kernels: Triton needs constexpr globals
 NUM_STATS = 4  # per-row stats: weighted loss, kl, clipped, completion token
+STATS_WIDTH = tl.constexpr(NUM_STATS)  # the same, for kernels (a jit function reads constexpr globals only)
 SCALE_PROGRAMS = 2048  # _scale_rows_kernel's grid: returns at once when the upstream gradient is 1
 
 
@@ -58,7 +59,7 @@ def _grpo_row(
     ref_ptr, stride_rb, stride_rt,
     flag_ptr,  # int32, 1 when a completion id is outside [0, V): the gradient is then not written
     logp_out, entropy_out,  # [B*T] fp32
-    stats_out,  # [B*T, NUM_STATS] fp32: weight * loss, kl, clipped, 1 (0 everywhere for a masked token)
+    stats_out,  # [B*T, STATS_WIDTH] fp32: weight * loss, kl, clipped, 1 (0 everywhere for a masked token)
     lse_out, coef_out,  # [B*T] fp32: base-2 LSE of x / T and d loss / d logit scale, for _grad_rows_kernel
     T, V, weight_factor, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
     GROUP_SIZE: tl.constexpr, GROUP_BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COUNT: tl.constexpr,
@@ -135,7 +136,7 @@ def _grpo_row(
                 kl = exp_gap - gap - 1
                 loss_tok += beta * kl
                 dloss += beta * tl.where(ref_gap <= log_ratio_max, 1 - exp_gap, 0.0)
-            stats_row = stats_out + row * NUM_STATS
+            stats_row = stats_out + row * STATS_WIDTH
             tl.store(stats_row, w * loss_tok)
             tl.store(stats_row + 1, kl)
             tl.store(stats_row + 2, is_clipped.to(tl.float32))
@@ -157,8 +158,8 @@ def _grpo_row(
         if COMPUTE_ENTROPY:
             tl.store(entropy_out + row, 0.0)
         if COMPUTE_LOSS:
-            stats_row = stats_out + row * NUM_STATS
-            for k in tl.static_range(NUM_STATS):
+            stats_row = stats_out + row * STATS_WIDTH
+            for k in tl.static_range(STATS_WIDTH):
                 tl.store(stats_row + k, 0.0)
             tl.store(lse_out + row, 0.0)
             tl.store(coef_out + row, 0.0)

@@ -269,7 +269,7 @@ def test_token_logprobs_matches_reference(return_entropy):
 
 # ----------------------------------------------------------------------------- fused linear
 
-@pytest.mark.parametrize("use_bias, loss_type, chunk_size", [(False, "grpo", 5), (True, "dr_grpo", 64)])
+@pytest.mark.parametrize("use_bias, loss_type, chunk_size", [(False, "grpo", 5), (False, "bnpo", 7), (True, "dr_grpo", 64)])
 def test_fused_linear_matches_unfused_reference(use_bias, loss_type, chunk_size):
     from grm_engine.kernels.linear_grpo import fused_linear_grpo_loss_triton
 
