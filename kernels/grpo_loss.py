@@ -287,7 +287,7 @@ class FlagReader:
             self.host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
             self.host.copy_(flag, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(flag.device))  # the copy's stream, whatever device is current
 
     def is_set(self) -> bool:
         if self.event is not None:
