@@ -128,3 +128,23 @@ def test_shared_prefix_close_to_plain_gpu():
             same = next((i for i, (a, b) in enumerate(zip(t_ours, t_ref)) if a != b), len(t_ref))
             assert same >= 4, f"tokens diverge at {same}"
             torch.testing.assert_close(torch.tensor(lp_ours[:same]), torch.tensor(lp_ref[:same]), atol=0.05, rtol=0.05)
+
+
+def test_run_ahead_stops_and_preemption_on_cpu(monkeypatch):
+    """The padded path runs decode steps one ahead of the bookkeeping; samples stopping at a token (found one
+    step late), stop strings are not involved; a small pool forces preemption (the pipeline drains first)."""
+    monkeypatch.setenv("GRM_ENGINE_BACKEND", "triton")
+    model = tiny_model("llama", seed=5)
+    prompts = make_prompts()[:2]
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=11, stop_token_ids=[7, 40, 41, 42, 43, 44])
+    for blocks in (128, 16):
+        plain = Decoder.from_pretrained(model, num_kv_blocks=blocks, block_size=4, max_num_seqs=16)
+        ahead = Decoder.from_pretrained(model, num_kv_blocks=blocks, block_size=4, max_num_seqs=16)
+        ahead.runner.graphs = DecodeGraphs(ahead.model, ahead.runner.layer_caches, 4, 16, enabled=False)
+        ours, ref = outputs(ahead, prompts, params), outputs(plain, prompts, params)
+        assert ours == ref
+        lengths = {len(t) for r in ours for t, _ in r}
+        assert len(lengths) > 2, "samples should stop at different lengths"
+        assert ahead.block_manager.num_free_blocks == blocks, "blocks leaked"
+        if blocks == 16:
+            assert ahead.stats.preemptions > 0 and plain.stats.preemptions > 0

@@ -66,7 +66,7 @@ _TORCH_DTYPE = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32
 
 def step_fields(key: StepKey) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     b = key.batch
-    fields = [("input_ids", np.int64, (b,)), ("positions", np.int64, (b,)), ("slots", np.int64, (b,)),
+    fields = [("input_ids", np.int64, (b,)), ("input_src", np.int64, (b,)), ("positions", np.int64, (b,)), ("slots", np.int64, (b,)),
               ("block_tables", np.int32, (b, key.table_width)), ("context_lens", np.int32, (b,)),
               ("row_hash", np.int32, (b,)), ("temperature", np.float32, (b,)), ("top_p", np.float32, (b,)),
               ("top_k", np.int64, (b,))]
@@ -76,7 +76,8 @@ def step_fields(key: StepKey) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
 
 
 # padding of each input past the real rows: unused slot, one visible key on page 0, row 0's sampling settings
-_PAD = {"input_ids": 0, "positions": 0, "slots": -1, "block_tables": 0, "context_lens": 1, "prefix_tokens": 0}
+_PAD = {"input_ids": 0, "input_src": -1, "positions": 0, "slots": -1, "block_tables": 0, "context_lens": 1,
+        "prefix_tokens": 0}
 
 
 class DecodeGraphs:
@@ -91,6 +92,9 @@ class DecodeGraphs:
         self.graphs: dict[StepKey, tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.pool = None
         self.capture_seconds = 0.0
+        # the tokens the last step sampled, row by row: a step whose input token the host has not seen yet
+        # (the decoder runs one step ahead of its bookkeeping) reads it here (input_src >= 0: that row)
+        self.last_tokens = torch.zeros(self.buckets[-1], dtype=torch.int64, device=model.device)
 
     def bucket(self, batch: int) -> int:
         for size in self.buckets:
@@ -135,11 +139,15 @@ class DecodeGraphs:
                                  context_lens=inputs["context_lens"], query_starts=[], num_cached=[],
                                  max_context_len=key.table_width * self.block_size, num_splits=key.num_splits,
                                  cascade=plan)
-        hidden = self.model.forward(inputs["input_ids"], inputs["positions"], self.layer_caches, meta)  # [B, hidden]
+        source = inputs["input_src"]
+        input_ids = torch.where(source >= 0, self.last_tokens[source.clamp(min=0)], inputs["input_ids"])  # [B]
+        hidden = self.model.forward(input_ids, inputs["positions"], self.layer_caches, meta)  # [B, hidden]
         logits = self.model.compute_logits(hidden)  # [B, V] fp32
         all_greedy, any_greedy, any_filter, want_logprobs = key.sampling
-        return sample(logits, inputs["temperature"], inputs["top_k"], inputs["top_p"], inputs["row_hash"], want_logprobs,
-                      all_greedy=all_greedy, any_filter=any_filter, any_greedy=any_greedy)
+        tokens, logprobs = sample(logits, inputs["temperature"], inputs["top_k"], inputs["top_p"], inputs["row_hash"],
+                                  want_logprobs, all_greedy=all_greedy, any_filter=any_filter, any_greedy=any_greedy)
+        self.last_tokens[:key.batch].copy_(tokens)
+        return tokens, logprobs
 
     def _capture(self, key: StepKey, inputs, cascade_plan):
         start = time.perf_counter()

@@ -15,7 +15,7 @@ from .model_runner import ModelRunner
 from .models import model_class
 from .sampler import row_hash_numpy, sample
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import Sequence
+from .sequence import PENDING, Sequence, SequenceStatus
 
 
 @dataclass
@@ -231,9 +231,25 @@ class Decoder:
         return [RequestOutput(r, token_lists[r], list(outs)) for r, outs in enumerate(results)]
 
     def _run_loop(self, scheduler, seeds, results, stats, bar, start) -> None:
-        """Schedule, run, sample and append until every request is finished."""
+        """Schedule, run, sample and append until every request is finished.
+
+        On the CUDA graph path, decode steps run one step ahead of the bookkeeping: step t is launched before
+        the host reads step t-1's tokens (their copy overlaps step t); a sequence's pending token is a PENDING
+        placeholder that the step reads on the device. A sequence that stops at a pending token runs one wasted
+        step whose token is dropped. Before a prefill step or a possible preemption the pipeline drains (both
+        need every token on the host)."""
+        pending = None  # the decode step in flight whose tokens the host has not processed
         while scheduler.has_work():
             step_start = time.perf_counter()
+            if pending is not None and not self._can_run_ahead(scheduler):
+                self._finish_pending(pending, scheduler, results, stats, bar, start)
+                pending = None
+                if not scheduler.has_work():
+                    break
+            if pending is not None or (self.runner.graphs is not None and self._can_run_ahead(scheduler)):
+                pending = self._decode_ahead(pending, scheduler, seeds, results, stats, bar, start)
+                stats.decode_seconds += time.perf_counter() - step_start
+                continue
             batch = scheduler.schedule()
             if not batch.seqs:
                 raise RuntimeError("Decoder: the scheduler found nothing to run (KV pool too small for any sequence)")
@@ -261,6 +277,56 @@ class Decoder:
                 bar.update(finished)
                 elapsed = time.perf_counter() - start
                 bar.set_postfix_str(f"{(stats.generated_tokens + stats.prefill_tokens) / max(elapsed, 1e-9):.0f} tok/s")
+
+        if pending is not None:
+            self._finish_pending(pending, scheduler, results, stats, bar, start)
+
+    def _can_run_ahead(self, scheduler) -> bool:
+        """The next step is a decode step that cannot preempt (each sequence needs at most one new block)."""
+        return (not scheduler.waiting and not scheduler.prefilling and bool(scheduler.running)
+                and self.block_manager.num_free_blocks >= len(scheduler.running))
+
+    def _decode_ahead(self, pending, scheduler, seeds, results, stats, bar, start):
+        """Launch a decode step, then process the previous one's tokens while it runs. -> the new pending step."""
+        batch = scheduler.schedule()
+        host = SamplingArrays.build(batch.seqs, seeds)
+        previous_rows = {seq.seq_id: row for row, seq in enumerate(pending.seqs)} if pending is not None else None
+        tokens, logprobs = self.runner.decode_step(batch, host, previous_rows)
+        launched = _PendingStep.copy_to_host(batch, tokens, logprobs)
+        stats.decode_steps += 1
+        if self.step_hook is not None:
+            self.step_hook(batch)
+        if pending is not None:  # overlaps the step just launched
+            self._finish_pending(pending, scheduler, results, stats, bar, start)
+        live = [seq for seq in batch.seqs if seq.status is not SequenceStatus.FINISHED]
+        scheduler.finish_step(ScheduledBatch(False, live, [1] * len(live)))
+        for seq in live:
+            seq.token_ids.append(PENDING)
+            if seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+                scheduler.retire(seq)  # its pending token is its last, whatever it is
+        return launched
+
+    def _finish_pending(self, pending: "_PendingStep", scheduler, results, stats, bar, start) -> None:
+        """Wait for a launched step's tokens; put them in place of the placeholders; finish sequences."""
+        tokens, logprobs = pending.wait()
+        finished = 0
+        for i, seq in enumerate(pending.seqs):
+            if seq.status is SequenceStatus.FINISHED:  # stopped at the previous token: this one is dropped
+                continue
+            assert seq.token_ids[-1] == PENDING
+            seq.token_ids[-1] = tokens[i]
+            if seq.params.logprobs:
+                seq.logprobs.append(logprobs[i])
+            stats.generated_tokens += 1
+            reason = self._finish_reason(seq, tokens[i])
+            if reason is not None:
+                scheduler.finish(seq, reason)
+                results[seq.request_index][seq.sample_index] = self._output(seq, reason)
+                finished += 1
+        if bar is not None:
+            bar.update(finished)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{(stats.generated_tokens + stats.prefill_tokens) / max(elapsed, 1e-9):.0f} tok/s")
 
     def _new_id(self) -> int:
         self._next_seq_id += 1
@@ -342,6 +408,35 @@ class Decoder:
                 if cut >= 0:
                     text = text[:cut]
         return SampleOutput(seq.sample_index, seq.output_token_ids, text, reason, list(seq.logprobs) if seq.params.logprobs else None)
+
+
+@dataclass
+class _PendingStep:
+    """A launched decode step: its rows' sequences and the tokens (log-probs) on their way to pinned host memory."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [B] int64, host (pinned on CUDA; valid once the event completes)
+    logprobs: torch.Tensor | None
+    event: torch.cuda.Event | None  # None off CUDA (the copy was synchronous)
+
+    @classmethod
+    def copy_to_host(cls, batch: ScheduledBatch, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> "_PendingStep":
+        cuda = tokens.device.type == "cuda"
+
+        def to_host(t):
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda).copy_(t, non_blocking=cuda)
+
+        event = None
+        host_tokens, host_logprobs = to_host(tokens), to_host(logprobs) if logprobs is not None else None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return cls(list(batch.seqs), host_tokens, host_logprobs, event)
+
+    def wait(self) -> tuple[list[int], list[float] | None]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tokens.tolist(), (self.logprobs.tolist() if self.logprobs is not None else None)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from .attention import AttentionMetadata, attention_backend
 from .cuda_graphs import DecodeGraphs, StepKey
 from .sampler import sample
 from .scheduler import ScheduledBatch
+from .sequence import PENDING
 
 
 class ModelRunner:
@@ -33,6 +34,7 @@ class ModelRunner:
         # the shared-prefix kernel serves full-attention layers without soft-capping (others keep the plain kernel)
         self.cascade = cascade and any(w is None for w in model.windows) and model.softcap is None
         self.cascade_thresholds = {}  # find_shared_prefix_groups' defaults (the measured crossover); tests lower them
+        self._groups_cache = None  # (seq ids of the batch, its grouping)
         if self.device.type == "cuda" and attention_backend(self.device) == "triton":
             self.graphs = DecodeGraphs(model, self.layer_caches, block_size, max_num_seqs, cuda_graphs, max_cuda_graphs)
 
@@ -115,12 +117,14 @@ class ModelRunner:
         )
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
 
-    def decode_step(self, batch: ScheduledBatch, sampling) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def decode_step(self, batch: ScheduledBatch, sampling, previous_rows: dict[int, int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A decode step with sampling (`sampling`: the decoder's SamplingArrays for batch.seqs)
         -> (tokens [B] int64, log-probs [B] fp32 or None) on the device, row i for batch.seqs[i]. On CUDA with
         the Triton kernels: a padded step replayed from a CUDA graph (cuda_graphs.py), with the shared-prefix
         attention when samples share a long prompt; then batch.seqs may come back reordered (groups adjacent).
-        Elsewhere: eager and unpadded."""
+        Elsewhere: eager and unpadded. previous_rows (CUDA path): seq_id -> row of the previous decode step, for
+        sequences whose last token is still PENDING on the host (the step reads it on the device)."""
         self.copy_blocks(batch.block_copies)
         flags = dict(all_greedy=sampling.all_greedy, any_filter=sampling.any_filter, any_greedy=sampling.any_greedy)
         if self.graphs is None:
@@ -132,7 +136,7 @@ class ModelRunner:
 
         arrays = self.decode_arrays(batch)
         arrays.update(row_hash=sampling.row_hash, temperature=sampling.temperature, top_p=sampling.top_p,
-                      top_k=sampling.top_k)
+                      top_k=sampling.top_k, input_src=self.input_sources(batch, arrays["input_ids"], previous_rows))
         plan = self.group_shared_prefixes(batch, arrays) if self.cascade else None
         num_seqs = len(batch.seqs)
         padded = self.graphs.bucket(num_seqs)
@@ -142,6 +146,20 @@ class ModelRunner:
                       plan.graph_key if plan is not None else None)
         return self.graphs.run(key, arrays, num_seqs, plan)
 
+    @staticmethod
+    def input_sources(batch: ScheduledBatch, input_ids: np.ndarray, previous_rows) -> np.ndarray:
+        """[B] int64: the previous step's row holding each sequence's input token when the host has not seen it
+        yet (token PENDING), else -1."""
+        source = np.full(len(input_ids), -1, dtype=np.int64)
+        waiting = np.flatnonzero(input_ids == PENDING)
+        if len(waiting):
+            try:
+                source[waiting] = [previous_rows[batch.seqs[i].seq_id] for i in waiting]
+            except (KeyError, TypeError):
+                raise RuntimeError("decode step: a sequence's input token is pending but it was not in the previous step") from None
+            input_ids[waiting] = 0
+        return source
+
     def group_shared_prefixes(self, batch: ScheduledBatch, arrays: dict[str, np.ndarray]):
         """Samples that share a prompt's pages, by the measured crossover (shared_prefix.py): when some group
         qualifies, reorders batch.seqs and every per-row array so each group's rows are adjacent and returns the
@@ -150,9 +168,16 @@ class ModelRunner:
 
         from .shared_prefix import find_shared_prefix_groups, use_cascade
 
-        order, group_starts, prefix_blocks = find_shared_prefix_groups(
-            arrays["block_tables"], arrays["table_lens"], arrays["context_lens"], self.block_size,
-            **self.cascade_thresholds)
+        # Between steps a decode batch's sharing changes only when its sequences change or a copy-on-write gives a
+        # row a private copy of a shared block (new blocks are private): reuse the grouping until then.
+        # (A cached group's prefix only grows with the contexts, which the cap below would raise; keeping the
+        # older, shorter prefix is still exact: the kernel attends to the rest as each row's own suffix.)
+        cache_key = tuple(seq.seq_id for seq in batch.seqs)
+        if batch.block_copies or self._groups_cache is None or self._groups_cache[0] != cache_key:
+            groups = find_shared_prefix_groups(arrays["block_tables"], arrays["table_lens"], arrays["context_lens"],
+                                               self.block_size, **self.cascade_thresholds)
+            self._groups_cache = (cache_key, groups)
+        order, group_starts, prefix_blocks = self._groups_cache[1]
         if not use_cascade(prefix_blocks):
             return None
         batch.seqs = [batch.seqs[i] for i in order]  # the caller appends the sampled tokens in this order

@@ -35,6 +35,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.retired: list[Sequence] = []  # will finish with their pending last token; hold blocks until it is seen
         self.num_preemptions = 0
         self.num_prefix_hit_tokens = 0
         # Admission keeps a few blocks free so decode does not preempt what prefill just admitted.
@@ -137,13 +138,18 @@ class Scheduler:
 
     def abort_all(self) -> None:
         """Free every block of unfinished sequences (generate() was interrupted); the pool stays usable."""
-        for seq in [*self.running, *self.prefilling, *self.waiting]:
+        for seq in [*self.running, *self.prefilling, *self.waiting, *self.retired]:
             self.block_manager.free(seq)
             seq.status = SequenceStatus.FINISHED
-        self.running, self.prefilling, self.waiting = [], [], deque()
+        self.running, self.prefilling, self.waiting, self.retired = [], [], deque(), []
+
+    def retire(self, seq: Sequence) -> None:
+        """The sequence's pending token is its last (length limit): no more steps; its blocks stay until finish."""
+        self.running.remove(seq)
+        self.retired.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.running.remove(seq)
+        (self.retired if seq in self.retired else self.running).remove(seq)
         self.block_manager.free(seq)

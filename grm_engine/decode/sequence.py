@@ -6,6 +6,9 @@ import enum
 from .config import SamplingParams
 
 
+PENDING = -1  # a sampled token still on the device (the decoder runs one step ahead of its bookkeeping)
+
+
 class SequenceStatus(enum.Enum):
     WAITING = 0  # holds no KV blocks; (re)computes its tokens when admitted
     PREFILLING = 1  # holds blocks; some tokens still lack KV (chunked prefill)
