@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from grm_engine.decode.attention import decode_attention_reference
-from grm_engine.decode.shared_prefix import find_shared_prefix_groups, use_cascade
+from grm_engine.decode import shared_prefix
+from grm_engine.decode.shared_prefix import use_cascade
 from grm_engine.kernels.cascade_attention import cascade_decode_attention, check_shared_prefix
+
+
+def find_shared_prefix_groups(*args, **kwargs):
+    """The cases below are drawn for a 1,024-token threshold (the rule, not the tuned default, is under test)."""
+    if len(args) < 5:
+        kwargs.setdefault("min_prefix_tokens", 1024)
+    return shared_prefix.find_shared_prefix_groups(*args, **kwargs)
 
 BS = 16
 

@@ -151,12 +151,15 @@ class DecodeGraphs:
 
     def _capture(self, key: StepKey, inputs, cascade_plan):
         start = time.perf_counter()
-        # one eager run on a side stream first: compiles the Triton kernels, sets up cuBLAS; the step is
-        # idempotent (it stores the same K/V, draws the same tokens), so running it twice changes nothing
+        # one eager run on a side stream first: compiles the Triton kernels, sets up cuBLAS; the step stores the
+        # same K/V and draws the same tokens when replayed, so running it twice changes nothing
+        # (last_tokens is the one state a step changes besides the K/V it stores: put it back for the replay)
+        saved_tokens = self.last_tokens.clone()
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(stream):
             self._step(key, inputs, cascade_plan)
+            self.last_tokens.copy_(saved_tokens)
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()

@@ -15,16 +15,18 @@ whole prompt as prefix, even when every prompt starts with the same instruction 
 would put the whole batch in one group whose prefix is only the template). Rows in no group are groups of one
 with prefix 0 (the kernel's plain, suffix-only path).
 
-Thresholds, measured on an H200 with one attention layer of the Qwen2.5-7B shape (bench/RESULTS.md, "shared-prefix
-(cascade) decode attention kernel", bench/gpu_cascade.py): cascade wins from n = 4 samples once the prefix is at
-least 1,024 tokens (1.13x at n = 4, 1.23x at n = 32), is even at 512 and loses below 512 at every n (0.86x at
-256 tokens, n = 32). Hence min_prefix_tokens = 1024, min_samples = 4.
+Thresholds, measured on an H200 with one attention layer of the Qwen2.5-7B shape, 256 sequences (bench/RESULTS.md,
+"shared-prefix (cascade) decode attention kernel", bench/gpu_cascade.py, the crossover rows): at a 2,048-token prefix
+cascade wins at every n from 4 to 64 (1.29x at n = 4, 1.89x at n = 32); at 1,024 it wins at n = 4-8 (1.13x) but
+loses at n >= 16 (0.60-0.77x), and it loses at 512 and below. In the decoder (Qwen2.5-0.5B shape, a 1,024-token
+prompt, n = 32) it took 16 us per layer against the plain kernel's 8.5 us. Hence min_prefix_tokens = 2048,
+min_samples = 4.
 """
 from __future__ import annotations
 
 import numpy as np
 
-MIN_PREFIX_TOKENS = 1024
+MIN_PREFIX_TOKENS = 2048
 MIN_SAMPLES = 4
 
 
