@@ -18,6 +18,9 @@ from .scheduler import ScheduledBatch, Scheduler
 from .sequence import PENDING, Sequence, SequenceStatus
 
 
+MERGE_COPY_LIMIT_BYTES = 1 << 30  # a live model's merged q/k/v + gate/up copy is made up to this size
+
+
 @dataclass
 class SampleOutput:
     index: int
@@ -89,11 +92,14 @@ class Decoder:
                         kv_cache_memory_fraction: float = 0.9, max_num_seqs: int = 256, num_kv_blocks: int | None = None,
                         max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                         enable_prefix_caching: bool = True, cuda_graphs: bool = True,
-                        cascade_attention: bool = True) -> "Decoder":
+                        cascade_attention: bool = True, merge_projections: bool | None = None) -> "Decoder":
         """path_or_module: a Hugging Face checkpoint directory (config.json + *.safetensors) or a live
         transformers causal LM (its weights are shared, not copied, when dtype/device match).
         cuda_graphs=False (or GRM_ENGINE_CUDA_GRAPHS=0) runs the decode step eagerly, same numbers (for debugging);
-        cascade_attention=False keeps the plain paged kernel when samples share a prompt."""
+        cascade_attention=False keeps the plain paged kernel when samples share a prompt.
+        merge_projections: q/k/v and gate/up as one GEMM each. None: yes for a checkpoint directory (the weights
+        become views of the merged tensors, no extra memory) and for a live module whose mergeable weights take
+        at most 1 GiB (a copy, refreshed at every generate call); False: never; True: always."""
         live = isinstance(path_or_module, torch.nn.Module)
         if live:
             config = path_or_module.config
@@ -114,6 +120,10 @@ class Decoder:
         context = loader.max_context(config)
         max_model_len = min(max_model_len or context, context)
         model = cls_(config, weights, max_positions=max_model_len)
+        if merge_projections is None:  # fewer launches matter most for small models; a live model pays a copy
+            merge_projections = not live or model.merged_bytes() <= MERGE_COPY_LIMIT_BYTES
+        if merge_projections:
+            model.merge_projections(owns_weights=not live)
         dconfig = DecoderConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory_fraction=kv_cache_memory_fraction,
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
@@ -197,6 +207,7 @@ class Decoder:
         self._check_params(token_lists, params_list)
         if self.shares_live_weights:
             self.reset_prefix_cache()
+            self.model.refresh_merged()  # merged copies of live weights follow the current policy
         call_seed = random.randrange(2**63)
         # noise key per request: (seed, request_key or the request's position in this call)
         seeds = [(p.seed if p.seed is not None else call_seed, p.request_key if p.request_key is not None else r)

@@ -62,6 +62,46 @@ class LlamaForCausalLM:
         self.softcap: float | None = None
         self.lm_head = weights.get("lm_head.weight", embed) if not getattr(config, "tie_word_embeddings", False) else embed
 
+    # ---- merged projections: q/k/v and gate/up as one GEMM each (fewer launches, one weight stream) ----
+    MERGED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+    def merged_bytes(self) -> int:
+        """Bytes a copy of every mergeable weight would take."""
+        return sum(self.w(f"model.layers.{i}.{part}.weight").nbytes for i in range(self.num_layers)
+                   for parts in self.MERGED.values() for part in parts)
+
+    def merge_projections(self, owns_weights: bool) -> None:
+        """Concatenate each layer's q/k/v (and gate/up) weights and biases into one tensor. owns_weights: the
+        originals become views of the merged tensor (no extra memory); otherwise (live module weights) the merged
+        tensors are copies, refreshed by refresh_merged() before each generate."""
+        self.merged_from: dict[str, tuple[str, ...]] = {}
+        for layer in range(self.num_layers):
+            for merged, parts in self.MERGED.items():
+                for kind in ("weight", "bias"):
+                    names = [f"model.layers.{layer}.{part}.{kind}" for part in parts]
+                    if not all(name in self.weights for name in names):
+                        continue
+                    key = f"model.layers.{layer}.{merged}.{kind}"
+                    tensors = [self.weights[name] for name in names]
+                    self.weights[key] = torch.cat(tensors)  # [sum of rows, hidden] (or [sum of rows])
+                    if owns_weights:
+                        for name, view in zip(names, self.weights[key].split([t.shape[0] for t in tensors])):
+                            self.weights[name] = view
+                    else:
+                        self.merged_from[key] = tuple(names)
+
+    def refresh_merged(self) -> None:
+        """Copy the live weights into their merged copies (they may have changed since the last generate)."""
+        for key, names in getattr(self, "merged_from", {}).items():
+            torch.cat([self.weights[name] for name in names], out=self.weights[key])
+
+    def projections(self, x: torch.Tensor, prefix: str, merged: str, parts: tuple[str, ...], sizes: list[int]):
+        """The outputs of the `parts` linears of a layer, from one GEMM when they are merged (column views)."""
+        if prefix + f".{merged}.weight" in self.weights:
+            return self.linear(x, prefix + "." + merged).split(sizes, dim=-1)
+        return [self.linear(x, f"{prefix}.{part}") for part in parts]
+
     def w(self, name: str) -> torch.Tensor:
         try:
             return self.weights[name]
@@ -99,9 +139,12 @@ class LlamaForCausalLM:
     def attention(self, x, layer: int, rope, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; stores this step's K/V into the layer's pages first."""
         prefix = f"model.layers.{layer}.self_attn"
-        q = self.linear(x, prefix + ".q_proj").view(-1, self.num_heads, self.head_dim)
-        k = self.linear(x, prefix + ".k_proj").view(-1, self.num_kv_heads, self.head_dim)
-        v = self.linear(x, prefix + ".v_proj").view(-1, self.num_kv_heads, self.head_dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.projections(x, f"model.layers.{layer}", "self_attn.qkv_proj",
+                                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), [q_size, kv_size, kv_size])
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D] (a column view of the merged output: any row stride)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
         if prefix + ".q_norm.weight" in self.weights:  # Qwen3: RMSNorm over each head before rope
             q = self.norm(q, prefix + ".q_norm.weight")
             k = self.norm(k, prefix + ".k_norm.weight")
@@ -122,7 +165,9 @@ class LlamaForCausalLM:
 
     def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         prefix = f"model.layers.{layer}.mlp"
-        gate, up = self.linear(x, prefix + ".gate_proj"), self.linear(x, prefix + ".up_proj")
+        width = self.w(prefix + ".up_proj.weight").shape[0]
+        gate, up = self.projections(x, f"model.layers.{layer}", "mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"),
+                                    [width, width])
         if self.fused and self.fused_act is not None:
             from grm_engine.kernels.gated_act import gated_act_triton
 
