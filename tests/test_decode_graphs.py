@@ -120,6 +120,7 @@ def test_shared_prefix_close_to_plain_gpu():
     model = medium_model("qwen2")
     params = SamplingParams(n=8, temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=True)
     shared = Decoder.from_pretrained(model, max_num_seqs=32, num_kv_blocks=2048)
+    shared.runner.cascade_thresholds = dict(min_prefix_tokens=1024)  # the default (2,048) is above this prompt
     plain = Decoder.from_pretrained(model, max_num_seqs=32, num_kv_blocks=2048, cascade_attention=False)
     ours, ref = outputs(shared, gpu_prompts(), params), outputs(plain, gpu_prompts(), params)
     assert any(key.cascade is not None for key in shared.runner.graphs.buffers), "the shared-prefix path did not run"
