@@ -136,21 +136,36 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     all_greedy / any_filter / any_greedy may be given by a caller that knows them, to save a device sync or
     a [B, V] pass each. noise: uniform_noise or the reference (tests)."""
     greedy = temperature <= 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    divisor = torch.where(greedy, torch.ones_like(temperature), temperature)  # [B]
+    scaled = None  # logits / divisor [B, V], built only when a filter or the log-probs need it
     if all_greedy is None:
         all_greedy = bool(greedy.all())
     tokens = torch.argmax(logits, dim=-1) if all_greedy or any_greedy is not False else None
     if not all_greedy:
-        filtered = scaled
         if any_filter is None:
             any_filter = bool(((top_k > 0) | (top_p < 1)).any())
-        if any_filter:
-            filtered = scaled.masked_fill(~top_k_top_p_mask(scaled, top_k, top_p), float("-inf"))
-        # -log(-log(u)) + filtered, in place: the same float ops as the unfused expression
-        perturbed = noise(keys, logits.shape[-1]).log_().neg_().log_().neg_().add_(filtered)
-        sampled = torch.argmax(perturbed, dim=-1)
+        if not any_filter and noise is uniform_noise and keys.dim() == 1 and _fused_draw(logits):
+            # CUDA: noise, Gumbel transform and argmax in one pass over the logits, the same token
+            from .noise_triton import gumbel_argmax_triton
+
+            sampled = gumbel_argmax_triton(logits, divisor, keys)
+        else:
+            scaled = logits / divisor[:, None]
+            filtered = scaled
+            if any_filter:
+                filtered = scaled.masked_fill(~top_k_top_p_mask(scaled, top_k, top_p), float("-inf"))
+            # -log(-log(u)) + filtered, in place: the same float ops as the unfused expression
+            perturbed = noise(keys, logits.shape[-1]).log_().neg_().log_().neg_().add_(filtered)
+            sampled = torch.argmax(perturbed, dim=-1)
         tokens = sampled if tokens is None else torch.where(greedy, tokens, sampled)
     logprobs = None
     if want_logprobs:
+        scaled = logits / divisor[:, None] if scaled is None else scaled
         logprobs = torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     return tokens, logprobs
+
+
+def _fused_draw(logits: torch.Tensor) -> bool:
+    from .attention import attention_backend
+
+    return attention_backend(logits.device) == "triton" and logits.stride(-1) == 1
