@@ -47,44 +47,42 @@ def uniform_noise_triton(row_hash: torch.Tensor, vocab_size: int, block: int = 1
 
 
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, stride_logits, temperature_ptr, row_hash_ptr, out_ptr, vocab_size, u_max,
-                          BLOCK: tl.constexpr, LIBDEVICE_LOG: tl.constexpr):
-    """One row: argmax over tokens of logits / T - log(-log(u)), u as _uniform_noise_kernel draws it; the float
-    ops of the unfused path (division, logf twice, negations, one add) in the same order, so the same token."""
+def _gumbel_argmax_kernel(logits_ptr, stride_logits, temperature_ptr, row_hash_ptr, value_ptr, index_ptr, vocab_size,
+                          num_chunks, u_max, BLOCK: tl.constexpr, LIBDEVICE_LOG: tl.constexpr):
+    """One (row, chunk of BLOCK tokens): max and first argmax of logits / T - log(-log(u)), u as
+    _uniform_noise_kernel draws it; the float ops of the unfused path (division, logf twice, negations, one add)."""
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
     row_hash = tl.load(row_hash_ptr + row).to(tl.uint32, bitcast=True)
     temperature = tl.load(temperature_ptr + row)
-    best_value = tl.full([1], float("-inf"), tl.float32)
-    best_index = tl.full([1], 0, tl.int32)
-    for start in range(0, vocab_size, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        token_hash = _mix32(cols.to(tl.uint32) ^ tl.full(cols.shape, 0x082EFA98, tl.uint32))
-        bits = _mix32(row_hash ^ token_hash)
-        u = tl.minimum(((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), u_max)
-        if LIBDEVICE_LOG:  # CUDA's logf, as torch.log: the same bits as the unfused path
-            gumbel = -libdevice.log(-libdevice.log(u))
-        else:  # the interpreter has no libdevice
-            gumbel = -tl.log(-tl.log(u))
-        logits = tl.load(logits_ptr + row.to(tl.int64) * stride_logits + cols, mask=cols < vocab_size,
-                         other=float("-inf")).to(tl.float32)
-        value = tl.where(cols < vocab_size, gumbel + logits / temperature, float("-inf"))
-        block_max = tl.max(value, axis=0)
-        block_index = tl.argmax(value, axis=0, tie_break_left=True).to(tl.int32) + start
-        better = block_max > best_value  # strict: an earlier block keeps a tie (torch.argmax returns the first)
-        best_index = tl.where(better, block_index, best_index)
-        best_value = tl.where(better, block_max, best_value)
-    tl.store(out_ptr + row + tl.arange(0, 1), best_index.to(tl.int64))
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    token_hash = _mix32(cols.to(tl.uint32) ^ tl.full(cols.shape, 0x082EFA98, tl.uint32))
+    bits = _mix32(row_hash ^ token_hash)
+    u = tl.minimum(((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), u_max)
+    if LIBDEVICE_LOG:  # CUDA's logf, as torch.log: the same bits as the unfused path
+        gumbel = -libdevice.log(-libdevice.log(u))
+    else:  # the interpreter has no libdevice
+        gumbel = -tl.log(-tl.log(u))
+    logits = tl.load(logits_ptr + row.to(tl.int64) * stride_logits + cols, mask=cols < vocab_size, other=0.0)
+    value = tl.where(cols < vocab_size, gumbel + logits.to(tl.float32) / temperature, float("-inf"))
+    out = row.to(tl.int64) * num_chunks + chunk
+    tl.store(value_ptr + out, tl.max(value, axis=0))
+    tl.store(index_ptr + out, tl.argmax(value, axis=0, tie_break_left=True).to(tl.int64) + chunk * BLOCK)
 
 
 def gumbel_argmax_triton(logits: torch.Tensor, temperature: torch.Tensor, row_hash: torch.Tensor,
-                         block: int = 2048) -> torch.Tensor:
+                         block: int = 4096) -> torch.Tensor:
     """logits [B, V] (rows contiguous), temperature [B] fp32 (> 0), row_hash [B] int32 -> tokens [B] int64:
-    argmax(logits / T + Gumbel(u)) without materializing u or the perturbed logits (one read of the logits)."""
+    argmax(logits / T + Gumbel(u)) without materializing u or the perturbed logits (one read of the logits).
+    Chunks of `block` tokens in parallel, then the first maximal chunk (torch.argmax: first occurrence)."""
     batch, vocab_size = logits.shape
     assert logits.stride(1) == 1, "gumbel_argmax_triton: logits rows must be contiguous"
-    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
-    if batch:
-        _gumbel_argmax_kernel[(batch,)](logits, logits.stride(0), temperature.float().contiguous(),
-                                        row_hash.contiguous(), out, vocab_size, U_MAX, BLOCK=block,
-                                        LIBDEVICE_LOG=logits.device.type == "cuda", num_warps=8)
-    return out
+    num_chunks = triton.cdiv(vocab_size, block)
+    values = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(batch, num_chunks, dtype=torch.int64, device=logits.device)
+    if batch == 0:
+        return indices[:, 0]
+    _gumbel_argmax_kernel[(batch, num_chunks)](logits, logits.stride(0), temperature.float().contiguous(),
+                                               row_hash.contiguous(), values, indices, vocab_size, num_chunks, U_MAX,
+                                               BLOCK=block, LIBDEVICE_LOG=logits.device.type == "cuda", num_warps=8)
+    return indices.gather(1, values.argmax(dim=1, keepdim=True)).squeeze(1)  # [B]
