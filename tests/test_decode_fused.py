@@ -55,9 +55,9 @@ def test_rotary_store_equals_rotate_then_store(device, dtype):
     keep = slots >= 0
     store_kv_reference(ref_k[keep], v[keep], caches[2], caches[3], slots[keep])
     rotary_store_triton(q, k, v, cos, sin, caches[0], caches[1], slots)
-    # bf16: bit for bit (each product is rounded, as PyTorch does); fp32 on the GPU: the compiler may fuse the
-    # multiply-add (one rounding fewer), so within an ulp
-    exact = dict(atol=0, rtol=0) if dtype != torch.float32 or device == "cpu" else dict(atol=1e-6, rtol=1e-6)
+    # CPU (interpreter): bit for bit. GPU: the compiler keeps some products in fp32 (a fused multiply-add, one
+    # rounding fewer), so within one rounding of the operands (|x|, |cos| <= ~4 here), measured on the H200
+    exact = dict(atol=0, rtol=0) if device == "cpu" else dict(atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
     for ours, ref in ((q, ref_q), (k, ref_k), (caches[0], caches[2]), (caches[1], caches[3])):
         torch.testing.assert_close(ours, ref, **exact)
 
