@@ -136,25 +136,33 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Split-K launch of the decode kernel (tuned by bench/gpu_decode_splits.py): programs per SM wanted, fewest keys
+# per split, keys per tile.
+SPLIT_WAVES = 2
+SPLIT_MIN_TOKENS = 256
+DECODE_BLOCK_N = 64
+
+
 def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU twice over, but at least 256 tokens per split."""
+    """Enough programs to fill the GPU SPLIT_WAVES times over, but at least SPLIT_MIN_TOKENS keys per split."""
     if device.type != "cuda":
         return max(1, min(4, -(-max_context_len // 256)))
     sms = _num_sms(device)
-    wanted = -(-2 * sms // max(batch * kv_heads, 1))
-    return max(1, min(wanted, -(-max_context_len // 256), 64))
+    wanted = -(-SPLIT_WAVES * sms // max(batch * kv_heads, 1))
+    return max(1, min(wanted, -(-max_context_len // SPLIT_MIN_TOKENS), 64))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, *, window: int | None = None,
                            softcap: float | None = None, max_context_len: int | None = None,
-                           num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+                           num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, kv_heads, D]; block_tables [B, max_blocks] int32;
     context_lens [B] int32 (the query sits at position context_lens[b] - 1). Returns [B, H, D] in q's dtype.
     num_splits: key splits per sequence (default from the batch and max_context_len; given, the host reads
     nothing from the device, as inside a CUDA graph)."""
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
+    block_n = block_n or DECODE_BLOCK_N
     assert num_heads % kv_heads == 0, f"paged_decode_attention: {num_heads} query heads for {kv_heads} KV heads"
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
     assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
