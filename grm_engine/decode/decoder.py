@@ -5,7 +5,6 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from . import loader
@@ -13,9 +12,11 @@ from .block_manager import BlockManager
 from .config import DecoderConfig, SamplingParams
 from .model_runner import ModelRunner
 from .models import model_class
-from .sampler import row_hash_numpy, sample
+from .sampler import sample
 from .scheduler import ScheduledBatch, Scheduler
+from .request_checks import check_sampling_params, tokenize_prompts
 from .sequence import PENDING, Sequence, SequenceStatus
+from .step_state import PendingStep, SamplingArrays
 
 
 MERGE_COPY_LIMIT_BYTES = 1 << 30  # a live model's merged q/k/v + gate/up copy is made up to this size
@@ -158,57 +159,17 @@ class Decoder:
             block.hash, block.parent_hash, block.token_ids = None, None, ()
         manager.hash_to_block.clear()
 
-    # ---- input checks (before any work) ----
-    def _tokenize(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("generate: prompts must be a non-empty list of strings or token id lists")
-        token_lists = []
-        for i, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ValueError(f"generate: prompt {i} is a string but the decoder has no tokenizer; pass tokenizer= or token ids")
-                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            else:
-                ids = [int(t) for t in prompt]
-            if not ids:
-                raise ValueError(f"generate: prompt {i} is empty")
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"generate: prompt {i} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
-            if len(ids) >= self.max_model_len:
-                raise ValueError(f"generate: prompt {i} has {len(ids)} tokens; the model context is {self.max_model_len}")
-            token_lists.append(ids)
-        return token_lists
-
-    def _check_params(self, token_lists, params_list) -> None:
-        bs, pool = self.config.block_size, self.block_manager.num_blocks
-        for i, (ids, params) in enumerate(zip(token_lists, params_list)):
-            if not isinstance(params, SamplingParams):
-                raise TypeError(f"generate: sampling_params[{i}] is {type(params).__name__}, not SamplingParams")
-            if params.n > self.config.max_num_seqs:
-                raise ValueError(f"generate: request {i} asks n={params.n} samples but max_num_seqs={self.config.max_num_seqs}")
-            if params.stop and self.tokenizer is None:
-                raise ValueError(f"generate: request {i} has stop strings but the decoder has no tokenizer")
-            longest = min(len(ids) + params.max_tokens, self.max_model_len)
-            if -(-longest // bs) > pool:
-                raise ValueError(f"generate: request {i} may reach {longest} tokens, more than the KV pool holds "
-                                 f"({pool} blocks of {bs}); lower max_tokens or give the cache more memory")
-            bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-            if bad:
-                raise ValueError(f"generate: request {i} stop_token_ids {bad} are outside the vocabulary ({self.vocab_size})")
-
     # ---- the loop ----
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        token_lists = self._tokenize(prompts)
+        token_lists = tokenize_prompts(prompts, self.tokenizer, self.vocab_size, self.max_model_len)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
         if len(params_list) != len(token_lists):
             raise ValueError(f"generate: {len(params_list)} SamplingParams for {len(token_lists)} prompts")
-        self._check_params(token_lists, params_list)
+        check_sampling_params(token_lists, params_list, self.config, self.block_manager.num_blocks, self.vocab_size,
+                              self.max_model_len, has_tokenizer=self.tokenizer is not None)
         if self.shares_live_weights:
             self.reset_prefix_cache()
             self.model.refresh_merged()  # merged copies of live weights follow the current policy
@@ -307,7 +268,7 @@ class Decoder:
         host = SamplingArrays.build(batch.seqs, seeds)
         previous_rows = {seq.seq_id: row for row, seq in enumerate(pending.seqs)} if pending is not None else None
         tokens, logprobs = self.runner.decode_step(batch, host, previous_rows)
-        launched = _PendingStep.copy_to_host(batch, tokens, logprobs)
+        launched = PendingStep.copy_to_host(batch, tokens, logprobs)
         stats.decode_steps += 1
         if self.step_hook is not None:
             self.step_hook(batch)
@@ -321,7 +282,7 @@ class Decoder:
                 scheduler.retire(seq)  # its pending token is its last, whatever it is
         return launched
 
-    def _finish_pending(self, pending: "_PendingStep", scheduler, results, stats, bar, start) -> None:
+    def _finish_pending(self, pending: "PendingStep", scheduler, results, stats, bar, start) -> None:
         """Wait for a launched step's tokens; put them in place of the placeholders; finish sequences."""
         tokens, logprobs = pending.wait()
         finished = 0
@@ -423,76 +384,6 @@ class Decoder:
                 if cut >= 0:
                     text = text[:cut]
         return SampleOutput(seq.sample_index, seq.output_token_ids, text, reason, list(seq.logprobs) if seq.params.logprobs else None)
-
-
-@dataclass
-class _PendingStep:
-    """A launched decode step: its rows' sequences and the tokens (log-probs) on their way to pinned host memory."""
-
-    seqs: list[Sequence]
-    tokens: torch.Tensor  # [B] int64, host (pinned on CUDA; valid once the event completes)
-    logprobs: torch.Tensor | None
-    event: torch.cuda.Event | None  # None off CUDA (the copy was synchronous)
-
-    @classmethod
-    def copy_to_host(cls, batch: ScheduledBatch, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> "_PendingStep":
-        cuda = tokens.device.type == "cuda"
-
-        def to_host(t):
-            return torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda).copy_(t, non_blocking=cuda)
-
-        event = None
-        host_tokens, host_logprobs = to_host(tokens), to_host(logprobs) if logprobs is not None else None
-        if cuda:
-            event = torch.cuda.Event()
-            event.record()
-        return cls(list(batch.seqs), host_tokens, host_logprobs, event)
-
-    def wait(self) -> tuple[list[int], list[float] | None]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.tokens.tolist(), (self.logprobs.tolist() if self.logprobs is not None else None)
-
-
-@dataclass
-class SamplingArrays:
-    """Host-side sampling inputs of one step, built with numpy (no per-row tensors, no device syncs)."""
-
-    row_hash: np.ndarray  # [B] int32: the per-row half of the noise hash of key (seed, request, sample, position)
-    temperature: np.ndarray  # [B] float32
-    top_p: np.ndarray  # [B] float32
-    top_k: np.ndarray  # [B] int64
-    want_logprobs: bool
-    all_greedy: bool
-    any_greedy: bool
-    any_filter: bool
-
-    @classmethod
-    def build(cls, seqs: list[Sequence], seeds) -> "SamplingArrays":
-        """seeds[r] = (seed, request key) of request r; a row's noise key is (seed, key, sample index, length)."""
-        num = len(seqs)
-        request = np.fromiter((s.request_index for s in seqs), np.int64, num)
-        keys = np.empty((num, 4), dtype=np.uint64)
-        keys[:, :2] = np.array(seeds, dtype=np.uint64).reshape(-1, 2)[request]
-        keys[:, 2] = np.fromiter((s.sample_index for s in seqs), np.int64, num)
-        keys[:, 3] = np.fromiter(map(len, seqs), np.int64, num)
-        params = [s.params for s in seqs]
-        if all(p is params[0] for p in params):  # one SamplingParams for the whole batch (the usual case)
-            first = params[0]
-            temperature = np.full(num, first.temperature, np.float32)
-            top_p, top_k = np.full(num, first.top_p, np.float32), np.full(num, first.top_k, np.int64)
-            want_logprobs = first.logprobs
-        else:
-            temperature = np.fromiter((p.temperature for p in params), np.float32, num)
-            top_p = np.fromiter((p.top_p for p in params), np.float32, num)
-            top_k = np.fromiter((p.top_k for p in params), np.int64, num)
-            want_logprobs = any(p.logprobs for p in params)
-        greedy = temperature <= 0
-        return cls(row_hash_numpy(keys), temperature, top_p, top_k, want_logprobs,
-                   bool(greedy.all()), bool(greedy.any()), bool(((top_k > 0) | (top_p < 1)).any()))
-
-    def arrays(self) -> list[np.ndarray]:
-        return [self.row_hash, self.temperature, self.top_p, self.top_k]
 
 
 def _try_tokenizer(path: str):
