@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from grm_engine.decode.attention import gather_pages
+from grm_engine.kernels.paged_attention import _attend_key_tile
 
 ITEM_FIELDS = 6  # a prefix work item: first_sample, num_samples, first_row, token_start, token_end, slot
 
@@ -151,23 +152,9 @@ def _stacked_rows_attention_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for tile in range(token_start, token_end, BLOCK_N):
-        t = tile + tl.arange(0, BLOCK_N)
-        t_mask = t < token_end
-        page = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        offset = t % BLOCK_SIZE
-        kv_mask = t_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + page[:, None] * stride_kb + offset[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N] fp32
-        s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a visible key
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + page[:, None] * stride_vb + offset[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        m, l, acc = _attend_key_tile(q, m, l, acc, table, tile, token_end, k_cache_ptr, v_cache_ptr, kv_head, d, d_mask,
+                                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, 1.0,
+                                     BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
 
     # partial [B, H, num_slots, D], stats [B, H, num_slots, 2]; the merge reads only the slots whose range is not empty
     out_row = (sample * NUM_HEADS + head) * num_slots + slot  # [BLOCK_M]

@@ -46,6 +46,35 @@ def _tanh(x):
 
 
 @triton.jit
+def _attend_key_tile(q, m, l, acc, table, tile, end, k_cache_ptr, v_cache_ptr, kv_head, d, d_mask,
+                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap,
+                     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """One tile of BLOCK_N keys [tile, min(tile + BLOCK_N, end)) of one KV head, found through a sequence's block
+    table (`table` points at its row), for query rows q [R, BLOCK_D]: the online-softmax update of the running max
+    m [R], sum l [R] and unnormalized output acc [R, BLOCK_D] (flash decoding). Shared with the cascade kernel."""
+    t = tile + tl.arange(0, BLOCK_N)  # token positions
+    t_mask = t < end
+    page = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+    offset = t % BLOCK_SIZE
+    kv_mask = t_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + page[:, None] * stride_kb + offset[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [R, BLOCK_N] fp32
+    if USE_SOFTCAP:
+        s = _tanh(s / softcap) * softcap
+    s = tl.where(t_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds a visible key
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_cache_ptr + page[:, None] * stride_vb + offset[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
+                mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, partial_ptr, stats_ptr,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
@@ -80,26 +109,11 @@ def _paged_decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = block_tables_ptr + batch * stride_bt
     for tile in range(start, end, BLOCK_N):
-        t = tile + tl.arange(0, BLOCK_N)  # token positions
-        t_mask = t < end
-        page = tl.load(block_tables_ptr + batch * stride_bt + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        offset = t % BLOCK_SIZE
-        kv_mask = t_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + page[:, None] * stride_kb + offset[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_G, BLOCK_N] fp32
-        if USE_SOFTCAP:
-            s = _tanh(s / softcap) * softcap
-        s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + page[:, None] * stride_vb + offset[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        m, l, acc = _attend_key_tile(q, m, l, acc, table, tile, end, k_cache_ptr, v_cache_ptr, kv_head, d, d_mask,
+                                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, softcap,
+                                     BLOCK_SIZE, BLOCK_N, USE_SOFTCAP, DOT_PRECISION)
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SINGLE_SPLIT:
