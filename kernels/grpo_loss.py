@@ -3,7 +3,7 @@ fp32 log-sum-exp and TRL's per-token loss; a second kernel writes dlogits = c * 
 the logits by default. Traffic: an unmasked row is read, then read and written; a masked row is only zero-filled;
 a per-sequence prologue reads the ids and the mask once. Reference: grm_engine.loss.grpo_loss_reference.
 
-No host sync stands before the big kernels: the token-id range check runs on the GPU (_check_sequences_kernel),
+No host sync stands before the big kernels: the token-id range check runs on the GPU (token_id_check.py),
 its flag is copied to pinned memory right behind it, and the host waits for that copy only after the big kernels
 are queued. Every gather index is clamped into [0, V), so a bad id never reads out of bounds, and the gradient is
 not written when the flag is set, so a failed call leaves the logits as they were.
@@ -14,35 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from grm_engine.loss import LOG_RATIO_MAX, GRPOStats, check_token_ids
+from grm_engine.loss import LOG_RATIO_MAX, GRPOStats
+
+from .token_id_check import FlagReader, check_sequences, raise_bad_token_ids
 
 LOG2E = 1.4426950408889634  # host side: folded into the scale argument
 LN2 = tl.constexpr(0.6931471805599453)  # used inside kernels: Triton needs constexpr globals
 NUM_STATS = 4  # per-row stats: weighted loss, kl, clipped, completion token
 STATS_WIDTH = tl.constexpr(NUM_STATS)  # the same, for kernels (a jit function reads constexpr globals only)
 SCALE_PROGRAMS = 2048  # _scale_rows_kernel's grid: returns at once when the upstream gradient is 1
-
-
-@triton.jit
-def _check_sequences_kernel(ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, stride_mt, counts_ptr, flag_ptr,
-                            T, V, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Per sequence b: counts[b] = its completion tokens (mask != 0); *flag = 1 (zeroed by the caller) when one
-    of them has an id outside [0, V). Programs that find one all store the same 1, so no atomic is needed."""
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_T)
-    count = tl.zeros([BLOCK_T], tl.int32)
-    bad = tl.zeros([BLOCK_T], tl.int32)
-    for start in range(0, T, BLOCK_T):
-        t = start + offs
-        valid = t < T
-        token = tl.load(ids_ptr + b * stride_ib + t * stride_it, mask=valid, other=0)
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + b * stride_mb + t * stride_mt, mask=valid, other=0) != 0)
-        count += valid.to(tl.int32)
-        bad += (valid & ((token < 0) | (token >= V))).to(tl.int32)
-    tl.store(counts_ptr + b, tl.sum(count, axis=0))
-    if tl.sum(bad, axis=0) > 0:
-        tl.store(flag_ptr, 1)
 
 
 @triton.jit
@@ -262,46 +242,6 @@ def _scale_rows_kernel(grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr, 
 
 
 # ----------------------------------------------------------------------------- host side
-
-def check_sequences(completion_ids, mask, vocab):
-    """Queue the per-sequence prologue: (counts [B] int32 completion tokens, flag [1] int32: an id outside [0, V))."""
-    batch, length = completion_ids.shape
-    buffer = torch.zeros(batch + 1, device=completion_ids.device, dtype=torch.int32)  # counts, then the flag
-    counts, flag = buffer[:batch], buffer[batch:]
-    if batch and length:
-        _check_sequences_kernel[(batch,)](
-            completion_ids, *completion_ids.stride(), mask if mask is not None else counts,
-            *(mask.stride() if mask is not None else (0, 0)), counts, flag, length, vocab,
-            HAS_MASK=mask is not None, BLOCK_T=min(1024, triton.next_power_of_2(length)), num_warps=4)
-    return counts, flag
-
-
-class FlagReader:
-    """Reads a device flag after more work is queued. The copy to pinned memory is queued now, so waiting for it
-    later waits for the work queued before the copy only, never for the kernels queued after it."""
-
-    def __init__(self, flag):
-        self.event = None
-        self.host = flag
-        if flag.is_cuda:
-            self.host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-            self.host.copy_(flag, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(flag.device))  # the copy's stream, whatever device is current
-
-    def is_set(self) -> bool:
-        if self.event is not None:
-            self.event.synchronize()
-        return bool(self.host.item())
-
-
-def raise_bad_token_ids(completion_ids, mask, vocab):
-    """The flag was set: name the first bad position (grm_engine.loss.check_token_ids raises the error)."""
-    valid = torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0
-    check_token_ids(completion_ids, valid, vocab)
-    raise RuntimeError("the GPU range check flagged a completion id outside the vocabulary that the host check "
-                       "does not find (were completion_ids changed while the kernels ran?)")
-
 
 def reduction_counts(counts, loss_type, batch, length, max_completion_length):
     """(count view [B, T] or None, factor) such that a token's weight is 1 / (max(count, 1) * factor): the

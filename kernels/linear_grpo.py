@@ -10,7 +10,8 @@ import torch
 
 from grm_engine.loss import GRPOStats, group_advantages
 
-from .grpo_loss import NUM_STATS, check_sequences, launch_rows, raise_bad_token_ids
+from .grpo_loss import NUM_STATS, launch_rows
+from .token_id_check import check_sequences, raise_bad_token_ids
 
 # One chunk's logits. Each chunk also re-reads and re-writes the whole grad_weight (2 x 1.09 GB in bf16 at V=152k,
 # H=3584), so fewer, larger chunks save that traffic: 1 GiB gives 5 chunks at 16,384 tokens (768 MiB gave 7:
