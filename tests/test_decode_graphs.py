@@ -149,3 +149,26 @@ def test_run_ahead_stops_and_preemption_on_cpu(monkeypatch):
         assert ahead.block_manager.num_free_blocks == blocks, "blocks leaked"
         if blocks == 16:
             assert ahead.stats.preemptions > 0 and plain.stats.preemptions > 0
+
+
+def test_run_ahead_stop_strings_and_context_end_on_cpu(monkeypatch):
+    """One step ahead: a stop string (seen one step late, the extra token dropped) and the model's context end
+    (a length finish known at launch) give the plain loop's outputs, text included."""
+    from test_decode_api import CharTokenizer
+
+    monkeypatch.setenv("GRM_ENGINE_BACKEND", "triton")
+    model = tiny_model("qwen2", seed=6)
+    prompts = ["hello", "worlds", "abcabcabcabc"]
+    kwargs = dict(tokenizer=CharTokenizer(), num_kv_blocks=128, block_size=4, max_num_seqs=16, max_model_len=24)
+    plain = Decoder.from_pretrained(model, **kwargs)
+    free = plain.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=40, seed=2), use_tqdm=False)
+    stop = free[0].outputs[1].text[3:5]  # a string that sample 1 of request 0 produces mid-way
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=40, seed=2, stop=[stop])
+    ahead = Decoder.from_pretrained(model, **kwargs)
+    ahead.runner.graphs = DecodeGraphs(ahead.model, ahead.runner.layer_caches, 4, 16, enabled=False)
+    ours, ref = ahead.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)
+    summary = lambda results: [[(s.token_ids, s.text, s.finish_reason) for s in r.outputs] for r in results]  # noqa: E731
+    assert summary(ours) == summary(ref)
+    reasons = {s.finish_reason for r in ours for s in r.outputs}
+    assert reasons == {"stop", "length"}, reasons  # stop strings and the 24-token context end both happen
+    assert ahead.block_manager.num_free_blocks == 128
