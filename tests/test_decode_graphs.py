@@ -172,3 +172,18 @@ def test_run_ahead_stop_strings_and_context_end_on_cpu(monkeypatch):
     reasons = {s.finish_reason for r in ours for s in r.outputs}
     assert reasons == {"stop", "length"}, reasons  # stop strings and the 24-token context end both happen
     assert ahead.block_manager.num_free_blocks == 128
+
+
+def test_eager_shapes_keep_few_buffers():
+    """With graphs off, every new step shape gets a buffer; only the newest MAX_EAGER_BUFFERS are kept."""
+    from grm_engine.decode.cuda_graphs import MAX_EAGER_BUFFERS
+
+    import types
+
+    graphs = DecodeGraphs(types.SimpleNamespace(device=torch.device("cpu")), [], 4, 64, enabled=False)
+    for width in range(MAX_EAGER_BUFFERS + 5):
+        key = StepKey(8, 16 * (width + 1), (False, False, False, False), 2)
+        graphs._evict_uncaptured_buffers()
+        graphs.buffers[key] = object()
+    assert len(graphs.buffers) == MAX_EAGER_BUFFERS
+    assert StepKey(8, 16 * (MAX_EAGER_BUFFERS + 5), (False, False, False, False), 2) in graphs.buffers

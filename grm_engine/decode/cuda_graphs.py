@@ -61,6 +61,7 @@ class StepBuffers:
         self.device_buffer.copy_(self.host, non_blocking=True)
 
 
+MAX_EAGER_BUFFERS = 16  # input buffers kept for shapes that are not captured
 _TORCH_DTYPE = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}
 
 
@@ -107,6 +108,7 @@ class DecodeGraphs:
         on the device; cascade_plan: the host plan whose device twin the step builds from the buffers."""
         buffers = self.buffers.get(key)
         if buffers is None:
+            self._evict_uncaptured_buffers()
             buffers = self.buffers[key] = StepBuffers(step_fields(key), self.model.device)
         for name, view in buffers.host_views.items():
             value = arrays[name]
@@ -128,6 +130,13 @@ class DecodeGraphs:
             graph, (tokens, logprobs) = self.graphs[key]
             graph.replay()
         return tokens[:batch], (logprobs[:batch] if logprobs is not None else None)
+
+    def _evict_uncaptured_buffers(self) -> None:
+        """Shapes that run eagerly (graphs off, or past max_graphs) keep their buffers only while few: a long-running
+        decoder meets many shapes (batch sizes, table widths, work lists). A captured graph keeps its buffers."""
+        uncaptured = [key for key in self.buffers if key not in self.graphs]
+        for key in uncaptured[:max(0, len(uncaptured) - MAX_EAGER_BUFFERS + 1)]:  # oldest first (insertion order)
+            del self.buffers[key]
 
     def _step(self, key: StepKey, inputs: dict[str, torch.Tensor], cascade_plan):
         plan = None
