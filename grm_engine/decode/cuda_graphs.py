@@ -48,6 +48,7 @@ class StepBuffers:
             offsets.append(total)
             total += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 8) * 8  # 8-byte aligned slices
         self.host = torch.empty(total, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
+        self.copied: torch.cuda.Event | None = None  # recorded after each upload's copy
         self.device_buffer = torch.empty(total, dtype=torch.uint8, device=device)
         host_bytes = self.host.numpy()
         self.host_views, self.device_views = {}, {}
@@ -56,9 +57,18 @@ class StepBuffers:
             self.host_views[name] = host_bytes[offset:offset + nbytes].view(dtype).reshape(shape)
             self.device_views[name] = self.device_buffer[offset:offset + nbytes].view(_TORCH_DTYPE[np.dtype(dtype)]).view(shape)
 
+    def wait_until_refillable(self) -> None:
+        """The last upload's copy has read the pinned buffer. The decoder runs one step ahead and waits only for the
+        step before the previous one, so that copy may still be queued (it is the next thing the GPU does: this
+        waits microseconds at most)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+
     def upload(self) -> None:
-        # the previous step ended in a sync (its tokens went to the host), so the pinned buffer is free to refill
         self.device_buffer.copy_(self.host, non_blocking=True)
+        if self.device_buffer.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
 
 MAX_EAGER_BUFFERS = 16  # input buffers kept for shapes that are not captured
@@ -110,6 +120,7 @@ class DecodeGraphs:
         if buffers is None:
             self._evict_uncaptured_buffers()
             buffers = self.buffers[key] = StepBuffers(step_fields(key), self.model.device)
+        buffers.wait_until_refillable()
         for name, view in buffers.host_views.items():
             value = arrays[name]
             if name == "block_tables":
