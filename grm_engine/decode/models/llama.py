@@ -96,11 +96,15 @@ class LlamaForCausalLM:
         for key, names in getattr(self, "merged_from", {}).items():
             torch.cat([self.weights[name] for name in names], out=self.weights[key])
 
-    def projections(self, x: torch.Tensor, prefix: str, merged: str, parts: tuple[str, ...], sizes: list[int]):
-        """The outputs of the `parts` linears of a layer, from one GEMM when they are merged (column views)."""
-        if prefix + f".{merged}.weight" in self.weights:
-            return self.linear(x, prefix + "." + merged).split(sizes, dim=-1)
-        return [self.linear(x, f"{prefix}.{part}") for part in parts]
+    def projections(self, x: torch.Tensor, layer: int, merged: str) -> list[torch.Tensor]:
+        """The outputs of the linears that MERGED[merged] names, in order: from one GEMM when they are merged
+        (column views of its output), else one GEMM each."""
+        prefix = f"model.layers.{layer}"
+        parts = self.MERGED[merged]
+        if f"{prefix}.{merged}.weight" not in self.weights:
+            return [self.linear(x, f"{prefix}.{part}") for part in parts]
+        sizes = [self.w(f"{prefix}.{part}.weight").shape[0] for part in parts]
+        return list(self.linear(x, f"{prefix}.{merged}").split(sizes, dim=-1))
 
     def w(self, name: str) -> torch.Tensor:
         try:
@@ -139,9 +143,7 @@ class LlamaForCausalLM:
     def attention(self, x, layer: int, rope, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; stores this step's K/V into the layer's pages first."""
         prefix = f"model.layers.{layer}.self_attn"
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.projections(x, f"model.layers.{layer}", "self_attn.qkv_proj",
-                                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), [q_size, kv_size, kv_size])
+        q, k, v = self.projections(x, layer, "self_attn.qkv_proj")
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D] (a column view of the merged output: any row stride)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -165,9 +167,7 @@ class LlamaForCausalLM:
 
     def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         prefix = f"model.layers.{layer}.mlp"
-        width = self.w(prefix + ".up_proj.weight").shape[0]
-        gate, up = self.projections(x, f"model.layers.{layer}", "mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"),
-                                    [width, width])
+        gate, up = self.projections(x, layer, "mlp.gate_up_proj")
         if self.fused and self.fused_act is not None:
             from grm_engine.kernels.gated_act import gated_act_triton
 
