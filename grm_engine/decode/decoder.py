@@ -249,10 +249,7 @@ class Decoder:
                 stats.decode_seconds += time.perf_counter() - step_start
             if self.step_hook is not None:
                 self.step_hook(batch)
-            if bar is not None:
-                bar.update(finished)
-                elapsed = time.perf_counter() - start
-                bar.set_postfix_str(f"{(stats.generated_tokens + stats.prefill_tokens) / max(elapsed, 1e-9):.0f} tok/s")
+            _update_progress(bar, finished, stats, start)
 
         if pending is not None:
             self._finish_pending(pending, scheduler, results, stats, bar, start)
@@ -291,18 +288,10 @@ class Decoder:
                 continue
             assert seq.token_ids[-1] == PENDING
             seq.token_ids[-1] = tokens[i]
-            if seq.params.logprobs:
-                seq.logprobs.append(logprobs[i])
             stats.generated_tokens += 1
-            reason = self._finish_reason(seq, tokens[i])
-            if reason is not None:
-                scheduler.finish(seq, reason)
-                results[seq.request_index][seq.sample_index] = self._output(seq, reason)
-                finished += 1
-        if bar is not None:
-            bar.update(finished)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{(stats.generated_tokens + stats.prefill_tokens) / max(elapsed, 1e-9):.0f} tok/s")
+            finished += self._record_token(seq, tokens[i], logprobs[i] if logprobs is not None else None, scheduler,
+                                           results)
+        _update_progress(bar, finished, stats, start)
 
     def _new_id(self) -> int:
         self._next_seq_id += 1
@@ -349,14 +338,19 @@ class Decoder:
         finished = 0
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.token_ids.append(token)
-            if seq.params.logprobs:
-                seq.logprobs.append(logprobs[i])
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                scheduler.finish(seq, reason)
-                results[seq.request_index][seq.sample_index] = self._output(seq, reason)
-                finished += 1
+            finished += self._record_token(seq, token, logprobs[i] if logprobs is not None else None, scheduler, results)
         return len(seqs), finished
+
+    def _record_token(self, seq, token: int, logprob, scheduler, results) -> bool:
+        """seq's last token is `token`: keep its log-prob, finish the sequence if it stops here. -> finished."""
+        if seq.params.logprobs:
+            seq.logprobs.append(logprob)
+        reason = self._finish_reason(seq, token)
+        if reason is None:
+            return False
+        scheduler.finish(seq, reason)
+        results[seq.request_index][seq.sample_index] = self._output(seq, reason)
+        return True
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
@@ -393,6 +387,13 @@ def _try_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def _update_progress(bar, finished: int, stats: DecoderStats, start: float) -> None:
+    if bar is not None:
+        bar.update(finished)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{(stats.generated_tokens + stats.prefill_tokens) / max(elapsed, 1e-9):.0f} tok/s")
 
 
 def _progress(total: int, enabled: bool):
