@@ -43,19 +43,17 @@ class StepBuffers:
     """One packed device buffer holding every input of a step shape, views by name, and its pinned twin."""
 
     def __init__(self, fields: list[tuple[str, np.dtype, tuple[int, ...]]], device: torch.device):
-        self.fields, offsets, total = fields, [], 0
-        for _, dtype, shape in fields:
-            offsets.append(total)
-            total += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 8) * 8  # 8-byte aligned slices
+        self.fields = fields
+        sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for _, dtype, shape in fields]
+        offsets, total = packed_layout(sizes)
         self.host = torch.empty(total, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
         self.copied: torch.cuda.Event | None = None  # recorded after each upload's copy
         self.device_buffer = torch.empty(total, dtype=torch.uint8, device=device)
         host_bytes = self.host.numpy()
         self.host_views, self.device_views = {}, {}
-        for (name, dtype, shape), offset in zip(fields, offsets):
-            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        for (name, dtype, shape), offset, nbytes in zip(fields, offsets, sizes):
             self.host_views[name] = host_bytes[offset:offset + nbytes].view(dtype).reshape(shape)
-            self.device_views[name] = self.device_buffer[offset:offset + nbytes].view(_TORCH_DTYPE[np.dtype(dtype)]).view(shape)
+            self.device_views[name] = typed_view(self.device_buffer, offset, dtype, shape)
 
     def wait_until_refillable(self) -> None:
         """The last upload's copy has read the pinned buffer. The decoder runs one step ahead and waits only for the
@@ -73,6 +71,23 @@ class StepBuffers:
 
 MAX_EAGER_BUFFERS = 16  # input buffers kept for shapes that are not captured
 _TORCH_DTYPE = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}
+
+
+def packed_layout(sizes: list[int]) -> tuple[list[int], int]:
+    """Byte offsets of arrays of `sizes` bytes packed into one buffer, each 8-byte aligned (so every slice views as
+    its dtype), and the buffer's total bytes."""
+    offsets, total = [], 0
+    for nbytes in sizes:
+        offsets.append(total)
+        total += -(-nbytes // 8) * 8
+    return offsets, total
+
+
+def typed_view(buffer: torch.Tensor, offset: int, dtype, shape) -> torch.Tensor:
+    """The slice of a uint8 buffer at `offset` as a tensor of numpy `dtype` and `shape`."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return buffer[offset:offset + nbytes].view(_TORCH_DTYPE[dtype]).view(shape)
 
 
 def step_fields(key: StepKey) -> list[tuple[str, np.dtype, tuple[int, ...]]]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .attention import AttentionMetadata, attention_backend
-from .cuda_graphs import DecodeGraphs, StepKey
+from .cuda_graphs import DecodeGraphs, StepKey, packed_layout, typed_view
 from .sampler import sample
 from .scheduler import ScheduledBatch
 from .sequence import PENDING
@@ -206,16 +206,10 @@ class ModelRunner:
 def upload_packed(arrays: list[np.ndarray], device: torch.device, pin: bool) -> list[torch.Tensor]:
     """Copies arrays into one byte buffer (each 8-byte aligned, so every slice views as its dtype), moves it
     in one (pinned, non-blocking) copy and returns views of the device buffer with the arrays' dtypes/shapes."""
-    offsets, total = [], 0
-    for a in arrays:
-        offsets.append(total)
-        total += -(-a.nbytes // 8) * 8
+    offsets, total = packed_layout([a.nbytes for a in arrays])
     staging = np.empty(total, dtype=np.uint8)
     for a, offset in zip(arrays, offsets):
         staging[offset:offset + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
     host = torch.from_numpy(staging)
     packed = host.pin_memory().to(device, non_blocking=True) if pin else host.to(device)
-    return [packed[o:o + a.nbytes].view(_TORCH_DTYPE[a.dtype]).view(a.shape) for a, o in zip(arrays, offsets)]
-
-
-_TORCH_DTYPE = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}
+    return [typed_view(packed, o, a.dtype, a.shape) for a, o in zip(arrays, offsets)]
