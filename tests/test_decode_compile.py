@@ -3,13 +3,11 @@ under the interpreter, which accepts code the compiler rejects and has no libdev
 GeLU use CUDA's logf / tanhf through it); a failed compile would otherwise surface only on the lent GPU machine.
 Frontend, PTX and ptxas run here, in a subprocess without TRITON_INTERPRET; nothing is launched. Each case is
 the launch the decoder makes at a real shape (bf16, Qwen2.5-0.5B / 7B and Gemma 2 2B heads)."""
-import os
-import subprocess
-import sys
-
 import pytest
 
-triton = pytest.importorskip("triton")
+from triton_compile import compile_sm90, run_compile_script
+
+pytest.importorskip("triton")
 
 FLOATS = {"scale", "softcap", "eps", "u_max"}
 
@@ -61,26 +59,13 @@ def cases():
 
 
 def compile_all():
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     for fn, constexprs, pointers, num_warps in cases():
-        source = ASTSource(fn, signature(fn, constexprs, pointers), constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        assert compiled.asm.get("cubin"), fn.__name__
+        compile_sm90(fn, signature(fn, constexprs, pointers), constexprs, num_warps=num_warps)
         print("compiled", fn.__name__)
 
 
 def test_decode_kernels_compile_for_sm90():
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except Exception as exc:  # a Triton build without the NVIDIA backend
-        pytest.skip(f"no NVIDIA backend in this Triton: {exc}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900,
-                            cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("compiled") == len(cases())
+    run_compile_script(__file__, expected=len(cases()), timeout=900)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,11 @@
 CPU lane, accepts code the compiler rejects (a global that is not constexpr, say), and a failed compile would
 otherwise surface only on the lent GPU machine. Frontend, PTX and ptxas run here (in a subprocess without
 TRITON_INTERPRET); nothing is launched."""
-import os
-import subprocess
-import sys
-
 import pytest
 
-triton = pytest.importorskip("triton")
-from triton.compiler import ASTSource  # noqa: E402
+from triton_compile import compile_sm90, run_compile_script
+
+pytest.importorskip("triton")
 
 from grm_engine.kernels import grpo_loss as kernels  # noqa: E402
 from grm_engine.kernels import token_id_check  # noqa: E402
@@ -57,28 +54,15 @@ CASES = [
 
 
 def compile_all():
-    """Compile every case for sm_90; run without TRITON_INTERPRET (the interpreter's decorator gives no JITFunction)."""
-    from triton.backends.compiler import GPUTarget
-
     for name, constexprs, pointers, num_warps, num_stages in CASES:
         fn = getattr(kernels, name, None) or getattr(token_id_check, name)
-        source = ASTSource(fn, signature(fn, constexprs, {**POINTERS, **pointers}), constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
-        assert compiled.asm.get("cubin"), name
+        compile_sm90(fn, signature(fn, constexprs, {**POINTERS, **pointers}), constexprs, num_warps=num_warps,
+                     num_stages=num_stages)
         print("compiled", name, {k: v for k, v in constexprs.items() if v is True})
 
 
 def test_kernels_compile_for_sm90():
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except Exception as exc:  # a Triton build without the NVIDIA backend
-        pytest.skip(f"no NVIDIA backend in this Triton: {exc}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("compiled") == len(CASES)
+    run_compile_script(__file__, expected=len(CASES), timeout=600)
 
 
 if __name__ == "__main__":
