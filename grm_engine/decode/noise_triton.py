@@ -24,14 +24,20 @@ def _mix32(x):
 
 
 @triton.jit
-def _uniform_noise_kernel(row_hash_ptr, out_ptr, vocab_size, u_max, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def _uniform(row_hash_ptr, row, cols, u_max):
+    """u of (row, token ids cols): the hash of the row state and the token id, its top 24 bits, capped at u_max."""
     row_hash = tl.load(row_hash_ptr + row).to(tl.uint32, bitcast=True)
     token_hash = _mix32(cols.to(tl.uint32) ^ tl.full(cols.shape, 0x082EFA98, tl.uint32))
     bits = _mix32(row_hash ^ token_hash)
     u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # exact: 24-bit integer, power-of-2 scale
-    u = tl.minimum(u, u_max)
+    return tl.minimum(u, u_max)
+
+
+@triton.jit
+def _uniform_noise_kernel(row_hash_ptr, out_ptr, vocab_size, u_max, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    u = _uniform(row_hash_ptr, row, cols, u_max)
     tl.store(out_ptr + row.to(tl.int64) * vocab_size + cols, u, mask=cols < vocab_size)
 
 
@@ -53,12 +59,9 @@ def _gumbel_argmax_kernel(logits_ptr, stride_logits, temperature_ptr, row_hash_p
     _uniform_noise_kernel draws it; the float ops of the unfused path (division, logf twice, negations, one add)."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    row_hash = tl.load(row_hash_ptr + row).to(tl.uint32, bitcast=True)
     temperature = tl.load(temperature_ptr + row)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    token_hash = _mix32(cols.to(tl.uint32) ^ tl.full(cols.shape, 0x082EFA98, tl.uint32))
-    bits = _mix32(row_hash ^ token_hash)
-    u = tl.minimum(((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), u_max)
+    u = _uniform(row_hash_ptr, row, cols, u_max)
     if LIBDEVICE_LOG:  # CUDA's logf, as torch.log: the same bits as the unfused path
         gumbel = -libdevice.log(-libdevice.log(u))
     else:  # the interpreter has no libdevice
