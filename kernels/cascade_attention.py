@@ -20,7 +20,7 @@ sequence's own lengths say it filled, so padded plans give bitwise the same outp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -230,10 +230,11 @@ def _group_arrays(group_starts, prefix_blocks) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_cascade_host(group_starts, prefix_blocks, block_size: int, num_heads: int, kv_heads: int,
                       max_context_len: int, split_tokens: int = 1024, block_m: int = 64,
-                      item_capacity: int | None = None) -> HostCascadePlan:
+                      item_capacity: int | Callable[[int], int] | None = None) -> HostCascadePlan:
     """Host lists in, numpy work lists out (vectorized; runs once per decode step). One item per (row tile of
     block_m stacked query rows, split of split_tokens prefix keys) of each group with a shared prefix.
-    max_context_len bounds every context (it sizes the suffix grid); item_capacity pads the list with no-ops."""
+    max_context_len bounds every context (it sizes the suffix grid); item_capacity pads the list with no-ops (a
+    number, or a function of the items needed, e.g. item_capacity_for)."""
     if num_heads % kv_heads:
         raise ValueError(f"plan_cascade: {num_heads} query heads for {kv_heads} KV heads")
     if split_tokens % 16 or split_tokens <= 0 or block_m < 16 or block_m & (block_m - 1):
@@ -252,6 +253,8 @@ def plan_cascade_host(group_starts, prefix_blocks, block_size: int, num_heads: i
     local = np.arange(num_items) - np.repeat(np.cumsum(counts) - counts, counts)
     split = local % np.maximum(splits[group], 1)
     token_start = split * split_tokens
+    if callable(item_capacity):
+        item_capacity = item_capacity(num_items)
     capacity = num_items if item_capacity is None else int(item_capacity)
     if capacity < num_items:
         raise ValueError(f"item_capacity {capacity} is below the {num_items} work items this step needs")

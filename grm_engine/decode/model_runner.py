@@ -184,9 +184,8 @@ class ModelRunner:
         for name, values in arrays.items():
             arrays[name] = values[order]
         plan = plan_cascade_host(group_starts, prefix_blocks, self.block_size, self.model.num_heads,
-                                 self.model.num_kv_heads, int(arrays["context_lens"].max()))
-        padding = item_capacity_for(plan.num_items) - plan.num_items  # no-op items: graph shapes repeat
-        plan.items = np.concatenate([plan.items, np.zeros((padding, plan.items.shape[1]), plan.items.dtype)])
+                                 self.model.num_kv_heads, int(arrays["context_lens"].max()),
+                                 item_capacity=item_capacity_for)  # padded with no-op items: graph shapes repeat
         arrays.update(cascade_items=plan.items, prefix_tokens=plan.prefix_tokens)  # ride in the step's one copy
         return plan
 
