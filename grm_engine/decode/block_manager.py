@@ -1,7 +1,9 @@
 """KV block pool: reference counts, chained-hash prefix cache with token comparison, fork and copy-on-write.
 
 A block is shared when its ref_count > 1 (prefix-cache hits, forked samples). Only full blocks whose K/V
-is written (or being written in the current step) get a hash; those are immutable. A shared partial
+is written (or being written in the current step) get a hash; those are immutable. Registrations made while a
+prefill step is scheduled stay pending until the step has run (commit_registrations); an aborted step drops
+them (drop_pending_registrations), so a block whose K/V was never written is never found. A shared partial
 block (the end of a forked prompt) is copied before anyone writes into it (copy-on-write).
 Freed blocks keep their hash and contents until the pool reuses them, so a later request (or a
 preempted sequence coming back) can still hit them; eviction is least-recently-freed first.
@@ -36,6 +38,8 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.enable_prefix_caching = enable_prefix_caching
         self.peak_blocks_in_use = 0
+        # (block id, the block its hash pointed to before or None) registered for a step that has not run yet
+        self.pending_registrations: list[tuple[int, int | None]] = []
 
     @property
     def num_blocks(self) -> int:
@@ -125,8 +129,26 @@ class BlockManager:
                     break  # a shared partial block got full in one sibling only: it is copied first
                 block.parent_hash, block.token_ids = parent_hash, tokens
                 block.hash = chained_hash(parent_hash, tokens)
+                self.pending_registrations.append((block.block_id, self.hash_to_block.get(block.hash)))
                 self.hash_to_block[block.hash] = block.block_id
             parent_hash = block.hash
+
+    def commit_registrations(self) -> None:
+        """The step that fills the pending registered blocks has run: their K/V is written."""
+        self.pending_registrations.clear()
+
+    def drop_pending_registrations(self) -> None:
+        """The step was aborted (error, Ctrl-C) before its K/V was written: forget the blocks it registered,
+        restoring the table entries they replaced."""
+        for block_id, previous in reversed(self.pending_registrations):
+            block = self.blocks[block_id]
+            if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+                if previous is not None and self.blocks[previous].hash == block.hash:
+                    self.hash_to_block[block.hash] = previous
+                else:
+                    del self.hash_to_block[block.hash]
+            block.hash, block.parent_hash, block.token_ids = None, None, ()
+        self.pending_registrations.clear()
 
     def register_last_block_if_full(self, seq: Sequence) -> None:
         """After a decode step: register the block that the step just filled (O(1) per sequence)."""

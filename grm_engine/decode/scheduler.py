@@ -70,7 +70,8 @@ class Scheduler:
             batch.num_new_tokens.append(chunk)
             budget -= chunk
             # Blocks filled by this step are findable at once: a later sequence of the same step reads
-            # them after this step stores them (every layer stores all K/V before attending).
+            # them after this step stores them (every layer stores all K/V before attending). They stay
+            # pending until finish_step; an aborted step drops them (abort_all).
             self.block_manager.register_full_blocks(seq, seq.num_computed_tokens + chunk)
 
         for seq in self.prefilling:
@@ -122,6 +123,8 @@ class Scheduler:
 
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Record the K/V this step wrote; sequences whose prompt is done move to running."""
+        if batch.is_prefill:
+            self.block_manager.commit_registrations()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             if batch.is_prefill and seq.num_computed_tokens == len(seq):
@@ -137,7 +140,9 @@ class Scheduler:
         self.running.append(seq)
 
     def abort_all(self) -> None:
-        """Free every block of unfinished sequences (generate() was interrupted); the pool stays usable."""
+        """Free every block of unfinished sequences (generate() was interrupted); the pool stays usable and
+        the prefix cache forgets the blocks of a step that did not run."""
+        self.block_manager.drop_pending_registrations()
         for seq in [*self.running, *self.prefilling, *self.waiting, *self.retired]:
             self.block_manager.free(seq)
             seq.status = SequenceStatus.FINISHED
