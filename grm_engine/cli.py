@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--examples", type=int, default=16)
     demo.add_argument("--k", type=int, default=4, help="critiques per example")
     demo.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    commands.add_parser("train", help="train a GRM or meta RM: sft | rft | grpo | meta-rm (grm-engine train -h)",
+                        add_help=False)
     return parser
 
 
@@ -360,6 +362,11 @@ def cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # training has its own config system (grm_engine.train.cli)
+        from .train.cli import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "score":

@@ -1,0 +1,185 @@
+"""Checkpoints that survive a kill: written to a temporary directory, then renamed; the newest complete one wins.
+
+output_dir/checkpoint-STEP/
+    config.json, model.safetensors (or shards), tokenizer files   a model Decoder / GRM / MetaRM load as is
+    trainer_state.json      step, data cursor, stage counters (the run's position)
+    optimizer.pt            plain runs: optimizer + LR scheduler state
+    deepspeed/              DeepSpeed runs: its own sharded save_checkpoint (optimizer, scheduler, fp32 master)
+    rng_state_RANK.pt       every rank's RNG states (python, numpy, torch, cuda)
+    COMPLETE                written last: every file's size; a directory without it, or whose files do not
+                            match it (truncated, missing), is skipped for the previous complete checkpoint
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+
+import numpy as np
+import torch
+
+from .engine import barrier, is_main, rank
+
+MARKER = "COMPLETE"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _file_sizes(root: str) -> dict[str, int]:
+    sizes = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            sizes[os.path.relpath(full, root)] = os.path.getsize(full)
+    return sizes
+
+
+def save_model(engine, tokenizer, path: str, state_dict=None) -> None:
+    """The consolidated model (safetensors) + tokenizer into `path` (rank 0 writes; collective under ZeRO-3)."""
+    if state_dict is None:
+        state_dict = engine.consolidated_state_dict()
+    if is_main():
+        os.makedirs(path, exist_ok=True)
+        module = engine.module
+        module.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+
+def save_checkpoint(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, keep: int) -> str:
+    """Write checkpoint-STEP atomically; keep the newest `keep` complete ones. Collective: every rank calls it."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    if engine.deepspeed is not None:
+        engine.deepspeed.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state")
+    elif is_main():
+        torch.save({"optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict()},
+                   os.path.join(tmp, "optimizer.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{rank()}.pt"))
+    save_model(engine, tokenizer, tmp)
+    barrier()
+    if is_main():
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, **trainer_state}, f, indent=1)
+        sizes = _file_sizes(tmp)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"step": step, "files": sizes}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # a checkpoint of the same step from an earlier, incomplete attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+        for old in complete_checkpoints(output_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why a checkpoint directory cannot be resumed from (None: it is complete)."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        return "no COMPLETE marker (the save was interrupted)"
+    try:
+        with open(marker) as f:
+            expected = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable COMPLETE marker"
+    for name, size in expected.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != size:
+            return f"{name} has {os.path.getsize(full)} bytes, {size} were written"
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "trainer_state.json is unreadable"
+    return None
+
+
+def complete_checkpoints(output_dir: str, *, warn: bool = False) -> list[str]:
+    """Complete checkpoint directories, newest first; incomplete ones are skipped (with a warning)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _NAME.match(name)
+        if match:
+            path = os.path.join(output_dir, name)
+            problem = checkpoint_problem(path)
+            if problem is None:
+                found.append((int(match.group(1)), path))
+            elif warn:
+                warnings.warn(f"skipping {path}: {problem}", stacklevel=2)
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = complete_checkpoints(output_dir, warn=True)
+    return found[0] if found else None
+
+
+def read_trainer_state(path: str) -> dict:
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def load_training_state(engine, path: str) -> dict:
+    """Restore optimizer, scheduler (and DeepSpeed's shards) and this rank's RNG from `path` -> trainer_state.
+    The model weights come from the checkpoint's safetensors (plain runs build the model from `path`);
+    under DeepSpeed, load_checkpoint restores them with the fp32 master weights."""
+    if engine.deepspeed is not None:
+        loaded, _ = engine.deepspeed.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"{path}: DeepSpeed could not load its state from {path}/deepspeed")
+    else:
+        state = torch.load(os.path.join(path, "optimizer.pt"), map_location=engine.device, weights_only=False)
+        engine.optimizer.load_state_dict(state["optimizer"])
+        engine.scheduler.load_state_dict(state["scheduler"])
+    rng_file = os.path.join(path, f"rng_state_{rank()}.pt")
+    if os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        warnings.warn(f"{path}: no RNG state for rank {rank()} (resumed at another world size); RNG reseeded")
+    trainer_state = read_trainer_state(path)
+    engine.step_count = int(trainer_state["step"])
+    return trainer_state

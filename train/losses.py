@@ -1,0 +1,50 @@
+"""Training losses on the policy's last hidden states through the fused lm_head kernels (grm_engine.loss):
+the full [tokens, V] logits never exist on the GPU path (V = 152k at Qwen sizes).
+
+Cross-entropy reuses fused_linear_grpo_loss: with advantage 1, beta 0, no old log-probs and the bnpo
+reduction, its gradient is exactly the gradient of the token-mean negative log-likelihood (ratio 1 with the
+gradient of exp(logp - logp.detach())); its value is replaced by the true NLL from the returned log-probs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..loss import fused_linear_grpo_loss
+
+
+def call_through_module(module: torch.nn.Module, fn, *args):
+    """fn(module, *args) run through module.__call__, so DeepSpeed ZeRO-3's hooks gather the module's
+    parameters for the call (an lm_head weight read outside its own forward has numel 0 under ZeRO-3)."""
+    module.forward = lambda *a: fn(module, *a)
+    try:
+        return module(*args)
+    finally:
+        del module.forward  # back to the class's forward
+
+
+def completion_nll_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, target_ids: torch.Tensor,
+                       mask: torch.Tensor):
+    """hidden [B, T, H] (position t predicts target_ids[:, t]), mask [B, T] bool ->
+    (loss whose gradient is d(sum of NLL over masked tokens), detached NLL sum). Caller divides by the global
+    token count."""
+    count = mask.sum()
+
+    def run(head, hidden, target_ids, mask):
+        weight = head.weight
+        bias = getattr(head, "bias", None)
+        ones = torch.ones(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        loss, stats = fused_linear_grpo_loss(hidden, weight.to(hidden.dtype) if weight.dtype != hidden.dtype else weight,
+                                             target_ids, mask, bias=bias, advantages=ones, beta=0.0, loss_type="bnpo")
+        return loss, stats.logp
+
+    loss, logp = call_through_module(lm_head, run, hidden, target_ids, mask)
+    # bnpo loss = -mean(masked ratio * 1) with the gradient of -mean(logp): scale to a sum
+    nll_sum = -(logp * mask).sum()
+    surrogate = loss * count.clamp(min=1)
+    return surrogate + (nll_sum - surrogate).detach(), nll_sum.detach()
+
+
+def plain_completion_nll_sum(logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference: fp32 log_softmax over full logits [B, T, V], summed over masked tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+    return -(logp * mask).sum()

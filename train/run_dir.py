@@ -1,0 +1,96 @@
+"""The run's output directory and model loading: what every stage does before its first step.
+
+output_dir is ours or new: a directory with files but no config.yaml of ours is refused (never written into);
+one with our config.yaml is resumed when the settings match (config.check_resume_config) and refused otherwise.
+Models load from safetensors only; remote code never runs unless trust_remote_code is set.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .checkpoint import latest_checkpoint
+from .config import ConfigError, check_resume_config, save_config
+from .engine import barrier, is_main
+
+CONFIG_FILE = "config.yaml"
+
+
+def check_model_dir(path: str, what: str = "model") -> None:
+    """Fail before loading on a directory that is not a safetensors checkpoint (ConfigError naming it)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{what} = {path!r}: no config.json (give a Hugging Face checkpoint directory)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ConfigError(f"{config_path}: a JSON object with a model_type is expected")
+    if not any(name.endswith(".safetensors") for name in os.listdir(path)):
+        raise ConfigError(f"{what} = {path!r}: no *.safetensors weights (weights load from safetensors only)")
+    if not {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} & set(os.listdir(path)):
+        raise ConfigError(f"{what} = {path!r}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+
+
+def prepare_output_dir(config, stage: str) -> str | None:
+    """Create or validate output_dir; -> the checkpoint to resume from (None: a fresh run)."""
+    out = config.output_dir
+    saved = os.path.join(out, CONFIG_FILE)
+    resume_from = None
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.isfile(saved):
+            raise ConfigError(f"output_dir = {out!r} exists and is not a grm-engine training run (no {CONFIG_FILE}); "
+                              "nothing in it was touched: choose a new or empty directory")
+        check_resume_config(config, stage, saved)
+        resume_from = latest_checkpoint(out)
+        if resume_from is not None and not config.resume:
+            raise ConfigError(f"output_dir = {out!r} has checkpoints ({os.path.basename(resume_from)}) and resume is "
+                              "false; choose another output_dir, or drop --resume false to continue")
+        if os.path.isdir(os.path.join(out, "final")) and resume_from is not None:
+            from .checkpoint import read_trainer_state
+
+            state = read_trainer_state(resume_from)
+            if state.get("finished"):
+                raise ConfigError(f"output_dir = {out!r} holds a finished run (final model in {out}/final); "
+                                  "choose another output_dir, or raise max_steps to train further")
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output_dir = {out!r} is a file, not a directory")
+    if is_main():
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"output_dir = {out!r}: cannot create it ({e.strerror})") from None
+        if not os.access(out, os.W_OK):
+            raise ConfigError(f"output_dir = {out!r} is not writable")
+        save_config(config, stage, saved)
+    barrier()
+    return resume_from
+
+
+def load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model = {path!r}: the tokenizer has no EOS token; the trainer ends every completion "
+                          "with it (set eos_token in tokenizer_config.json)")
+    return tokenizer
+
+
+def load_causal_lm(path: str, config, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, attn_implementation="sdpa",
+                                                trust_remote_code=config.trust_remote_code)
+
+
+def load_dtype(config, device) -> torch.dtype:
+    """The dtype module weights are loaded in: bf16 under DeepSpeed on a GPU, else fp32 (plain GPU: autocast)."""
+    from .engine import resolve_dtype
+
+    dtype = resolve_dtype(config, device)
+    return dtype if config.deepspeed else torch.float32
