@@ -137,19 +137,34 @@ def build_scheduler(optimizer, config, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed(config) -> None:
-    """Under a launcher (WORLD_SIZE > 1) join the process group; DeepSpeed picks nccl on GPU, gloo on CPU."""
-    if world_size() == 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    """Join the process group DeepSpeed needs: under a launcher (torchrun, deepspeed) from its environment; a
+    single process without one gets a one-member group on localhost. nccl on GPU, gloo on CPU."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
     if not config.deepspeed:
-        raise ValueError(f"WORLD_SIZE={world_size()}: several processes train only under DeepSpeed; add "
-                         "--deepspeed zero2 (or zero3, or a JSON file)")
+        if world_size() > 1:
+            raise ValueError(f"WORLD_SIZE={world_size()}: several processes train only under DeepSpeed; add "
+                             "--deepspeed zero2 (or zero3, or a JSON file)")
+        return
     import deepspeed
 
+    if "WORLD_SIZE" not in os.environ:  # no launcher: one process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     device = resolve_device(config)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", dist_init_required=True)
 
 
 class Engine:
