@@ -108,7 +108,9 @@ class GRPOConfig(TrainConfig):
     max_completion_length: int = 1024
     ignore_eos: bool = False  # benchmarks: every rollout runs to max_completion_length
     template: str = "default"
-    skip_zero_advantage: bool = True  # drop groups whose G rewards are equal before the policy forward
+    # drop groups whose G rewards are all equal before the policy forward: their advantage is 0, so with beta = 0
+    # they add no gradient; with beta > 0 skipping also drops their KL term (a different objective), hence opt-in
+    skip_zero_advantage: bool = False
     max_tokens_per_micro_batch: int = 16384  # policy / reference forward micro-batches by token budget
     kv_cache_memory_fraction: float = 0.3
     log_completions_steps: int = 10

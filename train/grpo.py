@@ -1,0 +1,369 @@
+"""`grm-engine train grpo`: online GRPO with the +1/-1 rule reward (METHOD.md, Eq. 10-11), one step:
+
+1. rollouts: per_device_train_batch_size examples x num_generations critiques from our Decoder reading the live
+   policy's own parameters (ZeRO-3: gathered for the rollout), response orders shuffled per sample and step;
+2. rewards on the device from token ids (train/rollout.py), advantages per group (group_advantages);
+3. reference log-probs from a frozen copy of the starting model (old log-probs too when num_iterations > 1),
+   through the fused lm_head kernels;
+4. the loss through fused_linear_grpo_loss on the policy's last hidden states, micro-batches sized by a token
+   budget, every micro-batch's loss scaled by global counts (all micro-batches, all ranks) so that the gradient
+   equals the one-batch loss's whatever the accumulation or world size.
+A step is gradient_accumulation_steps rollout chunks; the optimizer steps once per step.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..data import DataError, load_examples
+from ..loss import fused_linear_grpo_loss, fused_linear_token_logprobs, group_advantages
+from .checkpoint import load_training_state, save_checkpoint
+from .config import ConfigError
+from .engine import Engine, all_reduce_sum, init_distributed, is_main, rank, resolve_device, world_size
+from .loop import TrainResult, export_final
+from .losses import call_through_module
+from .metrics import MetricsLogger
+from .rollout import decode_samples, generate_rollouts, rollout_metrics
+from .run_dir import check_model_dir, load_causal_lm, load_dtype, load_tokenizer, prepare_output_dir
+
+
+# ---------------------------------------------------------------- data
+def drop_easy_examples(examples, score_file: str):
+    """Drop the examples a model answered correctly in every sample (METHOD.md: the paper removes examples a
+    weaker model answered 3/3). score_file: that model's `grm-engine score` output on the same data."""
+    import json
+
+    from .rft import _correct
+
+    easy = set()
+    with open(score_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                samples = row["samples"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"{score_file}, line {number}: not a `grm-engine score` results line") from None
+            easy.add(str(row["id"])) if samples and row.get("label_best") is not None and all(
+                _correct([s["scores"] for s in samples], [s["status"] for s in samples],
+                         [row["label_best"]] * len(samples))) else None
+    return [e for e in examples if str(e.id) not in easy], len(easy)
+
+
+class PromptSchedule:
+    """Examples of each step: epochs of a seeded permutation, prompts_per_step (all ranks) at a time."""
+
+    def __init__(self, num_examples: int, config, world: int):
+        self.num_examples, self.config, self.world = num_examples, config, world
+        self.per_rank = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        self.per_step = self.per_rank * world
+        self.steps_per_epoch = num_examples // self.per_step
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{num_examples} examples are fewer than one step needs ({config.per_device_train_batch_size}"
+                              f" x {config.gradient_accumulation_steps} accumulation x {world} processes)")
+        self.total_steps = config.max_steps or max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
+
+    def step_examples(self, step: int) -> list[int]:
+        """This rank's example indices of `step`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.config.seed, epoch, 13]).permutation(self.num_examples)
+        chunk = order[within * self.per_step:(within + 1) * self.per_step]
+        return [int(i) for i in chunk[rank() * self.per_rank:(rank() + 1) * self.per_rank]]
+
+
+# ---------------------------------------------------------------- micro-batches
+def micro_batches(prompts: list[list[int]], lengths: list[int], budget: int) -> list[list[int]]:
+    """Row indices per micro-batch: consecutive rows while rows x (longest prompt + longest completion) fits."""
+    batches, current, width_p, width_c = [], [], 0, 0
+    for i, (prompt, length) in enumerate(zip(prompts, lengths)):
+        p, c = max(width_p, len(prompt)), max(width_c, length)
+        if current and (len(current) + 1) * (p + c) > budget:
+            batches.append(current)
+            current, p, c = [], len(prompt), length
+        current.append(i)
+        width_p, width_c = p, c
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pack_rows(prompts, completion_ids: torch.Tensor, lengths: list[int], rows: list[int], device, pad_id: int):
+    """Left-padded prompts + right-padded completions: every completion starts at column P.
+    -> input_ids [B, P + C], attention_mask [B, P + C], position_ids, ids [B, C], mask [B, C], P."""
+    P = max(len(prompts[i]) for i in rows)
+    C = max(max(lengths[i] for i in rows), 1)
+    B = len(rows)
+    input_ids = torch.full((B, P + C), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, P + C), dtype=torch.long)
+    ids = completion_ids[rows, :C].cpu()  # [B, C]
+    mask = torch.zeros((B, C), dtype=torch.bool)
+    for b, i in enumerate(rows):
+        prompt = prompts[i]
+        input_ids[b, P - len(prompt):P] = torch.tensor(prompt)
+        input_ids[b, P:P + lengths[i]] = ids[b, :lengths[i]]
+        attention[b, P - len(prompt):P + lengths[i]] = 1
+        mask[b, :lengths[i]] = True
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)
+    ids = torch.where(mask, ids, torch.zeros_like(ids))
+    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    return move(input_ids), move(attention), move(position_ids), move(ids), move(mask), P
+
+
+def completion_hidden(model, input_ids, attention_mask, position_ids, P: int, C: int) -> torch.Tensor:
+    body = model.get_decoder()
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return hidden[:, P - 1:P - 1 + C]  # [B, C, H]: position P-1+t predicts completion token t
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch, temperature: float) -> torch.Tensor:
+    input_ids, attention, position_ids, ids, mask, P = batch
+    hidden = completion_hidden(model, input_ids, attention, position_ids, P, ids.shape[1])
+    head = model.get_output_embeddings()
+
+    def run(head, hidden, ids, mask):
+        weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
+        return fused_linear_token_logprobs(hidden, weight, ids, mask=mask, temperature=temperature)
+
+    return call_through_module(head, run, hidden, ids, mask)  # [B, C] fp32
+
+
+def policy_loss(model, batch, advantages, old_logp, ref_logp, config):
+    input_ids, attention, position_ids, ids, mask, P = batch
+    hidden = completion_hidden(model, input_ids, attention, position_ids, P, ids.shape[1])
+    head = model.get_output_embeddings()
+
+    def run(head, hidden, ids, mask):
+        weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
+        loss, stats = fused_linear_grpo_loss(
+            hidden, weight, ids, mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
+            beta=config.beta, eps_low=config.epsilon, eps_high=config.epsilon_high, temperature=config.temperature,
+            loss_type=config.loss_type, max_completion_length=config.max_completion_length)
+        return loss, stats.kl, stats.clip_frac
+
+    return call_through_module(head, run, hidden, ids, mask)
+
+
+# ---------------------------------------------------------------- the decoder on the live policy
+class LiveDecoder:
+    """Our Decoder reading the policy's parameters. ZeRO-0/1/2 (and plain): built once, rebuilt if the parameters'
+    storage moved (DeepSpeed initialize / checkpoint load can move it); ZeRO-3: built inside the gather, per step.
+    Sized for one rollout chunk (num_kv_blocks), so the KV pool does not take memory training needs."""
+
+    def __init__(self, engine, tokenizer, config, max_prompt_tokens: int):
+        self.engine, self.tokenizer, self.config = engine, tokenizer, config
+        chunk_rows = config.per_device_train_batch_size * config.num_generations
+        block = 16
+        self.num_kv_blocks = chunk_rows * (math.ceil((max_prompt_tokens + config.max_completion_length + 1) / block) + 1)
+        self.max_num_seqs = max(chunk_rows, 1)
+        self.decoder, self.fingerprint = None, None
+
+    def _fingerprint(self):
+        return tuple(p.data_ptr() for p in self.engine.module.parameters())
+
+    def _build(self):
+        from ..decode import Decoder
+
+        return Decoder.from_pretrained(self.engine.module, tokenizer=self.tokenizer, num_kv_blocks=self.num_kv_blocks,
+                                       max_num_seqs=self.max_num_seqs)
+
+    def rollouts(self, examples, vocab, step: int):
+        config = self.config
+        kwargs = dict(num_generations=config.num_generations, temperature=config.temperature, top_p=config.top_p,
+                      max_completion_length=config.max_completion_length, seed=config.seed, step=step,
+                      template=config.template, ignore_eos=config.ignore_eos)
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            if self.engine.zero_stage == 3:
+                with self.engine.gathered_parameters():
+                    decoder = self._build()
+                    result = generate_rollouts(decoder, self.tokenizer, vocab, examples, **kwargs)
+                    del decoder
+                return result
+            fingerprint = self._fingerprint()
+            if self.decoder is None or fingerprint != self.fingerprint:
+                self.decoder, self.fingerprint = self._build(), fingerprint
+            return generate_rollouts(self.decoder, self.tokenizer, vocab, examples, **kwargs)
+        finally:
+            module.train(was_training)
+
+
+# ---------------------------------------------------------------- the loop
+def run_grpo(config, log=print) -> TrainResult:
+    from ..vocab_bytes import VocabBytes
+
+    check_model_dir(config.model)
+    try:
+        examples = list(load_examples(config.data))
+    except DataError as e:
+        raise ConfigError(f"bad data: {e}") from None
+    if config.drop_easy:
+        examples, dropped = drop_easy_examples(examples, config.drop_easy)
+        log(f"grpo: dropped {dropped} examples answered correctly in every sample of {config.drop_easy}")
+    resume_from = prepare_output_dir(config, "grpo")
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    from .sft import encode_prompt
+    from ..protocol import build_prompt
+
+    max_prompt = max(len(encode_prompt(tokenizer, build_prompt(e.query, e.responses, template=config.template,
+                                                                  tokenizer=tokenizer))) for e in examples)
+    init_distributed(config)
+    device = resolve_device(config)
+    world = world_size()
+    schedule = PromptSchedule(len(examples), config, world)
+    total = schedule.total_steps
+    dtype = load_dtype(config, device)
+    model = load_causal_lm(config.model if (resume_from is None or config.deepspeed) else resume_from, config, dtype)
+    reference = None
+    if config.beta > 0:  # the frozen starting policy (a resumed run rebuilds it from config.model)
+        reference = load_causal_lm(config.model, config, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        reference = reference.to(device).eval().requires_grad_(False)
+    engine = Engine(model, config, total)
+    start = 0
+    if resume_from is not None:
+        start = int(load_training_state(engine, resume_from)["step"])
+        log(f"resumed from {resume_from} at step {start}")
+    vocab = VocabBytes(tokenizer).to(device)
+    live = LiveDecoder(engine, tokenizer, config, max_prompt)
+    logger = MetricsLogger(config.output_dir, "grpo", total, start)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    began = time.perf_counter()
+    last: dict = {}
+    try:
+        for step in range(start, total):
+            metrics = grpo_step(engine, reference, live, vocab, tokenizer, examples, schedule, step, config, device,
+                                pad_id)
+            logger.advance()
+            done = step + 1
+            samples = metrics.pop("_samples", None)
+            if done % config.logging_steps == 0 or done == total:
+                logger.log(done, metrics)
+                last = metrics
+            if samples and config.log_completions_steps and done % config.log_completions_steps == 0 and is_main():
+                with open(f"{config.output_dir}/completions.jsonl", "a", encoding="utf-8") as f:
+                    import json
+
+                    for s in samples:
+                        f.write(json.dumps({"step": done, **s}, ensure_ascii=False) + "\n")
+            if config.save_steps and done % config.save_steps == 0 and done < total:
+                save_checkpoint(engine, tokenizer, config.output_dir, done, {"stage": "grpo"}, config.save_total_limit)
+        save_checkpoint(engine, tokenizer, config.output_dir, total, {"stage": "grpo", "finished": True},
+                        config.save_total_limit)
+        final = export_final(engine, tokenizer, config.output_dir)
+    finally:
+        plot = logger.close(plot=config.report_plot)
+    if plot:
+        log(f"curves: {plot}")
+    return TrainResult("grpo", config.output_dir, final, total, time.perf_counter() - began, last)
+
+
+def _clock(device) -> float:
+    if device.type == "cuda":  # the breakdown times GPU work, not kernel launches
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def grpo_step(engine, reference, live, vocab, tokenizer, examples, schedule, step, config, device, pad_id) -> dict:
+    tic = _clock(device)
+    indices = schedule.step_examples(step)
+    G = config.num_generations
+    chunk_size = config.per_device_train_batch_size
+    timings = {"rollout_s": 0.0, "reference_s": 0.0, "policy_s": 0.0}
+    # 1-3: rollouts, rewards, advantages and fixed log-probs of every chunk, before any update of this step
+    chunks = []
+    for c in range(0, len(indices), chunk_size):
+        t0 = _clock(device)
+        rollouts = live.rollouts([examples[i] for i in indices[c:c + chunk_size]], vocab, step)
+        timings["rollout_s"] += _clock(device) - t0
+        advantages = group_advantages(rollouts.rewards.float(), G, scale=config.scale_rewards)  # [N]
+        grouped = rollouts.rewards.reshape(-1, G)
+        zero_groups = (grouped == grouped[:, :1]).all(dim=1)  # [N / G]
+        keep = torch.ones_like(advantages, dtype=torch.bool)
+        if config.skip_zero_advantage:
+            keep = ~zero_groups.repeat_interleave(G)
+        lengths = rollouts.completion_mask.sum(1).tolist()
+        rows = [i for i, k in enumerate(keep.tolist()) if k]
+        chunks.append((rollouts, advantages, rows, lengths, zero_groups))
+    # global counts (all chunks, all ranks) for the loss normalization
+    local_rows = sum(len(r) for _, _, r, _, _ in chunks)
+    local_tokens = sum(sum(lengths[i] for i in r) for _, _, r, lengths, _ in chunks)
+    plans = [micro_batches([ch[0].prompt_ids[i] for i in ch[2]], [ch[3][i] for i in ch[2]],
+                           config.max_tokens_per_micro_batch) for ch in chunks]
+    local_micro = sum(len(p) for p in plans)
+    global_rows, global_tokens, max_micro = _reduce_counts(local_rows, local_tokens, local_micro, device)
+    max_micro = max(max_micro, 1)  # the optimizer steps even when every group was skipped
+    # 4: policy forward/backward, micro-batch by micro-batch; every rank runs max_micro of them (empty ones are a
+    # zero-weighted forward on one row) so ZeRO-3's collectives line up
+    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0}
+    work = []
+    for (rollouts, advantages, rows, lengths, _), plan in zip(chunks, plans):
+        for micro in plan:
+            work.append((rollouts, advantages, [rows[j] for j in micro], lengths))
+    while len(work) < max_micro:  # a padding micro-batch: one real row, weight 0
+        work.append((chunks[0][0], chunks[0][1], [0], chunks[0][3]))
+    for m, (rollouts, advantages, rows, lengths) in enumerate(work):
+        weight_zero = m >= local_micro
+        batch = pack_rows(rollouts.prompt_ids, rollouts.completion_ids, lengths, rows, device, pad_id)
+        mask = batch[4]
+        t0 = _clock(device)
+        ref_logp = None
+        if reference is not None:
+            with engine.autocast():
+                ref_logp = sequence_logprobs(reference, batch, config.temperature)
+        timings["reference_s"] += _clock(device) - t0
+        t0 = _clock(device)
+        old_logp = None  # num_iterations = 1: ratio 1, the gradient of exp(logp - logp.detach())
+        adv = advantages[rows].to(device)
+        with engine.autocast():
+            loss, kl, clip = policy_loss(engine.module, batch, adv, old_logp, ref_logp, config)
+        rows_m, tokens_m = len(rows), int(mask.sum())
+        if config.loss_type == "bnpo":
+            share = tokens_m / max(global_tokens, 1)
+        else:  # grpo: mean over sequences; dr_grpo: sum / (B * max_completion_length)
+            share = rows_m / max(global_rows, 1)
+        if weight_zero:
+            share = 0.0
+        engine.backward(loss * share, last=m == len(work) - 1, name="GRPO loss")
+        timings["policy_s"] += _clock(device) - t0
+        if not weight_zero:
+            sums["loss"] += float(loss) * share
+            sums["kl"] += float(kl) * tokens_m
+            sums["clip_frac"] += float(clip) * tokens_m
+            sums["tokens"] += tokens_m
+    t0 = _clock(device)
+    lr = engine.lr()
+    grad_norm = engine.step()
+    timings["policy_s"] += _clock(device) - t0
+    reduced = all_reduce_sum([sums["loss"], sums["kl"], sums["clip_frac"], sums["tokens"]], device)
+    metrics = {}
+    rollout_stats = [rollout_metrics(ch[0]) for ch in chunks]
+    for key in rollout_stats[0]:
+        values = [s[key] for s in rollout_stats]
+        metrics[key] = sum(values) if key in ("generated_tokens", "rollout_seconds") else sum(values) / len(values)
+    zero = torch.cat([ch[4] for ch in chunks]).float()
+    metrics.update({"loss": reduced[0], "kl": reduced[1] / max(reduced[3], 1), "clip_frac": reduced[2] / max(reduced[3], 1),
+                    "grad_norm": grad_norm, "lr": lr, "zero_advantage_frac": float(zero.mean()),
+                    "trained_rows": global_rows, **timings})
+    seconds = _clock(device) - tic
+    metrics["step_s"] = seconds
+    metrics["tokens_per_s"] = metrics["generated_tokens"] / max(seconds, 1e-9)
+    if config.log_completions_steps and (step + 1) % config.log_completions_steps == 0:
+        metrics["_samples"] = decode_samples(chunks[0][0], tokenizer, min(4, chunks[0][0].num_samples))
+    return metrics
+
+
+def _reduce_counts(rows: int, tokens: int, micro: int, device) -> tuple[int, int, int]:
+    """Global rows and tokens (sums) and the most micro-batches any rank has (max, via a one-hot sum)."""
+    if world_size() == 1:
+        return rows, tokens, micro
+    world = world_size()
+    onehot = [0.0] * world
+    onehot[rank()] = float(micro)
+    reduced = all_reduce_sum([rows, tokens] + onehot, device)
+    return int(reduced[0]), int(reduced[1]), int(max(reduced[2:]))
