@@ -42,6 +42,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded at once")
     p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run Python code from the checkpoint folders (off by default; never asks)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +126,7 @@ def _check_inputs(args):
                              f"line {first_seen[example.id]}; results are keyed by id, so ids must be unique")
         first_seen[example.id] = example.line
     try:
-        check_checkpoint_dir(args.model)
+        check_checkpoint_dir(args.model, trust_remote_code=args.trust_remote_code)
         if args.meta_rm:
             check_meta_rm_dir(args.meta_rm)
     except ValueError as e:
@@ -140,7 +142,8 @@ def _load_grm(args):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return GRM.from_pretrained(args.model, meta_rm=args.meta_rm, template=args.template, dtype=dtype,
                                device=args.device, max_num_seqs=args.max_num_seqs,
-                               kv_cache_memory_fraction=args.kv_cache_memory_fraction)
+                               kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+                               trust_remote_code=args.trust_remote_code)
 
 
 def score_in_chunks(grm, examples, args, *, k, temperature, k_meta=None, chunks=None, desc="score"):

@@ -25,7 +25,7 @@ from .protocol import SCORE_RANGE, TEMPLATES, build_prompt
 from .voting import VoteResult, vote
 
 
-def check_checkpoint_dir(path: str) -> None:
+def check_checkpoint_dir(path: str, *, trust_remote_code: bool = False) -> None:
     """Fail early, without loading weights, on a directory the decoder cannot run (ValueError)."""
     from .decode.models import MODEL_CLASSES
 
@@ -34,8 +34,14 @@ def check_checkpoint_dir(path: str) -> None:
     config_path = os.path.join(str(path), "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"model {path}: no config.json (give a Hugging Face checkpoint directory)")
-    with open(config_path) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config_dict = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"model {config_path}: not valid JSON ({e})") from None
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"model {config_path}: must hold a JSON object, got {type(config_dict).__name__}")
+    model_type = config_dict.get("model_type")
     if model_type not in MODEL_CLASSES:
         raise ValueError(f"model {path}: model_type {model_type!r} is not supported by the decoder "
                          f"(supported: {', '.join(sorted(MODEL_CLASSES))})")
@@ -45,6 +51,20 @@ def check_checkpoint_dir(path: str) -> None:
     if not {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} & set(files):
         raise ValueError(f"model {path}: no tokenizer files (tokenizer.json / tokenizer_config.json); "
                          "save the tokenizer next to the weights (tokenizer.save_pretrained(DIR))")
+    check_checkpoint_weights(path, trust_remote_code=trust_remote_code)
+
+
+def check_checkpoint_weights(path: str, *, trust_remote_code: bool = False) -> None:
+    """Every weight the decoder reads is in the safetensors files with the shape config.json implies; the shard
+    index stays inside the folder. Reads the config and the safetensors headers only (ValueError)."""
+    from .decode import loader
+    from .decode.models import model_class
+
+    try:
+        config = loader.load_config(path, trust_remote_code=trust_remote_code)
+        loader.check_weights(model_class(config), config, loader.weight_shapes(path), f"model {path}")
+    except (OSError, TypeError, KeyError) as e:
+        raise ValueError(f"model {path}: {e}") from None
 
 
 def _stable_int(*parts) -> int:
@@ -174,24 +194,29 @@ class GRM:
         self.decoder, self.tokenizer, self.meta_rm, self.template = decoder, tokenizer, meta_rm, template
 
     @classmethod
-    def from_pretrained(cls, path, *, meta_rm=None, template: str = "default", tokenizer=None, **decoder_kwargs) -> "GRM":
+    def from_pretrained(cls, path, *, meta_rm=None, template: str = "default", tokenizer=None,
+                        trust_remote_code: bool = False, **decoder_kwargs) -> "GRM":
         """path: a checkpoint directory (or a live transformers causal LM, with tokenizer=).
-        meta_rm: None, a MetaRM, or a meta-RM checkpoint directory. decoder_kwargs go to Decoder.from_pretrained."""
+        meta_rm: None, a MetaRM, or a meta-RM checkpoint directory. decoder_kwargs go to Decoder.from_pretrained.
+        trust_remote_code: let transformers run code from the checkpoint folders (off by default; never a prompt)."""
         from .decode import Decoder
         from .meta_rm import MetaRM, check_meta_rm_dir
 
         if isinstance(path, (str, os.PathLike)):
             path = str(path)
-            check_checkpoint_dir(path)
+            check_checkpoint_dir(path, trust_remote_code=trust_remote_code)
         if isinstance(meta_rm, (str, os.PathLike)):
             check_meta_rm_dir(str(meta_rm))
         if tokenizer is None and isinstance(path, str):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if isinstance(path, str):
+            decoder_kwargs["trust_remote_code"] = trust_remote_code
         decoder = Decoder.from_pretrained(path, tokenizer=tokenizer, **decoder_kwargs)
         if isinstance(meta_rm, (str, os.PathLike)):
-            meta_rm = MetaRM.from_pretrained(str(meta_rm), device=decoder.model.device)
+            meta_rm = MetaRM.from_pretrained(str(meta_rm), device=decoder.model.device,
+                                             trust_remote_code=trust_remote_code)
         return cls(decoder, tokenizer, meta_rm=meta_rm, template=template)
 
     def _encode(self, example, perm: Sequence[int]) -> list[int]:

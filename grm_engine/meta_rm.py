@@ -53,20 +53,24 @@ class MetaRM:
         self.device = next(body.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype=None, device=None, tokenizer=None, max_batch_tokens: int = 16384) -> "MetaRM":
+    def from_pretrained(cls, path: str, *, dtype=None, device=None, tokenizer=None, max_batch_tokens: int = 16384,
+                        trust_remote_code: bool = False) -> "MetaRM":
+        """trust_remote_code: let transformers run code from the checkpoint folder (off by default; never a prompt)."""
         from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         kind = check_meta_rm_dir(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if kind == "classifier":
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True).to(device)
             body, head = model.base_model, model.score
         else:
             from safetensors.torch import load_file
 
-            body = AutoModel.from_pretrained(path, dtype=dtype).to(device)
+            body = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                             use_safetensors=True).to(device)  # safetensors only: never a pickle
             state = load_file(os.path.join(path, HEAD_FILE))
             if "weight" not in state or tuple(state["weight"].shape) != (1, body.config.hidden_size):
                 raise ValueError(f"{os.path.join(path, HEAD_FILE)}: needs `weight` of shape [1, "

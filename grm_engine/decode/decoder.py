@@ -93,14 +93,17 @@ class Decoder:
                         kv_cache_memory_fraction: float = 0.9, max_num_seqs: int = 256, num_kv_blocks: int | None = None,
                         max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                         enable_prefix_caching: bool = True, cuda_graphs: bool = True,
-                        cascade_attention: bool = True, merge_projections: bool | None = None) -> "Decoder":
+                        cascade_attention: bool = True, merge_projections: bool | None = None,
+                        trust_remote_code: bool = False) -> "Decoder":
         """path_or_module: a Hugging Face checkpoint directory (config.json + *.safetensors) or a live
         transformers causal LM (its weights are shared, not copied, when dtype/device match).
         cuda_graphs=False (or GRM_ENGINE_CUDA_GRAPHS=0) runs the decode step eagerly, same numbers (for debugging);
         cascade_attention=False keeps the plain paged kernel when samples share a prompt.
         merge_projections: q/k/v and gate/up as one GEMM each. None: yes for a checkpoint directory (the weights
         become views of the merged tensors, no extra memory) and for a live module whose mergeable weights take
-        at most 1 GiB (a copy, refreshed at every generate call); False: never; True: always."""
+        at most 1 GiB (a copy, refreshed at every generate call); False: never; True: always.
+        trust_remote_code: let transformers run code from the checkpoint folder (config, tokenizer); off by default,
+        and transformers never prompts."""
         live = isinstance(path_or_module, torch.nn.Module)
         if live:
             config = path_or_module.config
@@ -110,14 +113,16 @@ class Decoder:
             cls_ = model_class(config)
             weights = loader.weights_from_module(path_or_module, device, dtype)
         elif isinstance(path_or_module, str):
-            config = loader.load_config(path_or_module)
+            config = loader.load_config(path_or_module, trust_remote_code=trust_remote_code)
             cls_ = model_class(config)
             device, dtype = _default_device_dtype(device, dtype, config)
             weights = loader.load_safetensors_dir(path_or_module, device, dtype)
             if tokenizer is None:
-                tokenizer = _try_tokenizer(path_or_module)
+                tokenizer = _try_tokenizer(path_or_module, trust_remote_code)
         else:
             raise TypeError(f"Decoder.from_pretrained: expected a directory path or a torch.nn.Module, got {type(path_or_module).__name__}")
+        source = (f"live module {type(path_or_module).__name__}" if live else f"checkpoint {path_or_module}")
+        loader.check_weights(cls_, config, weights, source)
         context = loader.max_context(config)
         max_model_len = min(max_model_len or context, context)
         model = cls_(config, weights, max_positions=max_model_len)
@@ -380,11 +385,11 @@ class Decoder:
         return SampleOutput(seq.sample_index, seq.output_token_ids, text, reason, list(seq.logprobs) if seq.params.logprobs else None)
 
 
-def _try_tokenizer(path: str):
+def _try_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         return None
 

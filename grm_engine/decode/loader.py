@@ -13,35 +13,102 @@ import warnings
 import torch
 
 
-def load_config(path: str):
+def load_config(path: str, *, trust_remote_code: bool = False):
+    """The checkpoint's transformers config. Code from the checkpoint folder runs only with trust_remote_code=True
+    (never a prompt); a config.json transformers cannot read is a ValueError naming the file."""
     from transformers import AutoConfig
 
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face checkpoint directory or a transformers model")
-    return AutoConfig.from_pretrained(path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+        raise ValueError(f"{config_path}: not a config transformers can read ({type(e).__name__}: {e})") from None
+
+
+def shard_files(path: str) -> list[str]:
+    """The checkpoint's safetensors files: those the index file names when there is one, else path/*.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        shards = _shards_from_index(path, index)
+    else:
+        shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not shards:
+        raise FileNotFoundError(f"{path}: no *.safetensors files (pytorch_model.bin checkpoints are not supported)")
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"{index} names a missing shard {shard}")
+    return shards
+
+
+def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in the checkpoint, read from the safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for shard in shard_files(path):
+        try:
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as e:  # safetensors raises its own error types for a truncated or garbage file
+            raise ValueError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return shapes
 
 
 def load_safetensors_dir(path: str, device, dtype) -> dict[str, torch.Tensor]:
     """Every tensor of path/*.safetensors (the index file, when present, lists the shards)."""
     from safetensors import safe_open
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
-    else:
-        shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not shards:
-        raise FileNotFoundError(f"{path}: no *.safetensors files (pytorch_model.bin checkpoints are not supported)")
     weights: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        if not os.path.isfile(shard):
-            raise FileNotFoundError(f"{index} names a missing shard {shard}")
+    for shard in shard_files(path):
         with safe_open(shard, framework="pt", device="cpu") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
                 weights[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     return weights
+
+
+def _shards_from_index(path: str, index: str) -> list[str]:
+    """The shard files an index names; each must be a file name inside the checkpoint folder."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index (needs a \"weight_map\" object): {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: \"weight_map\" must map weight names to shard file names")
+    folder = os.path.realpath(path)
+    shards = set()
+    for name, shard in weight_map.items():
+        full = os.path.realpath(os.path.join(folder, shard))
+        if os.path.dirname(full) != folder:
+            raise ValueError(f"{index}: weight {name!r} points to {shard!r}, outside the checkpoint folder {path}; "
+                             "shards must be files in the checkpoint folder itself")
+        shards.add(full)
+    return sorted(shards)
+
+
+def check_weights(model_cls, config, shapes: dict, source: str) -> None:
+    """Every weight model_cls reads is present with the shape config.json implies; raises ValueError naming the
+    weight and the source (checkpoint folder or live module). shapes: name -> shape (or tensor)."""
+    try:
+        expected = model_cls.expected_weights(config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    missing = [name for name, (_, required) in expected.items() if required and name not in shapes]
+    if missing:
+        hint = (" (config.json has tie_word_embeddings false, so the output layer is not the embeddings)"
+                if "lm_head.weight" in missing else "")
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(f"{source}: the checkpoint lacks weight {missing[0]!r}{more}{hint}")
+    for name, (shape, _) in expected.items():
+        found = shapes.get(name)
+        found = tuple(getattr(found, "shape", found) or ()) if name in shapes else None
+        if found is not None and found != shape:
+            raise ValueError(f"{source}: weight {name!r} has shape {list(found)}, config.json implies "
+                             f"{list(shape)}")
 
 
 def weights_from_module(module: torch.nn.Module, device, dtype) -> dict[str, torch.Tensor]:

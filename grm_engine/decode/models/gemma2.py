@@ -20,6 +20,14 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         self.lm_head = self.w("model.embed_tokens.weight")  # Gemma 2 always ties the head
 
     gemma_norm = True
+    layer_norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                   "post_feedforward_layernorm")
+
+    @classmethod
+    def expected_weights(cls, config):
+        expected = super().expected_weights(config)
+        expected.pop("lm_head.weight", None)  # always tied
+        return expected
 
     def norm_reference(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return gemma_rms_norm(x, self.w(name), self.eps)

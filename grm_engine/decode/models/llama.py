@@ -60,7 +60,48 @@ class LlamaForCausalLM:
         self.rotary = RotaryEmbedding(config, self.head_dim, max_positions, self.device, self.dtype)
         self.scale = default_scale(self.head_dim)
         self.softcap: float | None = None
-        self.lm_head = weights.get("lm_head.weight", embed) if not getattr(config, "tie_word_embeddings", False) else embed
+        # Untied: the checkpoint's own head, never the embeddings in its place (check_weights names a missing one).
+        self.lm_head = embed if getattr(config, "tie_word_embeddings", False) else self.w("lm_head.weight")
+
+    @classmethod
+    def expected_weights(cls, config) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """name -> (shape, required) of every weight this class reads, from the config's sizes."""
+        hidden, vocab = config.hidden_size, config.vocab_size
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // max(heads, 1)
+        inter = config.intermediate_size
+        sizes = dict(hidden_size=hidden, vocab_size=vocab, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                     head_dim=head_dim, intermediate_size=inter, num_hidden_layers=config.num_hidden_layers)
+        bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:
+            raise ValueError(f"config: {', '.join(bad)}; every size must be a positive integer")
+        if heads % kv_heads:
+            raise ValueError(f"config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        expected = {"model.embed_tokens.weight": ((vocab, hidden), True), "model.norm.weight": ((hidden,), True)}
+        if not getattr(config, "tie_word_embeddings", False):
+            expected["lm_head.weight"] = ((vocab, hidden), True)
+        rows = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim}
+        for layer in range(config.num_hidden_layers):
+            prefix = f"model.layers.{layer}"
+            for norm in cls.layer_norms:
+                expected[f"{prefix}.{norm}.weight"] = ((hidden,), True)
+            for name, out in rows.items():
+                expected[f"{prefix}.self_attn.{name}.weight"] = ((out, hidden), True)
+                expected[f"{prefix}.self_attn.{name}.bias"] = ((out,), False)
+            expected[f"{prefix}.self_attn.o_proj.weight"] = ((hidden, heads * head_dim), True)
+            expected[f"{prefix}.self_attn.o_proj.bias"] = ((hidden,), False)
+            for name in ("gate_proj", "up_proj"):
+                expected[f"{prefix}.mlp.{name}.weight"] = ((inter, hidden), True)
+                expected[f"{prefix}.mlp.{name}.bias"] = ((inter,), False)
+            expected[f"{prefix}.mlp.down_proj.weight"] = ((hidden, inter), True)
+            expected[f"{prefix}.mlp.down_proj.bias"] = ((hidden,), False)
+            qwen3 = config.model_type == "qwen3"  # q/k RMSNorm per head
+            expected[f"{prefix}.self_attn.q_norm.weight"] = ((head_dim,), qwen3)
+            expected[f"{prefix}.self_attn.k_norm.weight"] = ((head_dim,), qwen3)
+        return expected
+
+    layer_norms = ("input_layernorm", "post_attention_layernorm")
 
     # ---- merged projections: q/k/v and gate/up as one GEMM each (fewer launches, one weight stream) ----
     MERGED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
