@@ -108,6 +108,7 @@ class GRPOConfig(TrainConfig):
     max_completion_length: int = 1024
     ignore_eos: bool = False  # benchmarks: every rollout runs to max_completion_length
     template: str = "default"
+    shuffle: bool = True  # a fresh response order per sample and step (the paper's protocol)
     # drop groups whose G rewards are all equal before the policy forward: their advantage is 0, so with beta = 0
     # they add no gradient; with beta > 0 skipping also drops their KL term (a different objective), hence opt-in
     skip_zero_advantage: bool = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -175,7 +176,7 @@ class LiveDecoder:
         config = self.config
         kwargs = dict(num_generations=config.num_generations, temperature=config.temperature, top_p=config.top_p,
                       max_completion_length=config.max_completion_length, seed=config.seed, step=step,
-                      template=config.template, ignore_eos=config.ignore_eos)
+                      template=config.template, ignore_eos=config.ignore_eos, shuffle=config.shuffle)
         module = self.engine.module
         was_training = module.training
         module.eval()
@@ -224,7 +225,7 @@ def run_grpo(config, log=print) -> TrainResult:
     if config.beta > 0:  # the frozen starting policy (a resumed run rebuilds it from config.model)
         reference = load_causal_lm(config.model, config, torch.bfloat16 if device.type == "cuda" else torch.float32)
         reference = reference.to(device).eval().requires_grad_(False)
-    engine = Engine(model, config, total)
+    engine = Engine(model, config, total * config.num_iterations)
     start = 0
     if resume_from is not None:
         start = int(load_training_state(engine, resume_from)["step"])
@@ -269,48 +270,46 @@ def _clock(device) -> float:
     return time.perf_counter()
 
 
-def grpo_step(engine, reference, live, vocab, tokenizer, examples, schedule, step, config, device, pad_id) -> dict:
-    tic = _clock(device)
-    indices = schedule.step_examples(step)
+@dataclass
+class Chunk:
+    """One rollout chunk's training material (fixed before any update of the step)."""
+    rollouts: object  # train.rollout.Rollouts (prompt_ids, completion_ids, completion_mask, rewards, ...)
+    advantages: torch.Tensor  # [N] fp32
+    rows: list[int]  # rows that train (all, or those of groups with a nonzero advantage)
+    lengths: list[int]  # [N] completion lengths
+    zero_groups: torch.Tensor  # [N / G] bool: the group's G rewards are all equal
+
+
+def make_chunk(rollouts, config) -> Chunk:
     G = config.num_generations
-    chunk_size = config.per_device_train_batch_size
-    timings = {"rollout_s": 0.0, "reference_s": 0.0, "policy_s": 0.0}
-    # 1-3: rollouts, rewards, advantages and fixed log-probs of every chunk, before any update of this step
-    chunks = []
-    for c in range(0, len(indices), chunk_size):
-        t0 = _clock(device)
-        rollouts = live.rollouts([examples[i] for i in indices[c:c + chunk_size]], vocab, step)
-        timings["rollout_s"] += _clock(device) - t0
-        advantages = group_advantages(rollouts.rewards.float(), G, scale=config.scale_rewards)  # [N]
-        grouped = rollouts.rewards.reshape(-1, G)
-        zero_groups = (grouped == grouped[:, :1]).all(dim=1)  # [N / G]
-        keep = torch.ones_like(advantages, dtype=torch.bool)
-        if config.skip_zero_advantage:
-            keep = ~zero_groups.repeat_interleave(G)
-        lengths = rollouts.completion_mask.sum(1).tolist()
-        rows = [i for i, k in enumerate(keep.tolist()) if k]
-        chunks.append((rollouts, advantages, rows, lengths, zero_groups))
-    # global counts (all chunks, all ranks) for the loss normalization
-    local_rows = sum(len(r) for _, _, r, _, _ in chunks)
-    local_tokens = sum(sum(lengths[i] for i in r) for _, _, r, lengths, _ in chunks)
-    plans = [micro_batches([ch[0].prompt_ids[i] for i in ch[2]], [ch[3][i] for i in ch[2]],
-                           config.max_tokens_per_micro_batch) for ch in chunks]
+    advantages = group_advantages(rollouts.rewards.float(), G, scale=config.scale_rewards)  # [N]
+    grouped = rollouts.rewards.reshape(-1, G)
+    zero_groups = (grouped == grouped[:, :1]).all(dim=1)  # [N / G]
+    keep = ~zero_groups.repeat_interleave(G) if config.skip_zero_advantage else torch.ones_like(advantages, dtype=torch.bool)
+    rows = [i for i, k in enumerate(keep.tolist()) if k]
+    return Chunk(rollouts, advantages, rows, rollouts.completion_mask.sum(1).tolist(), zero_groups)
+
+
+def accumulate_gradients(engine, reference, chunks: list[Chunk], config, device, pad_id, timings: dict,
+                         old_logps: dict | None = None) -> dict:
+    """The policy update's forward/backward over every chunk's rows, micro-batch by micro-batch; each micro-batch's
+    loss is scaled by its share of the global counts. Every rank runs the same number of micro-batches (an empty
+    one is a zero-weighted forward on one row) so ZeRO-3's collectives line up. -> summed loss / kl / clip stats.
+    old_logps: None (num_iterations = 1: ratio 1), or a dict filled on the first iteration with the policy's
+    log-probs before any update (micro-batch number -> [B, C]) and read on the later ones."""
+    plans = [micro_batches([c.rollouts.prompt_ids[i] for i in c.rows], [c.lengths[i] for i in c.rows],
+                           config.max_tokens_per_micro_batch) for c in chunks]
+    local_rows = sum(len(c.rows) for c in chunks)
+    local_tokens = sum(sum(c.lengths[i] for i in c.rows) for c in chunks)
     local_micro = sum(len(p) for p in plans)
     global_rows, global_tokens, max_micro = _reduce_counts(local_rows, local_tokens, local_micro, device)
     max_micro = max(max_micro, 1)  # the optimizer steps even when every group was skipped
-    # 4: policy forward/backward, micro-batch by micro-batch; every rank runs max_micro of them (empty ones are a
-    # zero-weighted forward on one row) so ZeRO-3's collectives line up
-    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0}
-    work = []
-    for (rollouts, advantages, rows, lengths, _), plan in zip(chunks, plans):
-        for micro in plan:
-            work.append((rollouts, advantages, [rows[j] for j in micro], lengths))
+    work = [(c, [c.rows[j] for j in micro]) for c, plan in zip(chunks, plans) for micro in plan]
     while len(work) < max_micro:  # a padding micro-batch: one real row, weight 0
-        work.append((chunks[0][0], chunks[0][1], [0], chunks[0][3]))
-    for m, (rollouts, advantages, rows, lengths) in enumerate(work):
-        weight_zero = m >= local_micro
-        batch = pack_rows(rollouts.prompt_ids, rollouts.completion_ids, lengths, rows, device, pad_id)
-        mask = batch[4]
+        work.append((chunks[0], [0]))
+    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "rows": global_rows, "global_tokens": global_tokens}
+    for m, (chunk, rows) in enumerate(work):
+        batch = pack_rows(chunk.rollouts.prompt_ids, chunk.rollouts.completion_ids, chunk.lengths, rows, device, pad_id)
         t0 = _clock(device)
         ref_logp = None
         if reference is not None:
@@ -318,43 +317,68 @@ def grpo_step(engine, reference, live, vocab, tokenizer, examples, schedule, ste
                 ref_logp = sequence_logprobs(reference, batch, config.temperature)
         timings["reference_s"] += _clock(device) - t0
         t0 = _clock(device)
-        old_logp = None  # num_iterations = 1: ratio 1, the gradient of exp(logp - logp.detach())
-        adv = advantages[rows].to(device)
+        old_logp = None  # num_iterations = 1: ratio 1 with the gradient of exp(logp - logp.detach())
+        if old_logps is not None:
+            if m not in old_logps:
+                with engine.autocast():
+                    old_logps[m] = sequence_logprobs(engine.module, batch, config.temperature)
+            old_logp = old_logps[m]
         with engine.autocast():
-            loss, kl, clip = policy_loss(engine.module, batch, adv, old_logp, ref_logp, config)
-        rows_m, tokens_m = len(rows), int(mask.sum())
-        if config.loss_type == "bnpo":
-            share = tokens_m / max(global_tokens, 1)
-        else:  # grpo: mean over sequences; dr_grpo: sum / (B * max_completion_length)
-            share = rows_m / max(global_rows, 1)
-        if weight_zero:
+            loss, kl, clip = policy_loss(engine.module, batch, chunk.advantages[rows].to(device), old_logp, ref_logp,
+                                         config)
+        tokens_m = int(batch[4].sum())
+        if m >= local_micro:
             share = 0.0
+        elif config.loss_type == "bnpo":  # masked sum / masked count, over the global batch
+            share = tokens_m / max(global_tokens, 1)
+        else:  # grpo: mean over sequences; dr_grpo: sum / (sequences x max_completion_length)
+            share = len(rows) / max(global_rows, 1)
         engine.backward(loss * share, last=m == len(work) - 1, name="GRPO loss")
         timings["policy_s"] += _clock(device) - t0
-        if not weight_zero:
-            sums["loss"] += float(loss) * share
+        if m < local_micro:
+            sums["loss"] += float(loss.detach()) * share
             sums["kl"] += float(kl) * tokens_m
             sums["clip_frac"] += float(clip) * tokens_m
             sums["tokens"] += tokens_m
-    t0 = _clock(device)
-    lr = engine.lr()
-    grad_norm = engine.step()
-    timings["policy_s"] += _clock(device) - t0
+    return sums
+
+
+def grpo_step(engine, reference, live, vocab, tokenizer, examples, schedule, step, config, device, pad_id) -> dict:
+    tic = _clock(device)
+    indices = schedule.step_examples(step)
+    chunk_size = config.per_device_train_batch_size
+    timings = {"rollout_s": 0.0, "reference_s": 0.0, "policy_s": 0.0}
+    chunks = []  # 1-3: rollouts, rewards and advantages of every chunk, before any update of this step
+    for c in range(0, len(indices), chunk_size):
+        t0 = _clock(device)
+        rollouts = live.rollouts([examples[i] for i in indices[c:c + chunk_size]], vocab, step)
+        timings["rollout_s"] += _clock(device) - t0
+        chunks.append(make_chunk(rollouts, config))
+    old_logps = {} if config.num_iterations > 1 else None
+    for _ in range(config.num_iterations):  # 4: num_iterations optimizer steps on the same rollouts
+        sums = accumulate_gradients(engine, reference, chunks, config, device, pad_id, timings, old_logps)
+        t0 = _clock(device)
+        lr = engine.lr()
+        grad_norm = engine.step()
+        timings["policy_s"] += _clock(device) - t0
     reduced = all_reduce_sum([sums["loss"], sums["kl"], sums["clip_frac"], sums["tokens"]], device)
     metrics = {}
-    rollout_stats = [rollout_metrics(ch[0]) for ch in chunks]
+    rollout_stats = [rollout_metrics(c.rollouts) for c in chunks]
     for key in rollout_stats[0]:
         values = [s[key] for s in rollout_stats]
         metrics[key] = sum(values) if key in ("generated_tokens", "rollout_seconds") else sum(values) / len(values)
-    zero = torch.cat([ch[4] for ch in chunks]).float()
+    zero = torch.cat([c.zero_groups for c in chunks]).float()
+    # with num_iterations = 1 the loss VALUE is ~0 (ratio 1, centred advantages) while its gradient is not:
+    # grad_norm is the number that shows learning
     metrics.update({"loss": reduced[0], "kl": reduced[1] / max(reduced[3], 1), "clip_frac": reduced[2] / max(reduced[3], 1),
                     "grad_norm": grad_norm, "lr": lr, "zero_advantage_frac": float(zero.mean()),
-                    "trained_rows": global_rows, **timings})
+                    "trained_rows": sums["rows"], **timings})
     seconds = _clock(device) - tic
     metrics["step_s"] = seconds
     metrics["tokens_per_s"] = metrics["generated_tokens"] / max(seconds, 1e-9)
     if config.log_completions_steps and (step + 1) % config.log_completions_steps == 0:
-        metrics["_samples"] = decode_samples(chunks[0][0], tokenizer, min(4, chunks[0][0].num_samples))
+        first = chunks[0].rollouts
+        metrics["_samples"] = decode_samples(first, tokenizer, min(4, first.num_samples))
     return metrics
 
 
