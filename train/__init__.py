@@ -9,6 +9,7 @@ The same stages run from the command line: `grm-engine train STAGE --config FILE
 from .api import train
 from .config import STAGES, ConfigError, GRPOConfig, MetaRMConfig, RFTConfig, SFTConfig, TrainConfig, load_config
 from .loop import TrainResult
+from .bench_hooks import sft_bench_init, sft_bench_step
 
 __all__ = ["train", "TrainResult", "load_config", "ConfigError", "STAGES", "TrainConfig", "SFTConfig", "RFTConfig",
            "MetaRMConfig", "GRPOConfig"]

@@ -196,10 +196,59 @@ class LiveDecoder:
 
 
 # ---------------------------------------------------------------- the loop
-def run_grpo(config, log=print) -> TrainResult:
-    from ..vocab_bytes import VocabBytes
+@dataclass
+class GRPORun:
+    """Everything a GRPO step needs, built once (run_grpo's setup; the benchmark drives steps from it)."""
+    config: object
+    engine: Engine
+    reference: torch.nn.Module | None
+    live: "LiveDecoder"
+    vocab: object
+    tokenizer: object
+    examples: list
+    schedule: PromptSchedule
+    device: torch.device
+    pad_id: int
+    start_step: int
 
-    check_model_dir(config.model)
+    def step(self, step: int) -> dict:
+        return grpo_step(self.engine, self.reference, self.live, self.vocab, self.tokenizer, self.examples,
+                         self.schedule, step, self.config, self.device, self.pad_id)
+
+
+def prepare_grpo(config, examples, resume_from=None, log=print, model=None, reference=None) -> GRPORun:
+    """Model, frozen reference, engine, the decoder on the live policy. model / reference: already built modules
+    (benchmarks build random-init ones); by default both load from config.model (a resumed plain run loads the
+    policy from its checkpoint; DeepSpeed restores it from its shards)."""
+    from ..protocol import build_prompt
+    from ..vocab_bytes import VocabBytes
+    from .sft import encode_prompt
+
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    max_prompt = max(len(encode_prompt(tokenizer, build_prompt(e.query, e.responses, template=config.template,
+                                                                  tokenizer=tokenizer))) for e in examples)
+    init_distributed(config)
+    device = resolve_device(config)
+    schedule = PromptSchedule(len(examples), config, world_size())
+    if model is None:
+        path = config.model if (resume_from is None or config.deepspeed) else resume_from
+        model = load_causal_lm(path, config, load_dtype(config, device))
+    if config.beta > 0 and reference is None:  # the frozen starting policy (a resumed run rebuilds it from config.model)
+        reference = load_causal_lm(config.model, config, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if reference is not None:
+        reference = reference.to(device).eval().requires_grad_(False)
+    engine = Engine(model, config, schedule.total_steps * config.num_iterations)
+    start = 0
+    if resume_from is not None:
+        start = int(load_training_state(engine, resume_from)["step"])
+        log(f"resumed from {resume_from} at step {start}")
+    vocab = VocabBytes(tokenizer).to(device)
+    live = LiveDecoder(engine, tokenizer, config, max_prompt)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GRPORun(config, engine, reference, live, vocab, tokenizer, examples, schedule, device, pad_id, start)
+
+
+def load_grpo_examples(config, log=print) -> list:
     try:
         examples = list(load_examples(config.data))
     except DataError as e:
@@ -207,56 +256,39 @@ def run_grpo(config, log=print) -> TrainResult:
     if config.drop_easy:
         examples, dropped = drop_easy_examples(examples, config.drop_easy)
         log(f"grpo: dropped {dropped} examples answered correctly in every sample of {config.drop_easy}")
-    resume_from = prepare_output_dir(config, "grpo")
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    from .sft import encode_prompt
-    from ..protocol import build_prompt
+    return examples
 
-    max_prompt = max(len(encode_prompt(tokenizer, build_prompt(e.query, e.responses, template=config.template,
-                                                                  tokenizer=tokenizer))) for e in examples)
-    init_distributed(config)
-    device = resolve_device(config)
-    world = world_size()
-    schedule = PromptSchedule(len(examples), config, world)
-    total = schedule.total_steps
-    dtype = load_dtype(config, device)
-    model = load_causal_lm(config.model if (resume_from is None or config.deepspeed) else resume_from, config, dtype)
-    reference = None
-    if config.beta > 0:  # the frozen starting policy (a resumed run rebuilds it from config.model)
-        reference = load_causal_lm(config.model, config, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        reference = reference.to(device).eval().requires_grad_(False)
-    engine = Engine(model, config, total * config.num_iterations)
-    start = 0
-    if resume_from is not None:
-        start = int(load_training_state(engine, resume_from)["step"])
-        log(f"resumed from {resume_from} at step {start}")
-    vocab = VocabBytes(tokenizer).to(device)
-    live = LiveDecoder(engine, tokenizer, config, max_prompt)
-    logger = MetricsLogger(config.output_dir, "grpo", total, start)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+def run_grpo(config, log=print) -> TrainResult:
+    import json
+
+    check_model_dir(config.model)
+    examples = load_grpo_examples(config, log)
+    resume_from = prepare_output_dir(config, "grpo")
+    run = prepare_grpo(config, examples, resume_from, log)
+    engine, total = run.engine, run.schedule.total_steps
+    logger = MetricsLogger(config.output_dir, "grpo", total, run.start_step)
     began = time.perf_counter()
     last: dict = {}
     try:
-        for step in range(start, total):
-            metrics = grpo_step(engine, reference, live, vocab, tokenizer, examples, schedule, step, config, device,
-                                pad_id)
+        for step in range(run.start_step, total):
+            metrics = run.step(step)
             logger.advance()
             done = step + 1
             samples = metrics.pop("_samples", None)
             if done % config.logging_steps == 0 or done == total:
                 logger.log(done, metrics)
                 last = metrics
-            if samples and config.log_completions_steps and done % config.log_completions_steps == 0 and is_main():
+            if samples and is_main():
                 with open(f"{config.output_dir}/completions.jsonl", "a", encoding="utf-8") as f:
-                    import json
-
                     for s in samples:
                         f.write(json.dumps({"step": done, **s}, ensure_ascii=False) + "\n")
             if config.save_steps and done % config.save_steps == 0 and done < total:
-                save_checkpoint(engine, tokenizer, config.output_dir, done, {"stage": "grpo"}, config.save_total_limit)
-        save_checkpoint(engine, tokenizer, config.output_dir, total, {"stage": "grpo", "finished": True},
+                save_checkpoint(engine, run.tokenizer, config.output_dir, done, {"stage": "grpo"},
+                                config.save_total_limit)
+        save_checkpoint(engine, run.tokenizer, config.output_dir, total, {"stage": "grpo", "finished": True},
                         config.save_total_limit)
-        final = export_final(engine, tokenizer, config.output_dir)
+        final = export_final(engine, run.tokenizer, config.output_dir)
     finally:
         plot = logger.close(plot=config.report_plot)
     if plot:
