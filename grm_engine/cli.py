@@ -4,7 +4,9 @@ Both check the data file and the checkpoint directories BEFORE any model is load
 in chunks of --chunk-size (one decoder run per chunk: continuous batching across the chunk's examples and
 samples; chunks bound memory and give resumable progress). `score` appends one JSON line per example after
 each chunk (whole lines, flushed), so an interrupted run leaves a valid file and a rerun with the same --out
-skips the ids already written. A partly written chunk is scored again whole and only its missing ids are
+skips the ids already written. grm_engine/results_file.py guards the file: a sidecar FILE.meta.json records the
+run that produced it (a resume that differs is refused) and is locked while a run writes; a file that is not ours
+is never touched. A partly written chunk is scored again whole and only its missing ids are
 written: the decoder's sampling noise depends on a request's position in its run, so re-running the same
 chunk reproduces exactly the samples an uninterrupted run would have written.
 """
@@ -14,9 +16,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 from .data import DataError, load_examples
+from .results_file import ResultsFileError, check_output_path, open_results, run_record
 
 FORMATS = ("jsonl", "rewardbench", "ppe", "rmb")
 
@@ -62,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", default="1,8,32", help="comma-separated k values (default: 1,8,32)")
     ev.add_argument("--tie-policy", default="strict", choices=("strict", "half", "fractional", "random"))
     ev.add_argument("--out-dir", default="grm_eval", help="where results.json, samples.jsonl and the plot go")
+    ev.add_argument("--overwrite", action="store_true", help="replace the results of an earlier eval in --out-dir")
     demo = commands.add_parser("demo", help="the whole pipeline on a tiny model trained here (no download)",
                                description="Train a tokenizer and overfit a tiny GRM on this machine (seconds, CPU), "
                                "write a small data set, then run `score` and `eval` on them.")
@@ -82,13 +87,14 @@ def cmd_demo(args) -> int:
     print(f"building a tokenizer, a tiny GRM and {args.examples} examples under {args.out_dir} (no download)")
     paths = build_demo(args.out_dir, num_examples=args.examples)
     out = os.path.join(args.out_dir, "results.jsonl")
-    if os.path.exists(out):
-        os.remove(out)  # a fresh demo each time (score would otherwise resume it)
+    for path in (out, out + ".meta.json"):
+        if os.path.exists(path):
+            os.remove(path)  # a fresh demo each time (score would otherwise resume it)
     device = ["--device", args.device] if args.device else []
     common = ["--model", paths["model"], "--data", paths["data"], "--max-tokens", "16", *device]
     for argv in (["score", *common, "--k", str(args.k), "--out", out],
                  ["eval", *common, "--k", f"1,{args.k}" if args.k > 1 else "1",
-                  "--out-dir", os.path.join(args.out_dir, "eval")]):
+                  "--out-dir", os.path.join(args.out_dir, "eval"), "--overwrite"]):
         print("\n$ grm-engine " + " ".join(argv), flush=True)
         code = main(argv)
         if code:
@@ -174,39 +180,24 @@ def _run_settings(args) -> dict:
             "chunk_size": args.chunk_size}
 
 
-def read_done_ids(path: str, settings: dict) -> set[str]:
-    """Ids already in a results file. A trailing partial line (a killed run) is cut off; a line written
-    with other settings is an error (resuming would mix two runs)."""
-    if not os.path.exists(path):
-        return set()
-    with open(path, "rb") as f:
-        data = f.read()
-    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
-    done = set()
-    for number, line in enumerate(data[:keep].splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            done.add(str(row["id"]))
-        except (ValueError, KeyError):
-            raise UsageError(f"{path}, line {number}: not a results line; give a new --out or remove the file") from None
-        if row.get("settings") != settings:
-            raise UsageError(f"{path}, line {number}: written with settings {row.get('settings')}, this run has "
-                             f"{settings}; use the same options to resume or a new --out")
-    if keep < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        print(f"{path}: dropped a partial last line (an interrupted write)", file=sys.stderr)
-    return done
-
-
 def cmd_score(args) -> int:
     if args.k < 1:
         raise UsageError("--k must be >= 1")
-    examples = _check_inputs(args)
-    settings = _run_settings(args)
-    done = read_done_ids(args.out, settings)
+    try:
+        check_output_path(args.out, args.data)
+        examples = _check_inputs(args)
+        settings = _run_settings(args)
+        done, lock = open_results(args.out, run_record(args, settings), settings)
+    except ResultsFileError as e:
+        raise UsageError(str(e)) from None
+    try:
+        return _score_rest(args, examples, settings, done)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _score_rest(args, examples, settings: dict, done: set[str]) -> int:
+    """Score the chunks that still lack ids and append their rows (the results file is locked)."""
     chunks = [examples[i:i + args.chunk_size] for i in range(0, len(examples), args.chunk_size)]
     todo = [c for c in chunks if any(e.id not in done for e in c)]
     print(f"{len(examples)} examples, {len(done)} already in {args.out}, {sum(len(c) for c in todo)} to score "
@@ -306,6 +297,41 @@ def _finite(value):
     return value
 
 
+EVAL_OUTPUTS = ("results.json", "samples.jsonl", "accuracy_vs_k.png")
+
+
+def _check_eval_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Before any model loads: --out-dir is (or can be made) a writable folder without an earlier eval's results,
+    unless --overwrite."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out-dir {out_dir} exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=out_dir, prefix=".grm-engine-write-check-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
+    earlier = [name for name in EVAL_OUTPUTS if os.path.exists(os.path.join(out_dir, name))]
+    if earlier and not overwrite:
+        raise UsageError(f"--out-dir {out_dir} already holds {', '.join(earlier)} from an earlier eval; pass "
+                         "--overwrite to replace them, or give another --out-dir")
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """A reader (or a crash) sees the old file or the new one, never half of one."""
+    handle, temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".grm-engine-")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
 def cmd_eval(args) -> int:
     try:
         ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
@@ -321,7 +347,7 @@ def cmd_eval(args) -> int:
         # Eq. 10 for one response compares its one score with the label; a sum of k votes is not a score.
         raise UsageError(f"{labelled.source}, line {labelled.line}: example {labelled.id!r} has one response and a "
                          f"label, which only k=1 can evaluate (voting sums k scores); run it with --k 1")
-    os.makedirs(args.out_dir, exist_ok=True)
+    _check_eval_out_dir(args.out_dir, args.overwrite)
     grm = _load_grm(args)
     from .grm import ScoreResult
 
@@ -349,11 +375,10 @@ def cmd_eval(args) -> int:
               "examples": len(examples), "skipped": examples.skipped, "tie_policy": args.tie_policy, "k": ks,
               "temperature": args.temperature, "seed": args.seed, "shuffle": not args.no_shuffle, "methods": methods,
               "greedy_run": greedy.stats(), "sampled_run": sampled.stats()}
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(_finite(report), f, indent=1, allow_nan=False)
-    with open(os.path.join(args.out_dir, "samples.jsonl"), "w", encoding="utf-8") as f:
-        for example in sampled.examples:
-            f.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")
+    _write_atomically(os.path.join(args.out_dir, "results.json"),
+                      json.dumps(_finite(report), indent=1, allow_nan=False))
+    _write_atomically(os.path.join(args.out_dir, "samples.jsonl"),
+                      "".join(json.dumps(example.to_json(), ensure_ascii=False) + "\n" for example in sampled.examples))
     print()
     for name, run in (("greedy", greedy), (f"k={ks[-1]}", sampled)):
         print(f"{name}: parse failures {run.parse_failures} of {run.num_samples} samples, "
