@@ -5,7 +5,10 @@ reductions), so a user switching from TRL gets the same numbers. Choices TRL lea
   * masked counts are clamped to 1: a fully masked sequence contributes 0 to the loss, never NaN,
     and kl / clip_frac of an all-masked batch are 0;
   * the mask is boolean (any nonzero entry counts as a completion token);
-  * masked positions report logp = 0 (the fast path never reads their logits);
+  * masked positions report logp = 0 and never reach the math: their logits, advantages and old/ref log-probs
+    may hold anything (Inf, NaN) without changing the loss or the gradient;
+  * NaN/Inf in advantages, old_logp or ref_logp at a completion position, in rewards, or in beta is a ValueError
+    naming the tensor (the Triton paths flag it on the GPU and read the flag after their kernels are queued);
   * the exponents of both ratios (logp - old_logp, ref_logp - logp) are clamped at LOG_RATIO_MAX
     (torch.clamp semantics: zero gradient beyond it) so extreme but finite inputs never give Inf/NaN;
     exp(60) ~ 1e26, far beyond any ratio a real run produces, so ordinary numbers equal TRL's;
@@ -14,6 +17,7 @@ The Triton fast paths (grm_engine.kernels.grpo_loss / linear_grpo) must agree wi
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -123,6 +127,51 @@ def check_token_ids(completion_ids, valid, vocab_size):
         raise ValueError(f"completion_ids{list(index)} = {int(completion_ids[index])} is outside the vocabulary [0, {vocab_size})")
 
 
+def check_scalars(beta, eps_low, eps_high, temperature) -> None:
+    """beta, the clip range and the temperature are finite numbers (a NaN beta would make every loss NaN)."""
+    for name, value in (("beta", beta), ("eps_low", eps_low), ("eps_high", eps_high), ("temperature", temperature)):
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _nonfinite_masks(valid, advantages=None, rewards=None, old_logp=None, ref_logp=None):
+    """(name, tensor, bad [same shape]) per given tensor: non-finite entries that would reach the loss. Per-token
+    tensors count at completion positions only; a [B] advantage when its sequence has one; rewards always (a
+    reward feeds its whole group's advantages)."""
+    out = []
+    for name, tensor in (("advantages", advantages), ("rewards", rewards), ("old_logp", old_logp),
+                         ("ref_logp", ref_logp)):
+        if tensor is None:
+            continue
+        bad = ~torch.isfinite(tensor)
+        if name != "rewards":
+            bad = bad & (valid if tensor.dim() == 2 else valid.any(dim=1))
+        out.append((name, tensor, bad))
+    return out
+
+
+def check_finite_inputs(valid, **tensors) -> None:
+    """Raise ValueError naming the first non-finite advantage, reward or old/ref log-prob that would reach the
+    loss (a host sync: the reference paths call it first; the Triton paths call it when the GPU flag is set)."""
+    for name, tensor, bad in _nonfinite_masks(valid, **tensors):
+        if bool(bad.any()):
+            index = tuple(bad.nonzero()[0].tolist())
+            where = "" if name == "rewards" else " (a completion position)"
+            raise ValueError(f"{name}{list(index)} = {tensor[index].item()} is not finite{where}; NaN/Inf there "
+                             f"would make the loss or its gradient NaN")
+
+
+def nonfinite_flag(valid, **tensors) -> torch.Tensor:
+    """int32 [1] on the device: NONFINITE_FLAG when check_finite_inputs would raise, else 0 (no host sync)."""
+    flag = torch.zeros(1, dtype=torch.int32, device=valid.device)
+    for _, _, bad in _nonfinite_masks(valid, **tensors):
+        flag |= bad.any().to(torch.int32) * NONFINITE_FLAG
+    return flag
+
+
+NONFINITE_FLAG = 2  # ORed into the Triton kernels' flag (1: a bad completion id); any set bit: no gradient written
+
+
 def token_weights(valid: torch.Tensor, loss_type: str, max_completion_length=None) -> torch.Tensor:
     """Per-token weight w [B, T] fp32 with loss = sum(w * loss_tok); 0 exactly at masked tokens."""
     valid = valid.float()
@@ -143,9 +192,13 @@ def _upcast(tensor):
 
 def per_token_loss_reference(logp, valid, advantages, old_logp, ref_logp, beta, eps_low, eps_high):
     """logp [B, T] fp32 with grad -> (loss_tok, kl, clipped), each [B, T] fp32; TRL's per-token formulas."""
+    # Masked positions never reach the math: a NaN there would give NaN gradients through 0 * NaN.
+    zero = torch.zeros_like(logp)
     if advantages.dim() == 1:
         advantages = advantages[:, None]  # [B, 1]: one advantage for every token of a sequence
-    advantages = advantages.to(logp.dtype)
+    advantages = torch.where(valid, advantages.to(logp.dtype), zero)  # [B, T]
+    old_logp = None if old_logp is None else torch.where(valid, old_logp.to(logp.dtype), zero)
+    ref_logp = None if ref_logp is None else torch.where(valid, ref_logp.to(logp.dtype), zero)
     if old_logp is None:
         # 1, with the gradient of the ratio; a -inf logp (banned target) gets ratio 1 and no gradient
         ratio = torch.exp(torch.where(torch.isfinite(logp), logp - logp.detach(), 0.0))
@@ -160,7 +213,6 @@ def per_token_loss_reference(logp, valid, advantages, old_logp, ref_logp, beta, 
         kl = torch.exp(log_ratio) - log_ratio - 1
         loss_tok = loss_tok + beta * kl
     # where, not multiply: a masked token may hold Inf (e.g. a banned target) and 0 * Inf is NaN
-    zero = torch.zeros_like(logp)
     return torch.where(valid, loss_tok, zero), torch.where(valid, kl, zero), (clipped & valid).float()
 
 
@@ -173,35 +225,42 @@ def reduce_stats(loss_tok, kl, clipped, valid, loss_type, max_completion_length)
 def grpo_loss_reference(logits, completion_ids, mask, *, advantages=None, rewards=None, group_size=None,
                         old_logp=None, ref_logp=None, beta=0.08, eps_low=0.2, eps_high=0.2, temperature=1.0,
                         loss_type="grpo", max_completion_length=None):
-    """The specification: fp32 log_softmax over the whole [B, T, V] logits, then TRL's per-token loss."""
+    """The specification: fp32 log_softmax over the completion positions' logits, then TRL's per-token loss."""
     valid = mask != 0
     if advantages is None:
         advantages = group_advantages(rewards, group_size)
-    log_probs = torch.log_softmax(_upcast(logits) / temperature, dim=-1)  # [B, T, V]
-    safe_ids = torch.where(valid, completion_ids, 0).long()
-    logp = log_probs.gather(-1, safe_ids[..., None]).squeeze(-1)  # [B, T]
-    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    logp = _completion_logprobs(logits, completion_ids, valid, temperature)[0]  # [B, T]
     loss_tok, kl, clipped = per_token_loss_reference(logp, valid, advantages, old_logp, ref_logp, beta, eps_low, eps_high)
     loss, kl_mean, clip_frac = reduce_stats(loss_tok, kl, clipped, valid, loss_type, max_completion_length)
     return loss, GRPOStats(kl=kl_mean.detach(), clip_frac=clip_frac.detach(), logp=logp.detach())
+
+
+def _completion_logprobs(logits, completion_ids, valid, temperature, return_entropy=False):
+    """-> (logp [B, T], entropy [B, T] or None), 0 where masked. Only the completion rows are selected before
+    log_softmax, so a masked position's logits (Inf, NaN) reach neither the values nor the gradient."""
+    rows = _upcast(logits[valid])  # [N, V]
+    log_probs = torch.log_softmax(rows / temperature, dim=-1)  # [N, V]
+    token_logp = log_probs.gather(-1, completion_ids[valid].long()[:, None]).squeeze(-1)  # [N]
+    logp = torch.zeros(valid.shape, dtype=token_logp.dtype, device=logits.device).masked_scatter(valid, token_logp)
+    if not return_entropy:
+        return logp, None
+    probs = log_probs.exp()
+    token_entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1)  # [N]; 0 * -inf would be NaN
+    return logp, torch.zeros_like(logp).masked_scatter(valid, token_entropy)
 
 
 def token_logprobs_reference(logits, completion_ids, *, mask=None, temperature=1.0, return_entropy=False):
     """log_softmax(logits / T)[id] in fp32 [B, T] (0 where masked); optionally the entropy [B, T]."""
     valid = torch.ones(completion_ids.shape, dtype=torch.bool, device=logits.device) if mask is None else mask != 0
     with torch.no_grad():
-        log_probs = torch.log_softmax(_upcast(logits) / temperature, dim=-1)  # [B, T, V]
-        safe_ids = torch.where(valid, completion_ids, 0).long()
-        logp = torch.where(valid, log_probs.gather(-1, safe_ids[..., None]).squeeze(-1), 0.0)
-        if not return_entropy:
-            return logp
-        probs = log_probs.exp()
-        entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1)  # 0 * -inf would be NaN
-        return logp, torch.where(valid, entropy, 0.0)
+        logp, entropy = _completion_logprobs(logits, completion_ids, valid, temperature, return_entropy)
+        return (logp, entropy) if return_entropy else logp
 
 
 def fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, *, bias=None, **kwargs):
-    """Unfused: the full [B, T, V] logits in the hidden dtype (as an lm_head would), then the reference loss."""
+    """Unfused: the full [B, T, V] logits in the hidden dtype (as an lm_head would), then the reference loss.
+    Masked hidden rows are zeroed first: a NaN there would reach the weight gradient through 0 * NaN."""
+    hidden = torch.where((mask != 0)[..., None], hidden, 0.0)
     logits = hidden @ weight.t()  # [B, T, V]
     if bias is not None:
         logits = logits + bias
@@ -209,6 +268,8 @@ def fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, *, bi
 
 
 def fused_linear_token_logprobs_reference(hidden, weight, completion_ids, *, bias=None, **kwargs):
+    if kwargs.get("mask") is not None:
+        hidden = torch.where((kwargs["mask"] != 0)[..., None], hidden, 0.0)
     logits = hidden @ weight.t()  # [B, T, V]
     return token_logprobs_reference(logits if bias is None else logits + bias, completion_ids, **kwargs)
 
@@ -251,8 +312,10 @@ def grpo_loss(logits, completion_ids, mask, *, advantages=None, rewards=None, gr
                    loss_type=loss_type, max_completion_length=max_completion_length)
     check_loss_inputs(batch, length, logits.device, completion_ids, mask,
                       **{k: v for k, v in options.items() if k not in ("beta", "eps_low", "eps_high")})
+    check_scalars(beta, eps_low, eps_high, temperature)
     if not _use_triton(logits):
         check_token_ids(completion_ids, mask != 0, vocab)
+        check_finite_inputs(mask != 0, advantages=advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp)
         return grpo_loss_reference(logits, completion_ids, mask, **options)
     from .kernels.grpo_loss import grpo_loss_triton
 
@@ -295,8 +358,11 @@ def fused_linear_grpo_loss(hidden, weight, completion_ids, mask, *, bias=None, c
                       **{k: options.get(k) for k in ("advantages", "rewards", "group_size", "old_logp", "ref_logp",
                                                      "max_completion_length")},
                       loss_type=options.get("loss_type", "grpo"), temperature=options.get("temperature", 1.0))
+    check_scalars(options["beta"], options.get("eps_low", 0.2), options.get("eps_high", 0.2),
+                  options.get("temperature", 1.0))
     if not _use_triton(hidden):
         check_token_ids(completion_ids, mask != 0, weight.shape[0])
+        check_finite_inputs(mask != 0, **{k: options.get(k) for k in ("advantages", "rewards", "old_logp", "ref_logp")})
         return fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, bias=bias, **options)
     from .kernels.linear_grpo import fused_linear_grpo_loss_triton
 

@@ -6,7 +6,8 @@ a per-sequence prologue reads the ids and the mask once. Reference: grm_engine.l
 No host sync stands before the big kernels: the token-id range check runs on the GPU (token_id_check.py),
 its flag is copied to pinned memory right behind it, and the host waits for that copy only after the big kernels
 are queued. Every gather index is clamped into [0, V), so a bad id never reads out of bounds, and the gradient is
-not written when the flag is set, so a failed call leaves the logits as they were.
+not written when the flag is set, so a failed call leaves the logits as they were. Non-finite advantages, rewards or
+old/ref log-probs (at completion positions) set the same flag (bit 2, from grm_engine.loss.nonfinite_flag).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grm_engine.loss import LOG_RATIO_MAX, GRPOStats
+from grm_engine.loss import LOG_RATIO_MAX, GRPOStats, check_finite_inputs, nonfinite_flag
 
 from .token_id_check import FlagReader, check_sequences, raise_bad_token_ids
 
@@ -370,6 +371,8 @@ def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=N
     fused_grad, grad_block_v, grad_num_warps, grad_num_stages), for tuning and tests."""
     batch, length, vocab = logits.shape
     counts, flag = check_sequences(completion_ids, mask, vocab)
+    finite_inputs = dict(advantages=advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp)
+    flag |= nonfinite_flag(mask != 0, **finite_inputs)  # on the device, before the kernels read the flag
     pending = FlagReader(flag)
     count_view, weight_factor = reduction_counts(counts, loss_type, batch, length, max_completion_length)
     options = dict(group_size=group_size, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
@@ -379,6 +382,7 @@ def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=N
         options, inplace, torch.is_grad_enabled() and logits.requires_grad)
     means = stat_sums[:2] / stat_sums[2].clamp(min=1.0)  # [2]: kl mean, clip fraction over completion tokens
     if pending.is_set():  # the kernels are queued: this waits for the prologue only
+        check_finite_inputs(mask != 0, **finite_inputs)
         raise_bad_token_ids(completion_ids, mask, vocab)
     return loss, GRPOStats(kl=means[0], clip_frac=means[1], logp=logp)
 
