@@ -223,6 +223,12 @@ class Engine:
         The number of micro-batches may vary from step to step (GRPO sizes them by tokens)."""
         self.check_finite(name, loss)
         if self.deepspeed is not None:
+            # DeepSpeedEngine.forward opens every micro-batch with this call; the stages run the module's parts
+            # directly, so it is made here. ZeRO-3 counts micro-steps in it: without it each micro-batch's
+            # gradient overwrote the previous one instead of adding to it (older DeepSpeed has no such method).
+            open_micro_step = getattr(self.deepspeed.optimizer, "clear_backward_seen_flag", None)
+            if open_micro_step is not None:
+                open_micro_step()
             self.deepspeed.set_gradient_accumulation_boundary(last)
             # DeepSpeed divides by its accumulation steps and averages over ranks: undo both (sum semantics)
             self.deepspeed.backward(loss * (self.gradient_accumulation_steps * self.world_size))

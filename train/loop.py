@@ -97,7 +97,7 @@ def run_supervised(stage: str, config, rows, tokenizer, build_model, micro_loss,
             if done % config.logging_steps == 0 or done == total:
                 metrics = {"loss": totals.get("loss_sum", 0.0) / max(global_units, 1), "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
-                           "epoch": step / schedule.steps_per_epoch}
+                           "epoch": done / schedule.steps_per_epoch}
                 for key, value in totals.items():
                     if key != "loss_sum":
                         metrics[key] = value
