@@ -1,0 +1,181 @@
+"""GRPO step benchmark (ours): `grm-engine train grpo`'s step at the issue's shape, random init, no download.
+
+Qwen2.5-0.5B shape (or --shape 7b / tiny), bf16 under DeepSpeed (--deepspeed zero2 | zero3 | none = plain), per GPU:
+--prompts 8 prompts of about --prompt-tokens 512 tokens x --gens 8 generations, --new 256 new tokens with EOS
+ignored (so every rollout has the same length, as in bench/gpu_trl_grpo.py), beta 0.08. Prints the step time
+broken down (rollout, reference, policy forward/backward + optimizer) with floors measured on this GPU:
+  rollout floor   = generated tokens / the decoder's measured decode rate is not a floor; we report the
+                    weights-read bound instead: decode steps x weight bytes / copy bandwidth
+  policy floor    = 6 x params x trained tokens (fwd + bwd) / the measured bf16 matmul rate
+  reference floor = 2 x params x tokens / matmul rate
+and writes one JSON line per step plus a summary. Several GPUs: `torchrun --nproc-per-node N bench/gpu_grpo.py ...`
+(each rank takes its own prompts; ZeRO-3 gathers the policy for the rollout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+SHAPES = {
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=4096, tie_word_embeddings=False),
+}
+WORDS = [f"w{i}" for i in range(3000)]
+
+
+def build_tokenizer(path: str, vocab_size: int, seed: int = 0):
+    """Byte-level BPE (the GPU reward parser needs byte-level tokens) over the template and synthetic words,
+    padded with plain added tokens to the model's vocabulary so every sampled id decodes."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from grm_engine import build_prompt
+
+    rng = random.Random(seed)
+    text = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    corpus = [build_prompt(text(40), [text(60), text(60)]) + " Scores: \\boxed{7, 3}" for _ in range(200)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=min(8000, vocab_size), special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    have = tokenizer.get_vocab_size()
+    tokenizer.add_tokens([AddedToken(f"<x{i}>", special=False, normalized=False) for i in range(vocab_size - have)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_examples(tokenizer, count: int, prompt_tokens: int, seed: int):
+    """Two-response examples whose prompt is about prompt_tokens tokens (query : responses words ~ 1 : 3)."""
+    from grm_engine import build_prompt
+    from grm_engine.data import Example
+
+    rng = random.Random(seed)
+    examples = []
+    words = max(8, prompt_tokens // 4)
+    for i in range(count):
+        for _ in range(20):  # converges in a few tries; the template alone sets a floor on short prompts
+            query = " ".join(rng.choice(WORDS) for _ in range(max(1, words // 4)))
+            responses = [" ".join(rng.choice(WORDS) for _ in range(max(1, 3 * words // 8))) for _ in range(2)]
+            length = len(tokenizer(build_prompt(query, responses))["input_ids"])
+            if abs(length - prompt_tokens) <= prompt_tokens // 20:
+                break
+            words = max(4, int(words * prompt_tokens / length))
+        examples.append(Example(id=f"grpo-bench-{i}", query=query, responses=responses, best=i % 2))
+    return examples
+
+
+def random_model(shape: dict, device, dtype, seed: int):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(**shape, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                         use_cache=False)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="0.5b", choices=sorted(SHAPES))
+    p.add_argument("--deepspeed", default="zero2", help="zero2 | zero3 | none (plain PyTorch, fp32 master + autocast)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per GPU and step")
+    p.add_argument("--gens", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--beta", type=float, default=0.08)
+    p.add_argument("--micro-tokens", type=int, default=16384, help="max_tokens_per_micro_batch")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    from grm_engine.train.config import GRPOConfig
+    from grm_engine.train.engine import is_main, local_rank, world_size
+    from grm_engine.train.grpo import prepare_grpo
+
+    cuda = torch.cuda.is_available() and args.shape != "tiny"
+    device = torch.device("cuda", local_rank()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    shape = SHAPES[args.shape]
+    work = tempfile.mkdtemp(prefix=f"grpo_bench_{local_rank()}_")
+    tokenizer = build_tokenizer(work, shape["vocab_size"])
+    examples = make_examples(tokenizer, args.prompts * world_size() * (args.warmup + args.steps), args.prompt_tokens, 0)
+    deepspeed = "" if args.deepspeed == "none" else args.deepspeed
+    config = GRPOConfig(model=work, data="bench", output_dir=work, learning_rate=1e-6, beta=args.beta,
+                        num_generations=args.gens, per_device_train_batch_size=args.prompts,
+                        max_completion_length=args.new, ignore_eos=True, temperature=1.0, deepspeed=deepspeed,
+                        device=str(device), dtype="bfloat16" if cuda else "float32", max_steps=args.warmup + args.steps,
+                        max_tokens_per_micro_batch=args.micro_tokens, log_completions_steps=0,
+                        gradient_checkpointing=args.gradient_checkpointing, lr_scheduler_type="constant")
+    dtype = torch.bfloat16 if (cuda and deepspeed) else torch.float32
+    tic = time.perf_counter()
+    model = random_model(shape, device, dtype, seed=0)
+    reference = random_model(shape, device, torch.bfloat16 if cuda else torch.float32, seed=0) if args.beta else None
+    run = prepare_grpo(config, examples, model=model, reference=reference, log=lambda m: None)
+    setup_s = time.perf_counter() - tic
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    rows = []
+    for step in range(args.warmup + args.steps):
+        metrics = run.step(step)
+        metrics.pop("_samples", None)
+        metrics["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+        metrics["measured"] = step >= args.warmup
+        rows.append(metrics)
+        if is_main():
+            print(f"step {step}: {metrics['step_s']:.2f} s (rollout {metrics['rollout_s']:.2f}, reference "
+                  f"{metrics['reference_s']:.2f}, policy {metrics['policy_s']:.2f}), peak {metrics['peak_gb']:.1f} GB, "
+                  f"{metrics['generated_tokens']} tokens, reward {metrics['reward_mean']:.2f}", flush=True)
+    measured = [r for r in rows if r["measured"]]
+    params = sum(p.numel() for p in run.engine.module.parameters()) if run.engine.zero_stage != 3 else \
+        sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters())
+    rollout_tokens = args.prompts * args.gens * args.new
+    trained_tokens = args.prompts * args.gens * (args.prompt_tokens + args.new)
+    summary = {
+        "section": "grpo", "case": f"ours {args.deepspeed}", "shape": args.shape, "world_size": world_size(),
+        "prompts_per_gpu": args.prompts, "generations": args.gens, "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new, "beta": args.beta, "micro_tokens": args.micro_tokens, "params": params,
+        "setup_s": setup_s,
+        "step_s": statistics.median(r["step_s"] for r in measured),
+        "rollout_s": statistics.median(r["rollout_s"] for r in measured),
+        "reference_s": statistics.median(r["reference_s"] for r in measured),
+        "policy_s": statistics.median(r["policy_s"] for r in measured),
+        "peak_gb": max(r["peak_gb"] for r in rows),
+        "rollout_tokens": rollout_tokens, "trained_tokens_per_gpu": trained_tokens,
+        "policy_tflops_needed": 6 * params * trained_tokens / 1e12,
+        "reference_tflops_needed": 2 * params * trained_tokens / 1e12 if args.beta else 0.0,
+        "steps": rows,
+    }
+    if is_main():
+        print(json.dumps({k: v for k, v in summary.items() if k != "steps"}))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
