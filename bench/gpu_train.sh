@@ -15,7 +15,7 @@ case "$part" in
 grpo)
   t pytest; timeout 240 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_train_gpu.py 2>&1 | tail -8
   t ours; timeout 200 python3 bench/gpu_grpo.py --shape 0.5b --deepspeed zero2 --out "$OUT/grpo_ours_05b.json" 2>&1 | grep -v -i warn | tail -6
-  t trl; timeout 330 python3 bench/gpu_trl_grpo.py --variants ${TRL_VARIANTS:-nogc,gc} --out "$OUT/grpo_trl_05b.json" 2>&1 | tail -12
+  t trl; timeout 300 python3 bench/gpu_trl_grpo.py --variants ${TRL_VARIANTS:-nogc,gc} --steps 2 --out "$OUT/grpo_trl_05b.json" 2>&1 | tail -12
   ;;
 sft)
   for v in hf ours zero2 zero3; do
