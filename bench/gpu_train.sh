@@ -18,15 +18,16 @@ grpo)
   t trl; timeout 300 python3 bench/gpu_trl_grpo.py --variants ${TRL_VARIANTS:-nogc,gc} --steps 2 --out "$OUT/grpo_trl_05b.json" 2>&1 | tail -12
   ;;
 sft)
+  t pytest; timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_train_gpu.py 2>&1 | tail -8
   for v in hf ours zero2 zero3; do
     case $v in hf) a="--variants hf";; ours) a="--variants ours";; *) a="--variants ours --ours-deepspeed $v";; esac
     t "sft 0.5b $v"; timeout 150 python3 bench/gpu_sft_baseline.py --shape 0.5b $a --out "$OUT/sft_05b_$v.json" 2>&1 | tail -3
   done
-  t grpo7b; timeout 240 python3 bench/gpu_grpo.py --shape 7b --deepspeed zero3 --steps 2 --out "$OUT/grpo_ours_7b_z3.json" 2>&1 | grep -v -i warn | tail -5
+  t grpo7b; timeout 240 python3 bench/gpu_grpo.py --shape 7b --deepspeed zero3 --steps 2 --gradient-checkpointing --out "$OUT/grpo_ours_7b_z3.json" 2>&1 | grep -v -i warn | tail -5
   ;;
 multi)
   t ds2; timeout 280 bash bench/gpu_multi_sft.sh "$OUT" 2>&1 | tail -20
-  t grpo7b2; timeout 250 torchrun --nproc-per-node 2 bench/gpu_grpo.py --shape 7b --deepspeed zero3 --steps 2 \
+  t grpo7b2; timeout 250 torchrun --nproc-per-node 2 bench/gpu_grpo.py --shape 7b --deepspeed zero3 --steps 2 --gradient-checkpointing \
     --out "$OUT/grpo_ours_7b_z3_x2.json" 2>&1 | grep -v -i warn | tail -5
   ;;
 esac
