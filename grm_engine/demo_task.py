@@ -16,9 +16,9 @@ random teaches the format and the checks but not which check to choose (greedy ~
 over sampled principles accumulates evidence (one separating critique outweighs any number of ties), a meta RM
 can learn to trust the separating critiques, and RFT / GRPO can teach the choice of principle.
 
-The tokenizer is a byte-level BPE built here whose merges cover the fixed template and critique text (so a
-prompt is ~60 tokens, not ~850 characters) while the task's letters and every digit stay one token each: they
-are split off before BPE, so no merge can ever swallow them.
+The tokenizer is a byte-level BPE built here whose merges cover the fixed template and critique text (a prompt
+is 46-56 tokens, not ~850 characters; a critique is 17) while the task's letters and every digit stay one token
+each: they are split off before BPE, so no merge can ever swallow them.
 """
 from __future__ import annotations
 
@@ -217,3 +217,16 @@ def tiny_model_config(tokenizer, preset: str = "cpu"):
     return LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=False,
                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                        pad_token_id=tokenizer.pad_token_id, **PRESETS[preset])
+
+
+def build_initial_model(path, preset: str = "cpu", seed: int = 0):
+    """The task tokenizer and a randomly initialised tiny Llama, saved together in `path` (the SFT stage's
+    `model`); returns (tokenizer, model)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_task_tokenizer(path)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_model_config(tokenizer, preset))
+    model.save_pretrained(str(path))
+    return tokenizer, model

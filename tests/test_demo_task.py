@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grm_engine import VocabBytes, build_prompt, is_correct, load_examples, parse_scores
-from grm_engine.demo_task import (ALPHABET, ERROR_TYPES, PRINCIPLES, build_task_tokenizer, make_sft_rows,
+from grm_engine.demo_task import (ALPHABET, ERROR_TYPES, PRINCIPLES, build_initial_model, build_task_tokenizer, make_sft_rows,
                                   make_task_examples, query_text, shown, tiny_model_config, word_of,
                                   write_critique, write_examples_jsonl, write_rows_jsonl)
 
@@ -142,3 +142,10 @@ def test_model_config_runs_in_our_decoder(tokenizer):
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1.5e6
     with pytest.raises(ValueError, match="preset"):
         tiny_model_config(tokenizer, "tpu")
+
+
+def test_initial_model_is_a_checkpoint_the_stages_load(tmp_path):
+    from grm_engine.grm import check_checkpoint_dir
+
+    build_initial_model(tmp_path / "init")
+    check_checkpoint_dir(str(tmp_path / "init"))  # config, safetensors and tokenizer files, a supported family
