@@ -12,12 +12,20 @@ import torch
 from ..loss import fused_linear_grpo_loss
 
 
-def call_through_module(module: torch.nn.Module, fn, *args):
-    """fn(module, *args) run through module.__call__, so DeepSpeed ZeRO-3's hooks gather the module's
-    parameters for the call (an lm_head weight read outside its own forward has numel 0 under ZeRO-3)."""
+def call_through_module(module: torch.nn.Module, fn, hidden: torch.Tensor, *args):
+    """fn(module, hidden, *args) run through module.__call__, so DeepSpeed ZeRO-3's hooks gather the module's
+    parameters for the call (an lm_head weight read outside its own forward has numel 0 under ZeRO-3).
+
+    The fused kernels take operands of one dtype and pick their own GEMM precision, so autocast is switched
+    off around them; under autocast (plain GPU runs keep fp32 weights) hidden is cast to the autocast dtype
+    first, as autocast would cast a matmul's inputs, and fn casts the weight to hidden's dtype."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))
     module.forward = lambda *a: fn(module, *a)
     try:
-        return module(*args)
+        with torch.autocast(device_type, enabled=False):
+            return module(hidden, *args)
     finally:
         del module.forward  # back to the class's forward
 

@@ -54,9 +54,10 @@ def prepare_output_dir(config, stage: str) -> str | None:
             from .checkpoint import read_trainer_state
 
             state = read_trainer_state(resume_from)
-            if state.get("finished"):
-                raise ConfigError(f"output_dir = {out!r} holds a finished run (final model in {out}/final); "
-                                  "choose another output_dir, or raise max_steps to train further")
+            if state.get("finished") and config.max_steps <= int(state["step"]):
+                raise ConfigError(f"output_dir = {out!r} holds a finished run of {state['step']} steps (final model in "
+                                  f"{out}/final); choose another output_dir, or raise max_steps to train further "
+                                  "(the LR schedule then spans the new max_steps)")
     elif os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"output_dir = {out!r} is a file, not a directory")
     if is_main():
