@@ -65,8 +65,8 @@ def resolve_device(config) -> torch.device:
         device = torch.device(config.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device = {config.device!r} but CUDA is not available on this machine")
-        if device.type == "cuda" and device.index is None and world_size() > 1:
-            device = torch.device("cuda", local_rank())
+        if device.type == "cuda" and device.index is None:  # DeepSpeed and set_device need an index
+            device = torch.device("cuda", local_rank() if world_size() > 1 else torch.cuda.current_device())
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() if world_size() > 1 else torch.cuda.current_device())
