@@ -24,7 +24,7 @@ common="--model $W/base --data $W/sft.jsonl --max_steps 6 --logging_steps 1 --sa
 run() { name=$1; shift; echo "-- $name"; "$@" >"$OUT/multi_$name.log" 2>&1 || { echo "FAILED $name"; grep -v -i warn "$OUT/multi_$name.log" | tail -15; }; }
 run one_z2 python3 -m grm_engine train sft $common --output_dir $W/one_z2 --per_device_train_batch_size 8 --deepspeed zero2
 run ds2_z2 deepspeed --num_gpus 2 --module grm_engine train sft $common --output_dir $W/ds2_z2 --per_device_train_batch_size 4 --deepspeed zero2
-run tr2_z3 torchrun --nproc-per-node 2 -m grm_engine train sft $common --output_dir $W/tr2_z3 --per_device_train_batch_size 4 --deepspeed zero3
+[ -n "${SKIP_TORCHRUN:-}" ] || run tr2_z3 torchrun --nproc-per-node 2 -m grm_engine train sft $common --output_dir $W/tr2_z3 --per_device_train_batch_size 4 --deepspeed zero3
 # resume under the launcher: a 3-step run, then the same command with max_steps 6
 run ds2_z3_a deepspeed --num_gpus 2 --module grm_engine train sft ${common/--max_steps 6/--max_steps 3} --output_dir $W/ds2_z3r --per_device_train_batch_size 4 --deepspeed zero3
 run ds2_z3_b deepspeed --num_gpus 2 --module grm_engine train sft $common --output_dir $W/ds2_z3r --per_device_train_batch_size 4 --deepspeed zero3

@@ -33,6 +33,9 @@ sft)
   sft_variant 05b_zero2 --shape 0.5b --variants ours --ours-deepspeed zero2
   sft_variant 05b_zero3 --shape 0.5b --variants ours --ours-deepspeed zero3
   ;;
+launcher)
+  t ds2; SKIP_TORCHRUN=1 timeout 300 bash bench/gpu_multi_sft.sh "$OUT" 2>&1 | tail -12
+  ;;
 multi)
   t ds2; timeout 300 bash bench/gpu_multi_sft.sh "$OUT" 2>&1 | tail -20
   t grpo7b2; timeout 250 torchrun --nproc-per-node 2 bench/gpu_grpo.py --shape 7b --deepspeed zero3 --steps 2 \

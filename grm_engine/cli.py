@@ -391,6 +391,10 @@ def cmd_eval(args) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the deepspeed launcher puts --local_rank=N first (`deepspeed -m grm_engine train ...`)
+    for token in [t for t in argv if t.startswith(("--local_rank=", "--local-rank="))]:
+        os.environ.setdefault("LOCAL_RANK", token.split("=", 1)[1])
+        argv.remove(token)
     if argv[:1] == ["train"]:  # training has its own config system (grm_engine.train.cli)
         from .train.cli import main as train_main
 
