@@ -166,7 +166,10 @@ def test_eval_table_json_and_plot(models, tmp_path, capsys):
 def test_module_entry_point_lists_the_existing_commands():
     out = subprocess.run([sys.executable, "-m", "grm_engine", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    assert "{score,eval,demo}" in out.stdout
+    assert "{score,eval,demo,train}" in out.stdout
+    train = subprocess.run([sys.executable, "-m", "grm_engine", "train", "--help"], capture_output=True, text=True,
+                           timeout=60)
+    assert train.returncode == 0 and "sft" in train.stdout and "grpo" in train.stdout and "meta-rm" in train.stdout
 
 
 def test_demo_runs_the_pipeline_end_to_end(tmp_path, capsys):
