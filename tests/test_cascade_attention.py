@@ -91,13 +91,17 @@ def test_plan_reused_across_layers_and_batch_invariance():
     kwargs = dict(split_tokens=16, block_m=16, block_n=16)
     plan = plan_cascade(starts, prefix, 4, q.shape[1], 2, int(lens.max()), "cpu", split_tokens=16, block_m=16)
     full = cascade_decode_attention(q, k_cache, v_cache, tables, lens, starts, prefix, 0.25, **kwargs)
-    assert torch.equal(cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, 0.25, plan=plan), full)
+    assert torch.equal(cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, 0.25, plan=plan,
+                                               block_n=16), full)
+    # Under the CPU interpreter tl.dot is numpy's matmul, whose summation order may depend on the number of stacked
+    # query rows (BLAS kernels differ with M); on the GPU a tile is a fixed block_m rows, so equality is exact there.
+    same = torch.equal if q.is_cuda else (lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-6))
     alone = cascade_decode_attention(q[:3], k_cache, v_cache, tables[:3], lens[:3], [0, 3], [3], 0.25, **kwargs)
-    assert torch.equal(alone, full[:3])
+    assert same(alone, full[:3])
     keep = [0, 2, 3, 4, 5]  # sample 1 of group 0 has finished
     fewer = cascade_decode_attention(q[keep], k_cache, v_cache, tables[keep], lens[keep], [0, 2, 3, 5], [3, 0, 2], 0.25,
                                      **kwargs)
-    assert torch.equal(fewer, full[keep])
+    assert same(fewer, full[keep])
 
 
 def test_contract_violations_are_named():
