@@ -49,9 +49,10 @@ def drop_easy_examples(examples, score_file: str):
                 samples = row["samples"]
             except (ValueError, KeyError, TypeError):
                 raise ConfigError(f"{score_file}, line {number}: not a `grm-engine score` results line") from None
-            easy.add(str(row["id"])) if samples and row.get("label_best") is not None and all(
-                _correct([s["scores"] for s in samples], [s["status"] for s in samples],
-                         [row["label_best"]] * len(samples))) else None
+            label = row.get("label_best")
+            if samples and label is not None and label >= 0 and all(
+                    _correct([s["scores"] for s in samples], [s["status"] for s in samples], [label] * len(samples))):
+                easy.add(str(row["id"]))
     return [e for e in examples if str(e.id) not in easy], len(easy)
 
 
