@@ -1,24 +1,329 @@
-"""`grm-engine demo`: the whole scoring pipeline on a fresh machine, with no download.
+"""`grm-engine demo`: the DeepSeek-GRM method end to end on a tiny model trained here, in minutes, no download.
 
-It trains a byte-level BPE tokenizer on GRM prompts, overfits a tiny Llama (2 layers, hidden 64) for a few
-seconds so that it answers every prompt with the critique DEMO_CRITIQUE ("\\boxed{9, 2}": 9 for the response
-shown first, 2 for the one shown second), writes a small jsonl data set, then runs `grm-engine score` and
-`grm-engine eval` on them. The model knows nothing: the demo shows the machinery (prompts, one decoder run,
-parsing, un-shuffling, voting, resumable results, the eval table), not a reward model's judgement. The tests
-build their models with the same functions.
+The task (grm_engine/demo_task.py): judge two attempts at reversing a word; the GRM names one check (a
+principle), works it, and scores. Each check separates only one error type, so the paper's mechanisms are
+visible at this size. The pipeline runs every stage through the public entry points:
+
+    task tokenizer + random tiny Llama
+    -> train("sft")     on critiques whose principle is drawn at random (learns the format and the checks)
+    -> train("rft")     sample from the SFT model, keep the strictly correct critiques (hinted sampling too), SFT
+    -> train("grpo")    online GRPO with the +1/-1 rule reward, from the RFT model
+    -> train("meta-rm") on the RFT samples (which critiques were correct)
+    -> `grm-engine eval` on a held-out split (words never seen in training) for each stage's model, at
+       k = 1, 8, 32, with and without the meta RM
+
+and prints one table shaped like the paper's Table 2, the time of every stage, a PNG of accuracy vs k and one
+critique per stage. Everything lands in one folder (grm_demo/ by default), checkpoints included, so
+`grm-engine score --model grm_demo/grpo/final --meta-rm grm_demo/meta_rm/final ...` works afterwards.
+Seeded: the same command prints the same table on the same machine.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import time
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from .data import Example
 from .protocol import build_prompt
 
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """Sizes and step counts of one demo run (chosen by measurement: DEMO_PRESETS' comments)."""
+    model: str  # demo_task.PRESETS key
+    sft_examples: int
+    sft_steps: int
+    sft_batch: int
+    sft_learning_rate: float
+    rft_examples: int
+    rft_steps: int
+    rft_batch: int
+    rft_learning_rate: float
+    grpo_examples: int
+    grpo_steps: int
+    grpo_prompts: int  # prompts per GRPO step (x grpo_generations rollouts)
+    grpo_generations: int
+    grpo_learning_rate: float
+    grpo_beta: float
+    meta_steps: int
+    meta_batch: int
+    meta_learning_rate: float
+    eval_examples: int
+    ks: tuple = (1, 8, 32)
+    max_tokens: int = 48  # a critique is ~18 tokens
+
+
+DEMO_PRESETS = {
+    "cpu": DemoPreset(model="cpu", sft_examples=2000, sft_steps=300, sft_batch=64, sft_learning_rate=2e-3,
+                      rft_examples=1000, rft_steps=100, rft_batch=64, rft_learning_rate=1e-3,
+                      grpo_examples=1000, grpo_steps=60, grpo_prompts=16, grpo_generations=4,
+                      grpo_learning_rate=1e-4, grpo_beta=0.04,
+                      meta_steps=150, meta_batch=32, meta_learning_rate=1e-3, eval_examples=200),
+    "gpu": DemoPreset(model="gpu", sft_examples=8000, sft_steps=1500, sft_batch=64, sft_learning_rate=1e-3,
+                      rft_examples=3000, rft_steps=300, rft_batch=64, rft_learning_rate=5e-4,
+                      grpo_examples=3000, grpo_steps=200, grpo_prompts=32, grpo_generations=8,
+                      grpo_learning_rate=5e-5, grpo_beta=0.04,
+                      meta_steps=400, meta_batch=64, meta_learning_rate=5e-4, eval_examples=500),
+    # the test lane: the real pipeline at a size that runs in about a minute on 2 CPU cores
+    "test": DemoPreset(model="cpu", sft_examples=600, sft_steps=60, sft_batch=32, sft_learning_rate=2e-3,
+                       rft_examples=120, rft_steps=10, rft_batch=32, rft_learning_rate=1e-3,
+                       grpo_examples=64, grpo_steps=4, grpo_prompts=8, grpo_generations=4,
+                       grpo_learning_rate=1e-4, grpo_beta=0.04,
+                       meta_steps=10, meta_batch=32, meta_learning_rate=1e-3, eval_examples=60, ks=(1, 8)),
+}
+
+STAGES = ("sft", "rft", "grpo")  # the table's rows: the GRM after each training stage
+ROW_NAMES = {"sft": "after SFT", "rft": "after RFT", "grpo": "after GRPO"}
+MARKER = "demo.json"  # written by the demo: a folder holding it is ours to clear on the next run
+
+
+class DemoError(Exception):
+    """The demo cannot run (e.g. --out-dir holds files that are not ours)."""
+
+
+def prepare_out_dir(root: str) -> None:
+    """A fresh demo each time (training stages would otherwise resume a finished run): clear a folder an earlier
+    demo wrote (it holds MARKER); refuse a non-empty folder that is not ours."""
+    if os.path.isdir(root) and os.listdir(root):
+        if not os.path.isfile(os.path.join(root, MARKER)):
+            raise DemoError(f"--out-dir {root} is not empty and was not written by `grm-engine demo` (no {MARKER}); "
+                            "give another --out-dir")
+        shutil.rmtree(root)
+    elif os.path.exists(root) and not os.path.isdir(root):
+        raise DemoError(f"--out-dir {root} exists and is not a folder")
+    os.makedirs(root)
+    with open(os.path.join(root, MARKER), "w") as f:
+        json.dump({"status": "running"}, f)
+
+
+def make_splits(preset: DemoPreset, seed: int) -> dict:
+    """Seeded example sets; the held-out words never occur in a training set."""
+    from .demo_task import make_task_examples, word_of
+
+    held_out = make_task_examples(preset.eval_examples, seed=seed * 100 + 99)
+    unseen = {word_of(e.query) for e in held_out}
+
+    def training(count, offset):
+        pool = make_task_examples(2 * count + 100, seed=seed * 100 + offset)
+        return [e for e in pool if word_of(e.query) not in unseen][:count]
+    return {"sft": training(preset.sft_examples, 1), "rft": training(preset.rft_examples, 2),
+            "grpo": training(preset.grpo_examples, 3), "test": held_out}
+
+
+def train_stages(root: str, preset: DemoPreset, device: str, seed: int, times: dict, log=print) -> dict:
+    """init -> sft -> rft -> grpo -> meta-rm under root; -> {stage: final model dir}."""
+    from .demo_task import build_initial_model, make_sft_rows, write_examples_jsonl, write_rows_jsonl
+    from .train import train
+
+    data = os.path.join(root, "data")
+    os.makedirs(data)
+    splits = make_splits(preset, seed)
+    paths = {name: write_examples_jsonl(os.path.join(data, f"{name}.jsonl"), examples)
+             for name, examples in splits.items()}
+    paths["sft_rows"] = write_rows_jsonl(os.path.join(data, "sft_rows.jsonl"), make_sft_rows(splits["sft"], seed=seed))
+    common = dict(device=device, seed=seed, save_steps=0, logging_steps=25, report_plot=True, max_seq_length=256)
+
+    def stage(name, kind, config):
+        tic = time.perf_counter()
+        log(f"\n== {name}: train(\"{kind}\") ==")
+        result = train(kind, {**common, "output_dir": os.path.join(root, name), **config}, log=log)
+        times[name] = time.perf_counter() - tic
+        log(f"{name}: {result.steps} steps, {times[name]:.0f} s -> {result.model_dir}")
+        return result
+
+    tic = time.perf_counter()
+    build_initial_model(os.path.join(root, "init"), preset.model, seed)
+    times["init"] = time.perf_counter() - tic
+    models = {}
+    models["sft"] = stage("sft", "sft", dict(
+        model=os.path.join(root, "init"), data=paths["sft_rows"], packing=False, max_steps=preset.sft_steps,
+        per_device_train_batch_size=preset.sft_batch, learning_rate=preset.sft_learning_rate)).model_dir
+    rft = stage("rft", "rft", dict(
+        model=models["sft"], data=paths["rft"], packing=False, max_steps=preset.rft_steps,
+        per_device_train_batch_size=preset.rft_batch, learning_rate=preset.rft_learning_rate,
+        max_completion_length=preset.max_tokens))
+    models["rft"] = rft.model_dir
+    models["grpo"] = stage("grpo", "grpo", dict(
+        model=models["rft"], data=paths["grpo"], max_steps=preset.grpo_steps,
+        per_device_train_batch_size=preset.grpo_prompts, num_generations=preset.grpo_generations,
+        learning_rate=preset.grpo_learning_rate, beta=preset.grpo_beta,
+        max_completion_length=preset.max_tokens, log_completions_steps=max(1, preset.grpo_steps // 4))).model_dir
+    models["meta_rm"] = stage("meta_rm", "meta-rm", dict(
+        model=models["rft"], data=os.path.join(root, "rft", "rft_samples.jsonl"),
+        max_steps=preset.meta_steps, per_device_train_batch_size=preset.meta_batch,
+        learning_rate=preset.meta_learning_rate)).model_dir
+    models["data"] = paths
+    models["rft_counts"] = rft.extra.get("rft_counts", {})
+    return models
+
+
+# ---- evaluation: `grm-engine eval` per stage, then the table ----------------------------------------------------
+def evaluate_stages(root: str, models: dict, preset: DemoPreset, device: str, seed: int, times: dict,
+                    log=print) -> dict:
+    """`grm-engine eval` (with the meta RM) of each stage's model on the held-out split -> {stage: results.json}."""
+    from .cli import main
+
+    reports = {}
+    for stage in STAGES:
+        tic = time.perf_counter()
+        out_dir = os.path.join(root, "eval", stage)
+        argv = ["eval", "--model", models[stage], "--meta-rm", models["meta_rm"], "--data", models["data"]["test"],
+                "--k", ",".join(str(k) for k in preset.ks), "--max-tokens", str(preset.max_tokens),
+                "--seed", str(seed), "--out-dir", out_dir, "--overwrite", "--device", device]
+        log(f"\n== eval {ROW_NAMES[stage]} ==\n$ grm-engine " + " ".join(argv))
+        code = main(argv)
+        if code:
+            raise DemoError(f"grm-engine eval of {models[stage]} failed (exit status {code})")
+        with open(os.path.join(out_dir, "results.json")) as f:
+            reports[stage] = json.load(f)
+        reports[stage]["ties"] = tie_rates(os.path.join(out_dir, "samples.jsonl"), preset.ks)
+        reports[stage]["greedy_sample"] = greedy_critique(models[stage], models["data"]["test"], preset, device, seed)
+        times[f"eval {stage}"] = time.perf_counter() - tic
+    return reports
+
+
+def tie_rates(samples_path: str, ks) -> dict:
+    """Fraction of examples whose top total is tied (all voted samples said 5, 5 or the votes cancel), for
+    Voting@k and MetaRM@k, re-voted from eval's samples.jsonl exactly as eval votes (first k samples; the meta
+    filter keeps k // 2). Ties are wrong under the strict rule; the paper breaks them at random (half credit
+    in expectation for two responses)."""
+    from .parsing import ParseStatus
+    from .voting import vote
+
+    with open(samples_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    scores = torch.tensor([[[float("nan") if v is None else v for v in s["scores"]] for s in r["samples"]]
+                           for r in rows])  # [G, k, 2], original order
+    status = torch.tensor([[ParseStatus[s["status"]].value for s in r["samples"]] for r in rows], dtype=torch.int8)
+    meta = torch.tensor([[float("nan") if s["meta"] is None else s["meta"] for s in r["samples"]] for r in rows])
+    out = {}
+    for k in ks:
+        for name, kwargs in ((f"Voting@{k}", {}), (f"MetaRM@{k}", dict(meta=meta[:, :k], k_meta=max(1, k // 2)))):
+            result = vote(scores[:, :k], status[:, :k], **kwargs)
+            voted = result.used.any(dim=1)
+            out[name] = float(((result.best == -1) & voted).float().mean())
+    return out
+
+
+def greedy_critique(model_dir: str, data: str, preset: DemoPreset, device: str, seed: int) -> dict:
+    """The greedy critique of the first held-out example (responses in their given order) and the greedy tie rate."""
+    from .data import load_examples
+    from .grm import GRM
+
+    examples = list(load_examples(data))
+    grm = GRM.from_pretrained(model_dir, device=device)
+    first = grm.score(examples[:1], k=1, temperature=0.0, shuffle=False, max_tokens=preset.max_tokens).examples[0]
+    greedy = grm.score(examples, k=1, temperature=0.0, seed=seed, max_tokens=preset.max_tokens)  # as eval runs it
+    tied = sum(1 for e in greedy.examples if e.best == -1 and e.samples[0].status == "OK")
+    right = sum(1 for e, x in zip(greedy.examples, examples) if e.best == x.best)
+    return {"example": {"query": examples[0].query, "responses": examples[0].responses, "best": examples[0].best},
+            "critique": first.samples[0].text, "tie_rate": tied / len(examples), "strict": right / len(examples)}
+
+
+def table_columns(ks) -> list[tuple[str, str]]:
+    """(results.json method, column title) in the paper's Table 2 order."""
+    columns = [("Greedy", "greedy"), ("Voting@1", "1 x T=0.5")]
+    columns += [(f"Voting@{k}", f"Voting@{k}") for k in ks if k > 1]
+    columns += [(f"MetaRM@{k}", f"MetaRM@{k}") for k in ks if k > 1]
+    return columns
+
+
+def format_table(reports: dict, ks) -> str:
+    """Strict accuracy (%) per stage and method, then the tie rates and the random-tie-break accuracy."""
+    columns = table_columns(ks)
+    width = max(len(title) for _, title in columns) + 2
+
+    def ties(report, method):
+        return report["greedy_sample"]["tie_rate"] if method == "Greedy" else report["ties"][method]
+    lines = []
+    for caption, cell in (
+            ("strict accuracy % (a tied top counts as wrong; paper Eq. 10)",
+             lambda r, m: 100 * r["methods"][m]["accuracy"]),
+            ("tie rate % (examples whose top total is tied)", lambda r, m: 100 * ties(r, m)),
+            ("accuracy % with the paper's random tie break (expected value: strict + ties / 2)",
+             lambda r, m: 100 * (r["methods"][m]["accuracy"] + ties(r, m) / 2))):
+        lines.append(caption)
+        lines.append("".ljust(12) + "".join(title.rjust(width) for _, title in columns))
+        for stage, report in reports.items():
+            lines.append(ROW_NAMES[stage].ljust(12) + "".join(f"{cell(report, m):.1f}".rjust(width) for m, _ in columns))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_k(path: str, reports: dict, ks, title: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (stage, report), color in zip(reports.items(), ("tab:blue", "tab:orange", "tab:green")):
+        methods = report["methods"]
+        ax.plot(ks, [100 * methods[f"Voting@{k}"]["accuracy"] for k in ks], "o-", color=color,
+                label=f"{ROW_NAMES[stage]}: voting")
+        ax.plot(ks, [100 * methods[f"MetaRM@{k}"]["accuracy"] for k in ks], "s--", color=color,
+                label=f"{ROW_NAMES[stage]}: meta RM")
+        ax.axhline(100 * methods["Greedy"]["accuracy"], color=color, linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ks), [str(k) for k in ks])
+    ax.set_xlabel("k (sampled critiques, T = 0.5); dotted: greedy")
+    ax.set_ylabel("strict accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def run_demo(root: str = "grm_demo", preset: str | DemoPreset = "cpu", device: str = "cpu", seed: int = 0,
+             threads: int | None = None, log=print) -> dict:
+    """The whole demo under `root`; prints the table and returns {"table", "reports", "times", "models", ...}."""
+    settings = DEMO_PRESETS[preset] if isinstance(preset, str) else preset
+    if threads:
+        torch.set_num_threads(threads)
+    began = time.perf_counter()
+    prepare_out_dir(root)
+    times: dict = {}
+    models = train_stages(root, settings, device, seed, times, log=log)
+    reports = evaluate_stages(root, models, settings, device, seed, times, log=log)
+    times["total"] = time.perf_counter() - began
+    table = format_table(reports, settings.ks)
+    plot = plot_accuracy_vs_k(os.path.join(root, "accuracy_vs_k.png"), reports, settings.ks,
+                              f"demo task, {settings.eval_examples} held-out examples, seed {seed}")
+    log("\n" + "=" * 100)
+    log(f"grm-engine demo: reverse-a-word judgements, {settings.eval_examples} held-out examples "
+        f"(words unseen in training), meta RM keeps k // 2 of k samples\n")
+    log(table)
+    log("one greedy critique per stage, first held-out example: " + json.dumps(reports["sft"]["greedy_sample"]["example"]))
+    for stage, report in reports.items():
+        log(f"  {ROW_NAMES[stage]}:" + report["greedy_sample"]["critique"].replace("\n", "\n      "))
+    counts = models["rft_counts"]
+    log(f"\nRFT kept {counts.get('kept', 0)} + {counts.get('kept_hinted', 0)} hinted of {counts.get('samples', 0)} "
+        f"samples ({counts.get('dropped_too_easy', 0)} of {counts.get('examples', 0)} examples dropped as too easy)")
+    log("times (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in times.items()))
+    log(plot)
+    log(f"models: {', '.join(models[s] for s in (*STAGES, 'meta_rm'))}")
+    summary = {"status": "done", "preset": asdict(settings), "device": device, "seed": seed, "times": times,
+               "table": {stage: {m: r["methods"][m]["accuracy"] for m, _ in table_columns(settings.ks)}
+                         for stage, r in reports.items()},
+               "ties": {stage: {"Greedy": r["greedy_sample"]["tie_rate"], **r["ties"]} for stage, r in reports.items()},
+               "critiques": {stage: r["greedy_sample"] for stage, r in reports.items()},
+               "rft_counts": counts, "models": {s: models[s] for s in (*STAGES, "meta_rm")}}
+    with open(os.path.join(root, MARKER), "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"total time: {times['total']:.0f} s ({times['total'] / 60:.1f} min); summary: {os.path.join(root, MARKER)}")
+    return {**summary, "text_table": table, "reports": reports}
+
+
+# ---- the earlier demo's fixtures: the tests build their overfit models with these -------------------------------
 WORDS = ("the a of to and is in it you that was for on are with as they be at one have this from or had by word but "
          "what some we can out other were all there when up use your how said each she which do their time if will "
          "way about many then them write would like so these her long make thing see him two has look more day "
@@ -107,17 +412,3 @@ def write_jsonl(path, examples) -> str:
             f.write(json.dumps({"id": e.id, "query": e.query, "responses": e.responses, "best": e.best,
                                 "subset": e.subset}) + "\n")
     return str(path)
-
-
-def build_demo(root: str, num_examples: int = 16, log=print) -> dict:
-    """Tokenizer, overfit GRM checkpoint and data set under `root`; returns their paths."""
-    import transformers as tf
-
-    os.makedirs(root, exist_ok=True)
-    torch.manual_seed(0)
-    model_dir = os.path.join(root, "tiny-grm")
-    tokenizer = build_tokenizer(model_dir)
-    model = overfit(tf.LlamaForCausalLM(tiny_config("llama", tokenizer)), tokenizer, log=log)
-    model.save_pretrained(model_dir)
-    data = write_jsonl(os.path.join(root, "data.jsonl"), make_examples(num_examples))
-    return {"model": model_dir, "data": data}
