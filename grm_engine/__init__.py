@@ -1,4 +1,13 @@
 """grm-engine: a lean, custom-kernel engine for generative reward models (DeepSeek-GRM style)."""
+import os as _os
+
+# Imported from a source checkout (e.g. `python -m grm_engine` run in the repository root, which puts the root
+# first on sys.path ahead of the installed package): kernels/ and train/ sit next to this folder, as setup.py's
+# package_dir maps them (grm_engine.kernels, grm_engine.train); let the subpackage search find them there too.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if all(_os.path.isfile(_os.path.join(_root, *p)) for p in (("setup.py",), ("kernels", "__init__.py"),
+                                                              ("train", "__init__.py"))):
+    __path__.append(_root)  # noqa: F821 (the package's own __path__)
 from ._backends import backends
 from .loss import GRPOStats, fused_linear_grpo_loss, group_advantages, grpo_loss, token_logprobs
 from .data import DataError, Example, ExampleSet, load_examples
