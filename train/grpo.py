@@ -13,6 +13,7 @@ A step is gradient_accumulation_steps rollout chunks; the optimizer steps once p
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from .config import ConfigError
 from .engine import Engine, all_reduce_sum, init_distributed, is_main, rank, resolve_device, world_size
 from .loop import TrainResult, export_final
 from .losses import call_through_module
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, truncate_jsonl_after
 from .rollout import decode_samples, generate_rollouts, rollout_metrics
 from .run_dir import check_model_dir, load_causal_lm, load_dtype, load_tokenizer, prepare_output_dir
 
@@ -269,6 +270,9 @@ def run_grpo(config, log=print) -> TrainResult:
     run = prepare_grpo(config, examples, resume_from, log)
     engine, total = run.engine, run.schedule.total_steps
     logger = MetricsLogger(config.output_dir, "grpo", total, run.start_step)
+    completions = os.path.join(config.output_dir, "completions.jsonl")
+    if is_main():  # a resume replaces the samples logged after its checkpoint, as the metrics
+        truncate_jsonl_after(completions, run.start_step)
     began = time.perf_counter()
     last: dict = {}
     try:
@@ -281,7 +285,7 @@ def run_grpo(config, log=print) -> TrainResult:
                 logger.log(done, metrics)
                 last = metrics
             if samples and is_main():
-                with open(f"{config.output_dir}/completions.jsonl", "a", encoding="utf-8") as f:
+                with open(completions, "a", encoding="utf-8") as f:
                     for s in samples:
                         f.write(json.dumps({"step": done, **s}, ensure_ascii=False) + "\n")
             if config.save_steps and done % config.save_steps == 0 and done < total:

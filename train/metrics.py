@@ -17,6 +17,26 @@ def _finite(value):
     return value
 
 
+def truncate_jsonl_after(path: str, step: int) -> None:
+    """Drop the lines of a per-step jsonl (metrics, GRPO completions) logged after `step` (a resume continues
+    from there), and any line cut by a kill."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the kill
+            if row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str, stage: str, total_steps: int, start_step: int = 0, *, enabled: bool = True):
         self.enabled = enabled and is_main()
@@ -32,21 +52,7 @@ class MetricsLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc=f"train {stage}", unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
-        if not os.path.exists(self.path):
-            return
-        kept = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by the kill
-                if row.get("step", 0) <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        truncate_jsonl_after(self.path, step)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
