@@ -12,4 +12,4 @@ from .loop import TrainResult
 from .bench_hooks import sft_bench_init, sft_bench_step
 
 __all__ = ["train", "TrainResult", "load_config", "ConfigError", "STAGES", "TrainConfig", "SFTConfig", "RFTConfig",
-           "MetaRMConfig", "GRPOConfig"]
+           "MetaRMConfig", "GRPOConfig", "sft_bench_init", "sft_bench_step"]

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import yaml
 

@@ -12,7 +12,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from .batches import Schedule, collate
 from .checkpoint import load_training_state, save_checkpoint, save_model
