@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .parsing import ParseStatus, parse_scores
-from .protocol import SCORE_RANGE, TEMPLATES, build_prompt
+from .protocol import SCORE_RANGE, TEMPLATES, build_prompt, encode_text
 from .voting import VoteResult, vote
 
 
@@ -222,8 +222,7 @@ class GRM:
     def _encode(self, example, perm: Sequence[int]) -> list[int]:
         text = build_prompt(example.query, [example.responses[i] for i in perm], template=self.template,
                             tokenizer=self.tokenizer)
-        special = not getattr(self.tokenizer, "chat_template", None)  # a chat template writes its own BOS
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        return encode_text(self.tokenizer, text)
 
     def _requests(self, examples, k: int, seed: int, shuffle: bool, sampling: dict):
         """One request per distinct permutation of each example, n = the samples that share it.

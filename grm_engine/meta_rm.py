@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .protocol import build_meta_prompt
+from .protocol import build_meta_prompt, encode_text
 
 HEAD_FILE = "meta_rm_head.safetensors"
 
@@ -42,6 +42,12 @@ def check_meta_rm_dir(path: str) -> str:
         return "causal+head"
     raise ValueError(f"meta RM {path}: architectures {architectures} is neither a *ForSequenceClassification "
                      f"checkpoint with one label nor a causal LM with a saved head ({HEAD_FILE})")
+
+
+def encode_meta_input(tokenizer, query, responses: Sequence[str], critique: str, max_length: int) -> list[int]:
+    """The meta RM's input ids, as scoring and `grm-engine train meta-rm` both encode it."""
+    ids = encode_text(tokenizer, build_meta_prompt(query, responses, critique, tokenizer=tokenizer))
+    return ids[-max_length:]  # keep the end: the critique and its scores are what is judged
 
 
 class MetaRM:
@@ -81,13 +87,7 @@ class MetaRM:
         return cls(body, head, tokenizer, max_batch_tokens=max_batch_tokens)
 
     def encode(self, query, responses: Sequence[str], critique: str) -> list[int]:
-        text = build_meta_prompt(query, responses, critique, tokenizer=self.tokenizer)
-        # a chat template writes its own BOS; plain text gets the tokenizer's special tokens
-        special = not getattr(self.tokenizer, "chat_template", None)
-        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
-        if len(ids) > self.max_length:  # keep the end: the critique and its scores are what is judged
-            ids = ids[-self.max_length:]
-        return ids
+        return encode_meta_input(self.tokenizer, query, responses, critique, self.max_length)
 
     @torch.no_grad()
     def score_token_ids(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:

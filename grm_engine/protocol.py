@@ -122,6 +122,13 @@ def build_prompt(query: Query, responses: Sequence[str], *, template: str = "def
     return prompt
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt built above: a chat template writes its own BOS, plain text gets the tokenizer's
+    special tokens. Scoring, the meta RM and training all encode through here, so they see the same tokens."""
+    special = not getattr(tokenizer, "chat_template", None)
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
 def build_meta_messages(query: Query, responses: Sequence[str], critique: str) -> list[Message]:
     """The meta RM's conversation: the query and responses as the user turn, the critique as the assistant turn."""
     if not isinstance(critique, str):

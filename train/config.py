@@ -8,6 +8,7 @@ Every error is a ConfigError naming the key (and the file), raised before any mo
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import typing
@@ -18,6 +19,31 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key, the file and the fix."""
+
+
+def jsonl_objects(path: str, expected: str = "a JSON object"):
+    """(line number, where, object) for every non-blank line of a jsonl file; a line that is not a JSON object, or a file that
+    cannot be read as UTF-8, is a ConfigError naming the file and line."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    with handle:
+        number = 0
+        try:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}, line {number}"
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise ConfigError(f"{where}: not valid JSON ({e})") from None
+                if not isinstance(obj, dict):
+                    raise ConfigError(f"{where}: {expected} is expected")
+                yield number, where, obj
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}, line {number + 1}: not UTF-8 ({e.reason})") from None
 
 
 @dataclass

@@ -148,12 +148,11 @@ def prepare_grpo(config, examples, resume_from=None, log=print, model=None, refe
     """Model, frozen reference, engine, the decoder on the live policy. model / reference: already built modules
     (benchmarks build random-init ones); by default both load from config.model (a resumed plain run loads the
     policy from its checkpoint; DeepSpeed restores it from its shards)."""
-    from ..protocol import build_prompt
+    from ..protocol import build_prompt, encode_text
     from ..vocab_bytes import VocabBytes
-    from .sft import encode_prompt
 
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    max_prompt = max(len(encode_prompt(tokenizer, build_prompt(e.query, e.responses, template=config.template,
+    max_prompt = max(len(encode_text(tokenizer, build_prompt(e.query, e.responses, template=config.template,
                                                                   tokenizer=tokenizer))) for e in examples)
     init_distributed(config)
     device = resolve_device(config)

@@ -21,9 +21,9 @@ import torch
 from ..data import DataError, load_examples
 from ..grm import _stable_int
 from ..parsing import ParseStatus
-from ..protocol import build_meta_prompt
+from ..meta_rm import encode_meta_input
 from .batches import Row, collate
-from .config import ConfigError
+from .config import ConfigError, jsonl_objects
 from .engine import resolve_device
 from .loop import TrainResult, run_supervised
 from .rft import _correct
@@ -52,60 +52,42 @@ def read_meta_rows(path: str, examples_path: str = "") -> list[dict]:
     """-> [{"id", "query", "responses" (shown order), "critique", "label"}]; errors name the file and line."""
     examples = None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    for _, where, obj in jsonl_objects(path):
+        if "samples" in obj:  # grm-engine score output
+            if examples is None:
+                if not examples_path:
+                    raise ConfigError(f"{where}: a `grm-engine score` results line; give `examples` (the data "
+                                      "file that was scored) so the queries, responses and labels are known")
+                try:
+                    examples = {e.id: e for e in load_examples(examples_path)}
+                except DataError as e:
+                    raise ConfigError(f"bad examples: {e}") from None
+            example = examples.get(obj.get("id"))
+            if example is None:
+                raise ConfigError(f"{where}: id {obj.get('id')!r} is not in {examples_path}")
+            label = example.best if example.num_responses > 1 else example.label
+            samples = obj["samples"]
+            correct = _correct([s["scores"] for s in samples], [s["status"] for s in samples],
+                               [label] * len(samples))
+            for s, ok in zip(samples, correct):
+                if s["status"] != ParseStatus.OK.name:
+                    continue  # an unparseable critique is never voted: the meta RM does not rank it
+                rows.append({"id": str(example.id), "query": example.query,
+                             "responses": [example.responses[i] for i in s["permutation"]],
+                             "critique": s["text"], "label": int(ok)})
+        elif "text" in obj and "correct" in obj:  # RFT samples
+            if obj.get("hinted"):
                 continue
-            where = f"{path}, line {number}"
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise ConfigError(f"{where}: a JSON object is expected")
-            if "samples" in obj:  # grm-engine score output
-                if examples is None:
-                    if not examples_path:
-                        raise ConfigError(f"{where}: a `grm-engine score` results line; give `examples` (the data "
-                                          "file that was scored) so the queries, responses and labels are known")
-                    try:
-                        examples = {e.id: e for e in load_examples(examples_path)}
-                    except DataError as e:
-                        raise ConfigError(f"bad examples: {e}") from None
-                example = examples.get(obj.get("id"))
-                if example is None:
-                    raise ConfigError(f"{where}: id {obj.get('id')!r} is not in {examples_path}")
-                label = example.best if example.num_responses > 1 else example.label
-                samples = obj["samples"]
-                correct = _correct([s["scores"] for s in samples], [s["status"] for s in samples],
-                                   [label] * len(samples))
-                for s, ok in zip(samples, correct):
-                    if s["status"] != ParseStatus.OK.name:
-                        continue  # an unparseable critique is never voted: the meta RM does not rank it
-                    rows.append({"id": str(example.id), "query": example.query,
-                                 "responses": [example.responses[i] for i in s["permutation"]],
-                                 "critique": s["text"], "label": int(ok)})
-            elif "text" in obj and "correct" in obj:  # RFT samples
-                if obj.get("hinted"):
-                    continue
-                for key in ("query", "responses"):
-                    if key not in obj:
-                        raise ConfigError(f"{where}, field '{key}': missing")
-                rows.append({"id": str(obj.get("id")), "query": obj["query"], "responses": obj["responses"],
-                             "critique": obj["text"], "label": int(bool(obj["correct"]))})
-            else:
-                raise ConfigError(f"{where}: neither an RFT sample (text, correct) nor a score results line (samples)")
+            for key in ("query", "responses"):
+                if key not in obj:
+                    raise ConfigError(f"{where}, field '{key}': missing")
+            rows.append({"id": str(obj.get("id")), "query": obj["query"], "responses": obj["responses"],
+                         "critique": obj["text"], "label": int(bool(obj["correct"]))})
+        else:
+            raise ConfigError(f"{where}: neither an RFT sample (text, correct) nor a score results line (samples)")
     if not rows:
         raise ConfigError(f"{path}: no labelled critiques")
     return rows
-
-
-def encode_meta(tokenizer, row: dict, max_length: int) -> list[int]:
-    """As MetaRM.encode: the chat template when the tokenizer has one, the tail kept when too long."""
-    text = build_meta_prompt(row["query"], row["responses"], row["critique"], tokenizer=tokenizer)
-    special = not getattr(tokenizer, "chat_template", None)
-    ids = tokenizer(text, add_special_tokens=special)["input_ids"]
-    return ids[-max_length:]
 
 
 def split_by_id(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -163,7 +145,7 @@ def run_meta_rm(config, log=print) -> TrainResult:
     resume_from = prepare_output_dir(config, "meta-rm")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    to_rows = lambda rs: [Row(encode_meta(tokenizer, r, config.max_seq_length), [], float(r["label"]), key=r["id"])  # noqa: E731
+    to_rows = lambda rs: [Row(encode_meta_input(tokenizer, r["query"], r["responses"], r["critique"], config.max_seq_length), [], float(r["label"]), key=r["id"])  # noqa: E731
                           for r in rs]
     train_rows, eval_rows = to_rows(train_records), to_rows(eval_records)
     positives = sum(r["label"] for r in train_records)

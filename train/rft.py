@@ -25,13 +25,13 @@ import torch
 from ..data import DataError, load_examples
 from ..grm import GRM, _stable_int, sample_permutation
 from ..parsing import ParseStatus, parse_scores
-from ..protocol import SCORE_RANGE, build_prompt
+from ..protocol import SCORE_RANGE, build_prompt, encode_text
 from ..voting import is_correct
 from .config import ConfigError
 from .engine import barrier, is_main, resolve_device
 from .loop import TrainResult
 from .run_dir import check_model_dir, load_causal_lm, load_tokenizer, prepare_output_dir
-from .sft import encode_prompt, read_prompt_completion, tokenize_rows, train_sft_rows, mix_general
+from .sft import mix_general, read_prompt_completion, tokenize_rows, train_sft_rows
 
 HINT_SAMPLE_INDEX = -1  # the hinted sample's permutation key (unhinted samples are 0..N-1)
 
@@ -101,7 +101,7 @@ def sample_hinted(grm: GRM, examples, config, seed: int) -> list[dict | None]:
         perm = sample_permutation(seed, example.id, HINT_SAMPLE_INDEX, example.num_responses, config.shuffle)
         text = build_prompt(example.query, [example.responses[i] for i in perm], template=config.template,
                             hint=perm.index(example.best), tokenizer=grm.tokenizer)
-        prompts.append(encode_prompt(grm.tokenizer, text))
+        prompts.append(encode_text(grm.tokenizer, text))
         params.append(SamplingParams(n=1, temperature=config.temperature, top_p=config.top_p,
                                      max_tokens=config.max_completion_length,
                                      seed=_stable_int("hint", seed, example.id), request_key=0))

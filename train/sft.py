@@ -6,21 +6,16 @@ the decoder continues from. The loss goes through the fused lm_head (train/losse
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import torch
 
+from ..protocol import encode_text
 from .batches import Row
-from .config import ConfigError
+from .config import ConfigError, jsonl_objects
 from .loop import TrainResult, run_supervised
 from .losses import completion_nll_sum
 from .run_dir import check_model_dir, load_causal_lm, load_dtype, load_tokenizer, prepare_output_dir
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    special = not getattr(tokenizer, "chat_template", None)  # a chat template writes its own BOS (as GRM does)
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
 def encode_completion(tokenizer, text: str) -> list[int]:
@@ -30,25 +25,11 @@ def encode_completion(tokenizer, text: str) -> list[int]:
 def read_prompt_completion(path: str) -> list[tuple[str, str, str]]:
     """[(prompt, completion, 'file:line')] from a jsonl file; every error names the file, line and field."""
     rows = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    with handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise ConfigError(f"{where}: a JSON object with prompt and completion is expected")
-            for key in ("prompt", "completion"):
-                if not isinstance(obj.get(key), str) or not obj[key]:
-                    raise ConfigError(f"{where}, field '{key}': a non-empty string is required")
-            rows.append((obj["prompt"], obj["completion"], f"{path}:{number}"))
+    for number, where, obj in jsonl_objects(path, "a JSON object with prompt and completion"):
+        for key in ("prompt", "completion"):
+            if not isinstance(obj.get(key), str) or not obj[key]:
+                raise ConfigError(f"{where}, field '{key}': a non-empty string is required")
+        rows.append((obj["prompt"], obj["completion"], f"{path}:{number}"))
     if not rows:
         raise ConfigError(f"{path}: no rows")
     return rows
@@ -57,7 +38,7 @@ def read_prompt_completion(path: str) -> list[tuple[str, str, str]]:
 def tokenize_rows(pairs, tokenizer, max_seq_length: int) -> list[Row]:
     rows = []
     for prompt, completion, key in pairs:
-        row = Row(encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion), key=key)
+        row = Row(encode_text(tokenizer, prompt), encode_completion(tokenizer, completion), key=key)
         if len(row) > max_seq_length:
             raise ConfigError(f"{key}: {len(row)} tokens (prompt {len(row.prompt_ids)} + completion "
                               f"{len(row.completion_ids)}) exceed max_seq_length = {max_seq_length}")
