@@ -92,7 +92,7 @@ if cuda_sources and _want_cuda():
 setup(
     packages=_packages(),
     package_dir=_package_dir(),
-    package_data={"grm_engine.train": ["presets/*.json"]},
+    package_data={"grm_engine.train": ["presets/*.json"], "grm_engine": ["prompt_templates/*.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

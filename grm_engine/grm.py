@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .parsing import ParseStatus, parse_scores
-from .protocol import SCORE_RANGE, TEMPLATES, build_prompt, encode_text
+from .protocol import build_prompt, encode_text
+from .templates import resolve_template
 from .voting import VoteResult, vote
 
 
@@ -42,7 +43,7 @@ def check_checkpoint_dir(path: str, *, trust_remote_code: bool = False) -> None:
     if not isinstance(config_dict, dict):
         raise ValueError(f"model {config_path}: must hold a JSON object, got {type(config_dict).__name__}")
     model_type = config_dict.get("model_type")
-    if model_type not in MODEL_CLASSES:
+    if not isinstance(model_type, str) or model_type not in MODEL_CLASSES:
         raise ValueError(f"model {path}: model_type {model_type!r} is not supported by the decoder "
                          f"(supported: {', '.join(sorted(MODEL_CLASSES))})")
     files = os.listdir(str(path))
@@ -186,15 +187,18 @@ def _none_if_nan(values) -> list[float | None]:
 
 
 class GRM:
-    def __init__(self, decoder, tokenizer, *, meta_rm=None, template: str = "default"):
-        if template not in TEMPLATES:
-            raise ValueError(f"template {template!r} is not one of {TEMPLATES}")
+    def __init__(self, decoder, tokenizer, *, meta_rm=None, template="default"):
+        """template: "default", "single", a template file, "single:FILE" or a PromptTemplate (templates.py);
+        it gives the GRM's prompt and the meta RM's (a meta RM given here reads its `meta` section)."""
+        template = resolve_template(template)
         if tokenizer is None:
             raise ValueError("GRM needs a tokenizer (none was found in the checkpoint directory; pass tokenizer=)")
         self.decoder, self.tokenizer, self.meta_rm, self.template = decoder, tokenizer, meta_rm, template
+        if meta_rm is not None:
+            meta_rm.template = template
 
     @classmethod
-    def from_pretrained(cls, path, *, meta_rm=None, template: str = "default", tokenizer=None,
+    def from_pretrained(cls, path, *, meta_rm=None, template="default", tokenizer=None,
                         trust_remote_code: bool = False, **decoder_kwargs) -> "GRM":
         """path: a checkpoint directory (or a live transformers causal LM, with tokenizer=).
         meta_rm: None, a MetaRM, or a meta-RM checkpoint directory. decoder_kwargs go to Decoder.from_pretrained.
@@ -202,6 +206,7 @@ class GRM:
         from .decode import Decoder
         from .meta_rm import MetaRM, check_meta_rm_dir
 
+        template = resolve_template(template)  # a bad template file fails before any weight loads
         if isinstance(path, (str, os.PathLike)):
             path = str(path)
             check_checkpoint_dir(path, trust_remote_code=trust_remote_code)
@@ -293,11 +298,12 @@ class GRM:
         examples = list(examples)
         if not examples:
             raise ValueError("score: no examples")
-        if self.template == "single":
+        if self.template.variant == "single":
             multi = [e.id for e in examples if e.num_responses != 1]
             if multi:
-                raise ValueError(f"template 'single' scores one response per example; {multi[:3]} have more")
-        lo, hi = SCORE_RANGE[self.template]
+                raise ValueError(f"template {self.template.spec!r} scores one response per example; {multi[:3]} "
+                                 "have more")
+        lo, hi = self.template.score_range
 
         prompts, params, owners, perms = self._requests(
             examples, k, seed, shuffle, dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens,

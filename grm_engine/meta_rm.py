@@ -5,7 +5,8 @@ goes through a linear head with one output.
   - a transformers sequence-classification checkpoint with num_labels = 1 (head: the model's own `score`);
   - a causal LM checkpoint plus HEAD_FILE (safetensors: `weight` [1, H], optional `bias` [1]), the head
     a meta-RM trainer saves next to a causal LM body (the lm_head is ignored).
-Inputs are bucketed by length (sorted, then cut into batches under a token budget) and right-padded;
+Inputs longer than max_length are shortened in the critique's middle and the responses' ends, never at the start
+(encode_meta_input). Inputs are bucketed by length (sorted, then cut into batches under a token budget) and right-padded;
 causal attention makes a real token's hidden state independent of the padding after it.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Sequence
 import torch
 
 from .protocol import build_meta_prompt, encode_text
+from .templates import resolve_template
 
 HEAD_FILE = "meta_rm_head.safetensors"
 
@@ -44,16 +46,69 @@ def check_meta_rm_dir(path: str) -> str:
                      f"checkpoint with one label nor a causal LM with a saved head ({HEAD_FILE})")
 
 
-def encode_meta_input(tokenizer, query, responses: Sequence[str], critique: str, max_length: int) -> list[int]:
-    """The meta RM's input ids, as scoring and `grm-engine train meta-rm` both encode it."""
-    ids = encode_text(tokenizer, build_meta_prompt(query, responses, critique, tokenizer=tokenizer))
-    return ids[-max_length:]  # keep the end: the critique and its scores are what is judged
+TRUNCATION_MARK = " [...] "
+
+
+def _fill_level(lengths: list[int], budget: int) -> int:
+    """The largest cap c with sum(min(length, c)) <= budget: cutting the longest pieces first (water filling)."""
+    if sum(lengths) <= budget:
+        return max(lengths, default=0)
+    low, high = 0, max(lengths)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if sum(min(n, middle) for n in lengths) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def encode_meta_input(tokenizer, query, responses: Sequence[str], critique: str, max_length: int,
+                      template="default") -> list[int]:
+    """The meta RM's input ids, as scoring and `grm-engine train meta-rm` both encode it.
+
+    An input longer than max_length tokens is shortened where it can afford it, never at its start: the BOS
+    token, the chat template's opening, the template's instruction and the conversation are kept whole. The
+    responses (cut at their end) and the critique (cut in its MIDDLE: its start holds the principles, its end
+    the scores being judged) are shortened longest first, each cut marked by " [...] ". Only when the kept
+    head alone exceeds max_length is the middle of the whole token sequence dropped (its first half and the
+    last tokens are kept, so BOS and the critique's last words stay).
+    """
+    def encode(shown_responses, shown_critique):
+        return encode_text(tokenizer, build_meta_prompt(query, shown_responses, shown_critique, tokenizer=tokenizer,
+                                                        template=template))
+
+    ids = encode(responses, critique)
+    if len(ids) <= max_length:
+        return ids
+    pieces = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in [*responses, critique]]
+    lengths = [len(piece) for piece in pieces]
+    mark = len(tokenizer(TRUNCATION_MARK, add_special_tokens=False)["input_ids"])
+    budget = max_length - (len(ids) - sum(lengths))  # tokens left for the pieces once the rest is kept
+    for _ in range(16):  # tokens merge differently across a cut: re-encode and tighten until it fits
+        cap = _fill_level(lengths, budget)
+        cap = _fill_level(lengths, budget - mark * sum(n > cap for n in lengths))  # room for the marks
+        shown_responses = [text if len(piece) <= cap else tokenizer.decode(piece[:cap]) + TRUNCATION_MARK.rstrip()
+                           for text, piece in zip(responses, pieces)]
+        critique_ids, head = pieces[-1], cap // 2
+        shown_critique = critique if len(critique_ids) <= cap else (
+            tokenizer.decode(critique_ids[:head]) + TRUNCATION_MARK
+            + tokenizer.decode(critique_ids[len(critique_ids) - (cap - head):]))
+        shortened = encode(shown_responses, shown_critique)
+        if len(shortened) <= max_length:
+            return shortened
+        if cap == 0:
+            break
+        budget -= len(shortened) - max_length
+    keep_head = max_length // 2
+    return ids[:keep_head] + ids[len(ids) - (max_length - keep_head):]
 
 
 class MetaRM:
     def __init__(self, body: torch.nn.Module, head: torch.nn.Module, tokenizer, *, max_batch_tokens: int = 16384,
-                 max_length: int | None = None):
+                 max_length: int | None = None, template="default"):
         self.body, self.head, self.tokenizer = body.eval(), head.eval(), tokenizer
+        self.template = resolve_template(template)  # its `meta` section; a GRM sets its own template here
         self.max_batch_tokens = max_batch_tokens
         self.max_length = max_length or int(getattr(body.config, "max_position_embeddings", None) or 4096)
         self.device = next(body.parameters()).device
@@ -87,7 +142,7 @@ class MetaRM:
         return cls(body, head, tokenizer, max_batch_tokens=max_batch_tokens)
 
     def encode(self, query, responses: Sequence[str], critique: str) -> list[int]:
-        return encode_meta_input(self.tokenizer, query, responses, critique, self.max_length)
+        return encode_meta_input(self.tokenizer, query, responses, critique, self.max_length, template=self.template)
 
     @torch.no_grad()
     def score_token_ids(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """The GRM prompt protocol: what the model reads (METHOD.md, "Pointwise generative reward model").
 
-The wording is ours; the structure is the released DeepSeek-GRM one, so its checkpoints work:
+The words come from a template file (grm_engine/templates.py; the built-in one is
+grm_engine/prompt_templates/default.txt, and a checkpoint's own template can be passed instead). The built-in
+wording is ours; the structure is the released DeepSeek-GRM one, so its checkpoints work:
 responses delimited by `[The Begin of Response i]` ... `[The End of Response i]`, an answer in
 three parts headed `Specific Criteria:`, `Analysis:`, `Scores:`, and a last line `\\boxed{s1, s2, ...}`.
 """
@@ -8,33 +10,15 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+from .templates import resolve_template
+
 Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
 Query = Union[str, Sequence[Message]]
 
-TEMPLATES = ("default", "single")
-# The score range each template asks for: what `parse_scores(lo=, hi=)` should check.
+TEMPLATES = ("default", "single")  # the built-in names; a template file path works everywhere a name does
+# The score range each built-in template asks for: what `parse_scores(lo=, hi=)` should check
+# (a PromptTemplate says it as .score_range).
 SCORE_RANGE = {"default": (1, 10), "single": (0, 1)}
-
-_INSTRUCTION = (
-    "You are an expert evaluator of assistant responses. Read the conversation below (its last turn is "
-    "the user's query) and the candidate responses. First write the specific criteria that matter for "
-    "this query, each with a weight; then analyse every response against those criteria; then give "
-    "each response one overall score."
-)
-_FORMAT_DEFAULT = (
-    "Answer in exactly three parts:\n"
-    "Specific Criteria: the criteria for this query and their weights.\n"
-    "Analysis: a critique of each response against the criteria.\n"
-    "Scores: one integer from 1 to 10 per response (higher is better), in the order the responses "
-    "appear above, written on the last line as \\boxed{{{example}}}."
-)
-_FORMAT_SINGLE = (
-    "Answer in exactly three parts:\n"
-    "Specific Criteria: the criteria for this query and their weights.\n"
-    "Analysis: a critique of the response against the criteria.\n"
-    "Scores: 1 if the response is correct and acceptable, 0 otherwise, written on the last line as \\boxed{x}."
-)
-_META_INSTRUCTION = "Please score the responses."
 
 
 def _check_query(query: Query) -> None:
@@ -64,16 +48,22 @@ def format_conversation(query: Query) -> str:
     return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in query)
 
 
-def format_responses(responses: Sequence[str]) -> str:
+def _check_responses(responses: Sequence[str]) -> None:
     if isinstance(responses, str) or not isinstance(responses, (list, tuple)) or not responses:
         raise ValueError("responses must be a non-empty list of strings")
     for i, response in enumerate(responses):
         if not isinstance(response, str):
             raise ValueError(f"responses[{i}] is {type(response).__name__}, expected str")
-    return "\n\n".join(
-        f"[The Begin of Response {i}]\n{response}\n[The End of Response {i}]"
-        for i, response in enumerate(responses, start=1)
-    )
+
+
+def _last_user_turn(query: Query) -> str:
+    return query if isinstance(query, str) else query[-1]["content"]
+
+
+def format_responses(responses: Sequence[str], *, template="default") -> str:
+    """The responses with their delimiters, as the template writes them (`[The Begin of Response i]` ...)."""
+    _check_responses(responses)
+    return resolve_template(template).render_responses(responses)
 
 
 def apply_chat_template(messages: Sequence[Message], tokenizer, *, add_generation_prompt: bool) -> str:
@@ -87,36 +77,24 @@ def apply_chat_template(messages: Sequence[Message], tokenizer, *, add_generatio
     return text
 
 
-def build_prompt(query: Query, responses: Sequence[str], *, template: str = "default",
+def build_prompt(query: Query, responses: Sequence[str], *, template="default",
                  hint: int | None = None, tokenizer=None) -> str:
     """The GRM's user turn for one query and its responses, in the order given.
 
-    template "default": n >= 1 responses, one score 1..10 each. "single": exactly one response,
-    a binary verdict \\boxed{0|1} (the single-response training variant). hint: the 0-based
-    position (in the order given) of the best response; adds the hinted-sampling line.
+    template: "default" (n >= 1 responses, one score 1..10 each), "single" (exactly one response, a binary
+    verdict \\boxed{0|1}: the single-response training variant), a template file path ("single:PATH" for its
+    single-response section) or a PromptTemplate; see grm_engine/templates.py. hint: the 0-based position
+    (in the order given) of the best response; adds the hinted-sampling line.
     With a tokenizer, its chat template is applied (with the generation prompt).
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"template {template!r} is not one of {TEMPLATES}")
-    body = format_responses(responses)
-    if template == "single":
-        if len(responses) != 1:
-            raise ValueError(f"template 'single' takes exactly one response, got {len(responses)}")
-        output_format = _FORMAT_SINGLE
-    else:
-        example = ", ".join(f"s{i}" for i in range(1, len(responses) + 1))
-        output_format = _FORMAT_DEFAULT.format(example=example)
-    parts = [
-        _INSTRUCTION,
-        "#### Conversation ####\n" + format_conversation(query),
-        "#### Responses to be Scored ####\n" + body,
-        "#### Output Format ####\n" + output_format,
-    ]
-    if hint is not None:
-        if not isinstance(hint, int) or not 0 <= hint < len(responses):
-            raise ValueError(f"hint = {hint!r} must be a response position in 0..{len(responses) - 1}")
-        parts.append(f"The best response is: Response {hint + 1}")
-    prompt = "\n\n".join(parts)
+    prompt_template = resolve_template(template)
+    conversation = format_conversation(query)
+    _check_responses(responses)
+    if prompt_template.variant == "single" and len(responses) != 1:
+        raise ValueError(f"template {prompt_template.spec!r} takes exactly one response, got {len(responses)}")
+    if hint is not None and (not isinstance(hint, int) or not 0 <= hint < len(responses)):
+        raise ValueError(f"hint = {hint!r} must be a response position in 0..{len(responses) - 1}")
+    prompt = prompt_template.render(prompt_template.variant, conversation, _last_user_turn(query), responses, hint)
     if tokenizer is not None:
         return apply_chat_template([{"role": "user", "content": prompt}], tokenizer, add_generation_prompt=True)
     return prompt
@@ -129,18 +107,22 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def build_meta_messages(query: Query, responses: Sequence[str], critique: str) -> list[Message]:
+def build_meta_user_turn(query: Query, responses: Sequence[str], *, template="default") -> str:
+    """The meta RM's user turn: the template's `meta` section (query and responses, as the GRM saw them)."""
+    _check_responses(responses)
+    return resolve_template(template).render("meta", format_conversation(query), _last_user_turn(query), responses)
+
+
+def build_meta_messages(query: Query, responses: Sequence[str], critique: str, *, template="default") -> list[Message]:
     """The meta RM's conversation: the query and responses as the user turn, the critique as the assistant turn."""
     if not isinstance(critique, str):
         raise ValueError(f"critique must be a string, got {type(critique).__name__}")
-    user = "\n\n".join([
-        _META_INSTRUCTION,
-        "#### Conversation ####\n" + format_conversation(query),
-        "#### Responses to be Scored ####\n" + format_responses(responses),
-    ])
+    user = build_meta_user_turn(query, responses, template=template)
     return [{"role": "user", "content": user}, {"role": "assistant", "content": critique}]
 
 
-def build_meta_prompt(query: Query, responses: Sequence[str], critique: str, *, tokenizer=None) -> str:
+def build_meta_prompt(query: Query, responses: Sequence[str], critique: str, *, tokenizer=None,
+                      template="default") -> str:
     """The meta RM's input text (METHOD.md): rendered with the tokenizer's chat template when it has one."""
-    return apply_chat_template(build_meta_messages(query, responses, critique), tokenizer, add_generation_prompt=False)
+    return apply_chat_template(build_meta_messages(query, responses, critique, template=template), tokenizer,
+                               add_generation_prompt=False)
