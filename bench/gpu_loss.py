@@ -127,6 +127,23 @@ def profile_row(case, fn, calls=1):
     return {"section": "loss", "case": case, "ours_ms": summary.pop("span_ms", "n/a"), **summary}
 
 
+def synchronized_call_ms(fn, calls=50):
+    """Median wall time of one call that is synchronized before and after (host work before the first kernel
+    counts, as it does for a training step that waits on the loss): the 'one call, synchronized' row."""
+    try:
+        fn()
+        times = []
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - start))
+        return sorted(times)[len(times) // 2], "", ""
+    except Exception as exc:
+        return "n/a", "", f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
 def liger_logits_loss():
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -205,6 +222,8 @@ def logits_cases(args, bandwidth):
         rows.append(row(name, measure(ours), measure(reference, rep=50), measure(peer), floor_ms,
                         two_pass_floor_ms=two_pass_ms))
         summary_row = len(rows) - 1
+        sync_ours, sync_peer = synchronized_call_ms(ours), synchronized_call_ms(peer)
+        rows.append(row("  one call, synchronized (host time counts)", sync_ours, ("", "", ""), sync_peer, floor_ms))
         rows.append(profile_row("  profile ours, 3 calls queued back to back (per call)", ours, calls=3))
         if padding == 0:
             rows.append(profile_row("  profile ours, 1 isolated call", ours))
