@@ -27,6 +27,10 @@ class AttentionMetadata:
     num_cached: list[int]  # [B] prefill: tokens already in the pages before this step
     max_context_len: int
     num_splits: int | None = None  # decode: key splits per sequence, fixed by the caller (CUDA graphs); None: chosen here
+    # prefill, for the varlen kernel (built once per step; None: prefill_attention builds them from the lists)
+    query_starts_device: torch.Tensor | None = None  # [B + 1] int32, query_starts on the device
+    num_cached_device: torch.Tensor | None = None  # [B] int32, num_cached on the device
+    max_query_len: int | None = None  # the most new tokens of one sequence (sizes the kernel's grid)
     cascade: object | None = None  # decode: a CascadePlan when samples share prompt pages (rows grouped by prompt)
 
 
@@ -97,6 +101,26 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window=None, softcap=None):
+    """q [T, H, D], k, v [T, kv_heads, D] (already stored in the pages) -> [T, H, D]: every sequence of the step in
+    one launch of the varlen kernel on the Triton backend, else one sequence at a time (the reference)."""
+    if attention_backend(q.device) != "triton":
+        return prefill_attention_reference(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
+    from grm_engine.kernels.varlen_attention import varlen_prefill_attention
+
+    query_starts, num_cached = meta.query_starts_device, meta.num_cached_device
+    if query_starts is None or num_cached is None:
+        query_starts = torch.tensor(meta.query_starts, dtype=torch.int32, device=q.device)
+        num_cached = torch.tensor(meta.num_cached, dtype=torch.int32, device=q.device)
+    return varlen_prefill_attention(q, k, v, k_cache, v_cache, meta.block_tables, query_starts, num_cached, scale,
+                                    max_query_len=meta.max_query_len or longest_query(meta.query_starts),
+                                    window=window, softcap=softcap, any_cached=any(meta.num_cached))
+
+
+def longest_query(query_starts: list[int]) -> int:
+    return max((end - start for start, end in zip(query_starts, query_starts[1:])), default=0)
+
+
+def prefill_attention_reference(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, window=None, softcap=None):
     """q [T, H, D], k, v [T, kv_heads, D] (already stored in the pages) -> [T, H, D], one sequence at a time."""
     out = torch.empty_like(q)
     for b in range(len(meta.num_cached)):

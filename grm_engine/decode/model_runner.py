@@ -114,6 +114,9 @@ class ModelRunner:
             query_starts=query_starts,
             num_cached=num_cached,
             max_context_len=max(context_lens),
+            query_starts_device=tensor(query_starts, torch.int32),  # [B + 1], for the varlen prefill kernel
+            num_cached_device=tensor(num_cached, torch.int32),  # [B]
+            max_query_len=max(batch.num_new_tokens),
         )
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
 
