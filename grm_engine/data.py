@@ -10,6 +10,8 @@ Our schema, one JSON object per line:
     scores   one number per response (n >= 2); the best is the UNIQUE maximum (a tied top is an error)
     label    a number, for a single response (n = 1): a sample is correct iff its score equals it
   subset     optional string (benchmark section / category)
+Adapters also set `kind` (not a jsonl field): which part of a benchmark an example is, as the aggregates need it
+(rewardbench, ppe-preference, ppe-correctness, rmb-pairwise, rmb-bon, realmistake; None for our jsonl).
 `best` and `scores` may both be given if they agree. Blank lines are ignored.
 
 Adapters (format=...) turn public benchmark rows into the same Example objects; the order of the
@@ -21,11 +23,15 @@ responses is deterministic (the best first where the source has no order): shuff
                [[i, j], ...] (0-based) -> one 2-response example per pair, in the pair's order
   rmb          pairwise: conversation_input, chosen, reject     -> [chosen, reject], best = 0
                best-of-N: conversation_input, bon_best, loser_list -> [bon_best, *losers], best = 0
+  realmistake  input, llm_response, label ("error" | "no_error"), optional id, task_name -> [llm_response],
+               label = 1 for no_error (the response is right: what the single-response \\boxed{1} means), 0 for
+               error; ranked by score for ROC-AUC (grm_engine/evaluation.py). Without an id: a hash of the row.
 Files may be .jsonl (one object a line) or a .json list; a directory loads every .json/.jsonl in it.
 Every error is a DataError naming the file, the line (or list item) and the field.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -68,6 +74,7 @@ class Example:
     scores: list[float] | None = None
     label: float | None = None
     subset: str | None = None
+    kind: str | None = None  # set by the adapters (module docstring); None for our jsonl
     source: str | None = None
     line: int | None = None
     _unit: str = field(default="line", repr=False, compare=False)
@@ -202,7 +209,7 @@ def _from_rewardbench(row, make, error):
         if not isinstance(fields[key], str):
             raise error(key, f"must be a string, got {type(fields[key]).__name__}")
     return [make(id=fields["id"], query=_prompt(fields["prompt"], "prompt", error),
-                 responses=[fields["chosen"], fields["rejected"]], best=0, subset=fields["subset"])]
+                 responses=[fields["chosen"], fields["rejected"]], best=0, subset=fields["subset"], kind="rewardbench")]
 
 
 def _prompt(value: Any, name: str, error: Callable):
@@ -241,7 +248,7 @@ def _from_ppe_preference(row, make, error):
         if not isinstance(response, str):
             raise error(key, f"must be a string, got {type(response).__name__}")
     return [make(id=_row_id(row, error), query=_prompt(_require(row, "prompt", error), "prompt", error),
-                 responses=responses, best=PPE_WINNERS[winner], subset=row.get("subset"))]
+                 responses=responses, best=PPE_WINNERS[winner], subset=row.get("subset"), kind="ppe-preference")]
 
 
 _RESPONSE_KEY = re.compile(r"response_([0-9]+)")
@@ -281,7 +288,7 @@ def _from_ppe_correctness(row, make, error):
             raise error(name, f"{pair!r} is not a conflict pair: both responses score {scores[i]!r}")
         examples.append(make(id=f"{base_id}:{i}-{j}", query=query, responses=[responses[i], responses[j]],
                              best=0 if float(scores[i]) > float(scores[j]) else 1,
-                             subset=row.get("subset", row.get("domain"))))
+                             subset=row.get("subset", row.get("domain")), kind="ppe-correctness"))
     return examples
 
 
@@ -304,15 +311,35 @@ def _from_rmb(row, make, error):
         responses = [_answer(row["bon_best"], "bon_best", error)]
         responses += [_answer(loser, f"loser_list[{i}]", error) for i, loser in enumerate(losers)]
         return [make(id=_row_id(row, error, ("bon_uid", "id")), query=query, responses=responses,
-                     best=0, subset=subset)]
+                     best=0, subset=subset, kind="rmb-bon")]
     if "chosen" in row:
         responses = [_answer(row["chosen"], "chosen", error), _answer(_require(row, "reject", error), "reject", error)]
         return [make(id=_row_id(row, error, ("pair_uid", "id")), query=query, responses=responses,
-                     best=0, subset=subset)]
+                     best=0, subset=subset, kind="rmb-pairwise")]
     raise error("chosen", "an RMB row needs `chosen` + `reject` (pairwise) or `bon_best` + `loser_list` (best-of-N)")
 
 
-ADAPTERS = {"jsonl": _from_jsonl, "rewardbench": _from_rewardbench, "ppe": _from_ppe, "rmb": _from_rmb}
+REALMISTAKE_LABELS = {"no_error": 1, "error": 0}
+
+
+def _from_realmistake(row, make, error):
+    query = _prompt(_require(row, "input", error), "input", error)
+    response = _require(row, "llm_response", error)
+    if not isinstance(response, str):
+        raise error("llm_response", f"must be a string, got {type(response).__name__}")
+    label = _require(row, "label", error)
+    if label not in REALMISTAKE_LABELS:
+        raise error("label", f"must be 'error' or 'no_error', got {label!r}")
+    if row.get("id") is not None:
+        example_id = _row_id(row, error, ("id",))
+    else:  # stable across runs and row order (ids key the sampling seeds)
+        example_id = "rm-" + hashlib.sha256(json.dumps([row["input"], response]).encode()).hexdigest()[:16]
+    return [make(id=example_id, query=query, responses=[response], label=REALMISTAKE_LABELS[label],
+                 subset=row.get("task_name", row.get("subset")), kind="realmistake")]
+
+
+ADAPTERS = {"jsonl": _from_jsonl, "rewardbench": _from_rewardbench, "ppe": _from_ppe, "rmb": _from_rmb,
+            "realmistake": _from_realmistake}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,7 +182,8 @@ def evaluate_stages(root: str, models: dict, preset: DemoPreset, device: str, se
         out_dir = os.path.join(root, "eval", stage)
         argv = ["eval", "--model", models[stage], "--meta-rm", models["meta_rm"], "--data", models["data"]["test"],
                 "--k", ",".join(str(k) for k in preset.ks), "--max-tokens", str(preset.max_tokens),
-                "--seed", str(seed), "--out-dir", out_dir, "--overwrite", "--device", device]
+                "--seed", str(seed), "--out-dir", out_dir, "--overwrite", "--device", device,
+                "--tie-policy", "strict"]  # the table shows strict accuracy and the tie rate beside it
         log(f"\n== eval {ROW_NAMES[stage]} ==\n$ grm-engine " + " ".join(argv))
         code = main(argv)
         if code:

@@ -204,3 +204,88 @@ def rewardbench_scores(subset_accuracy, examples: Sequence | None = None, *,
                            if total else math.nan)
     scores["Overall"] = sum(scores[s] for s in REWARDBENCH_SECTIONS) / len(REWARDBENCH_SECTIONS)
     return scores
+
+
+def top_is_tied(totals) -> bool:
+    """Two or more responses share the top total (NaN totals are "no score" and never tie)."""
+    values = [float(v) for v in (totals if isinstance(totals, (list, tuple)) else [totals]) if not math.isnan(float(v))]
+    return len(values) > 1 and values.count(max(values)) > 1
+
+
+def tie_rate(predictions, examples: Sequence | None = None) -> float:
+    """Fraction of examples whose top total is tied: the examples a tie policy decides (printed next to each
+    accuracy). Score vectors only; with examples, vectors are cut to each example's n (NaN padding)."""
+    rows = _as_rows(predictions)
+    if not rows:
+        raise ValueError("tie rate of zero examples is undefined")
+    if examples is not None:
+        if len(examples) != len(rows):
+            raise ValueError(f"{len(rows)} predictions for {len(examples)} examples; give one per example")
+        rows = [_fit([float(v) for v in row], _truth(example, i)[2], i, _truth(example, i)[3])
+                for i, (row, example) in enumerate(zip(rows, examples))]
+    return sum(top_is_tied(row) for row in rows) / len(rows)
+
+
+def roc_auc(scores, labels) -> tuple[float, int]:
+    """ROC-AUC of `scores` separating label 1 (positive) from label 0 -> (auc, number of NaN scores left out).
+
+    The probability that a random positive scores above a random negative, a tie counting 1/2 (Mann-Whitney U
+    over P x N pairs, from average ranks). NaN scores ("no score") are left out and counted; NaN when either
+    class has no scored example."""
+    scores = np.asarray([float(s) for s in scores], dtype=np.float64)
+    labels = np.asarray([float(v) for v in labels], dtype=np.float64)
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.size} scores for {labels.size} labels; give one per example")
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError(f"labels must be 0 or 1, got {sorted(set(labels.tolist()) - {0.0, 1.0})[:3]}")
+    scored = ~np.isnan(scores)
+    scores, labels = scores[scored], labels[scored]
+    positives, negatives = int(labels.sum()), int((1 - labels).sum())
+    if positives == 0 or negatives == 0:
+        return math.nan, int((~scored).sum())
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):  # average rank (1-based) over each run of equal scores
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    u = ranks[labels == 1].sum() - positives * (positives + 1) / 2
+    return float(u / (positives * negatives)), int((~scored).sum())
+
+
+# ---- the paper's aggregates (METHOD.md, "Evaluation"); all in the unit of their inputs ----
+PPE_CORRECTNESS_DOMAINS = ("mmlu-pro", "math", "gpqa", "mbpp-plus", "ifeval")
+RMB_CELLS = ("helpfulness/pairwise", "helpfulness/bon", "harmlessness/pairwise", "harmlessness/bon")
+PAPER_BENCHMARKS = ("RewardBench", "PPE-Pref", "PPE-Correct", "RMB")
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values and not any(math.isnan(v) for v in values) else math.nan
+
+
+def ppe_correctness_score(domain_accuracy: Mapping[str, float]) -> float:
+    """PPE-Correctness: the plain mean of the per-domain accuracies given (the paper: its five domains,
+    PPE_CORRECTNESS_DOMAINS), NaN when none is given."""
+    return _mean(domain_accuracy.values())
+
+
+def rmb_score(cells: Mapping[str, float]) -> float:
+    """RMB: the plain mean of helpfulness and harmlessness x pairwise and best-of-N (RMB_CELLS); NaN unless
+    all four cells are given (partial data gives no misleading number)."""
+    unknown = sorted(set(cells) - set(RMB_CELLS))
+    if unknown:
+        raise ValueError(f"RMB cells {unknown} are not among {RMB_CELLS}")
+    return _mean([cells[c] for c in RMB_CELLS]) if all(c in cells for c in RMB_CELLS) else math.nan
+
+
+def overall_score(benchmarks: Mapping[str, float]) -> float:
+    """Overall (paper Table 2): the plain mean of RewardBench, PPE-Pref, PPE-Correct and RMB; NaN unless all four
+    are given and finite."""
+    if not all(name in benchmarks for name in PAPER_BENCHMARKS):
+        return math.nan
+    return _mean([benchmarks[name] for name in PAPER_BENCHMARKS])

@@ -2,9 +2,10 @@
 
   - check_output_path: a directory, a missing or unwritable folder, the --data file itself or a file inside a
     --data directory is refused before any model is loaded.
-  - FILE.meta.json (the sidecar) records the run that produced FILE: model, meta RM, data, format and the
-    sampling settings. It is created before the first row, atomically and exclusively (a temp file hard-linked
-    into place), and a resume whose run differs is refused, naming the differing fields.
+  - FILE.meta.json (the sidecar) records the run that produced FILE: model, meta RM, data, format, the prompt
+    template (and the sha256 of its content) and the sampling settings. It is created before the first row,
+    atomically and exclusively (a temp file hard-linked into place), and a resume whose run differs is refused,
+    naming the differing fields.
   - the sidecar is also the lock: a run holds an exclusive flock on it while it writes, so a second identical
     command fails at once instead of writing every id twice.
   - an existing FILE that is not ours (no sidecar, and not a file of results rows with this run's settings, which
@@ -55,11 +56,16 @@ def check_output_path(out: str, data: str) -> None:
 
 
 def run_record(args, settings: dict) -> dict:
-    """What produced a results file: the inputs (absolute paths) and every option that changes its rows."""
+    """What produced a results file: the inputs (absolute paths) and every option that changes its rows. The
+    prompt template is recorded by the hash of its file's content, so a resume under an edited or another
+    template file (scores that are not comparable) is refused even when its path is the same."""
+    from .templates import resolve_template
+
     def absolute(path):
         return os.path.abspath(path) if path else None
     return {"model": absolute(args.model), "meta_rm": absolute(args.meta_rm), "data": absolute(args.data),
-            "format": args.format, "skip_invalid": args.skip_invalid, "dtype": args.dtype, **settings}
+            "format": args.format, "skip_invalid": args.skip_invalid, "dtype": args.dtype,
+            "template_sha256": resolve_template(args.template).sha256, **settings}
 
 
 def open_results(path: str, run: dict, settings: dict) -> tuple[set[str], int]:

@@ -136,7 +136,7 @@ def test_eval_table_json_and_plot(models, tmp_path, capsys):
     data = write_rewardbench(tmp_path / "rb.jsonl", 8)
     out_dir = tmp_path / "eval"
     argv = ["eval", "--model", models["overfit"], "--data", data, "--format", "rewardbench", "--k", "1,2,4",
-            "--meta-rm", models["meta"], "--out-dir", str(out_dir), *SMALL]
+            "--meta-rm", models["meta"], "--out-dir", str(out_dir), "--tie-policy", "strict", *SMALL]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "tie policy: strict" in printed
