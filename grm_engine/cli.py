@@ -44,7 +44,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=256, help="examples per decoder run (default: 256)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded at once")
+    p.add_argument("--max-num-seqs", type=int, help="sequences decoded at once (default: 256, or the largest k)")
     p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run Python code from the checkpoint folders (off by default; never asks)")
@@ -111,14 +111,17 @@ def _load_data(args):
     return examples
 
 
-def _check_inputs(args):
+def _check_inputs(args, k_max: int):
     from .grm import check_checkpoint_dir
     from .meta_rm import check_meta_rm_dir
+    from .preflight import PreflightError, check_prompt_lengths, check_run_options
 
     if args.k_meta is not None and not args.meta_rm:
         raise UsageError("--k-meta needs --meta-rm")
-    if args.chunk_size < 1 or args.max_tokens < 1 or args.temperature < 0:
-        raise UsageError("--chunk-size and --max-tokens must be >= 1 and --temperature >= 0")
+    try:
+        check_run_options(args, k_max)
+    except PreflightError as e:
+        raise UsageError(str(e)) from None
     examples = _load_data(args)
     first_seen = {}
     for example in examples:  # ids key the results file (resume) and the sampling seeds
@@ -130,8 +133,18 @@ def _check_inputs(args):
         check_checkpoint_dir(args.model, trust_remote_code=args.trust_remote_code)
         if args.meta_rm:
             check_meta_rm_dir(args.meta_rm)
+        kept, dropped = check_prompt_lengths(args.model, examples, template=args.template, k=k_max, seed=args.seed,
+                                             shuffle=not args.no_shuffle, trust_remote_code=args.trust_remote_code,
+                                             skip_invalid=args.skip_invalid)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if dropped:
+        print(f"skipped {len(dropped)} examples whose prompt does not fit the context (first: {dropped[0]})",
+              file=sys.stderr)
+        examples[:] = kept
+        examples.skipped += len(dropped)
+        if not examples:
+            raise UsageError(f"bad data: {args.data}: no example fits the model context")
     return examples
 
 
@@ -139,10 +152,11 @@ def _load_grm(args):
     import torch
 
     from .grm import GRM
+    from .preflight import max_num_seqs
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return GRM.from_pretrained(args.model, meta_rm=args.meta_rm, template=args.template, dtype=dtype,
-                               device=args.device, max_num_seqs=args.max_num_seqs,
+                               device=args.device, max_num_seqs=max_num_seqs(args),
                                kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                                trust_remote_code=args.trust_remote_code)
 
@@ -180,7 +194,7 @@ def cmd_score(args) -> int:
         raise UsageError("--k must be >= 1")
     try:
         check_output_path(args.out, args.data)
-        examples = _check_inputs(args)
+        examples = _check_inputs(args, args.k)
         settings = _run_settings(args)
         done, lock = open_results(args.out, run_record(args, settings), settings)
     except ResultsFileError as e:
@@ -336,7 +350,7 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--k {args.k!r}: every k must be >= 1")
     if args.k_meta is not None and args.k_meta < 1:
         raise UsageError("--k-meta must be >= 1")
-    examples = _check_inputs(args)
+    examples = _check_inputs(args, ks[-1])
     labelled = next((e for e in examples if e.label is not None), None)
     if labelled is not None and ks[-1] > 1:
         # Eq. 10 for one response compares its one score with the label; a sum of k votes is not a score.

@@ -26,7 +26,8 @@ responses is deterministic (the best first where the source has no order): shuff
   realmistake  input, llm_response, label ("error" | "no_error"), optional id, task_name -> [llm_response],
                label = 1 for no_error (the response is right: what the single-response \\boxed{1} means), 0 for
                error; ranked by score for ROC-AUC (grm_engine/evaluation.py). Without an id: a hash of the row.
-Files may be .jsonl (one object a line) or a .json list; a directory loads every .json/.jsonl in it.
+Files may be .jsonl (one object a line) or a .json list, UTF-8 (a byte-order mark is allowed); a directory loads
+every .json/.jsonl file directly in it (any case: .JSONL too; sub-folders and hidden files are not read).
 Every error is a DataError naming the file, the line (or list item) and the field.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -57,7 +59,23 @@ class DataError(ValueError):
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an integer beyond float range, e.g. 1 followed by 400 zeros, is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_text(value: str, name: str, error: Callable) -> str:
+    """Text a tokenizer can encode: no lone surrogate (JSON allows "\\ud800"; UTF-8 cannot hold it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise error(name, f"holds a lone surrogate {value[e.start]!r} at character {e.start}, which is not text; "
+                    "fix the escape sequence in the file") from None
+    return value
 
 
 @dataclass
@@ -86,6 +104,8 @@ class Example:
         self._check_label()
         if self.subset is not None and not isinstance(self.subset, str):
             raise self._error("subset", f"must be a string, got {type(self.subset).__name__}")
+        if self.subset is not None:
+            _check_text(self.subset, "subset", self._error)
 
     num_responses = property(lambda self: len(self.responses))
 
@@ -147,7 +167,7 @@ class Example:
 def _check_id(value: Any, error: Callable) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise error("id", f"must be a string or an integer, got {type(value).__name__}")
-    value = str(value)
+    value = _check_text(str(value), "id", error)
     if not value.strip():
         raise error("id", "is empty; give every example a unique id")
     return value
@@ -157,7 +177,7 @@ def _check_query(query: Any, error: Callable) -> str | list[dict]:
     if isinstance(query, str):
         if not query.strip():
             raise error("query", "is empty")
-        return query
+        return _check_text(query, "query", error)
     if not isinstance(query, list) or not query:
         raise error("query", "must be a string or a non-empty list of chat messages {role, content}, "
                     f"got {type(query).__name__ if query != [] else 'an empty list'}")
@@ -170,6 +190,7 @@ def _check_query(query: Any, error: Callable) -> str | list[dict]:
             raise error(f"query[{i}].role", f"must be one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise error(f"query[{i}].content", f"must be a string, got {type(content).__name__}")
+        _check_text(content, f"query[{i}].content", error)
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "user":
         raise error(f"query[{len(messages) - 1}].role", "the conversation must end with the user's turn "
@@ -183,6 +204,10 @@ def _check_responses(responses: Any, error: Callable) -> list[str]:
     for i, response in enumerate(responses):
         if not isinstance(response, str):
             raise error(f"responses[{i}]", f"must be a string, got {type(response).__name__}")
+        if not response.strip():
+            raise error(f"responses[{i}]", "is empty; a critique cannot compare an empty response (drop the "
+                        "example, or load with skip_invalid)")
+        _check_text(response, f"responses[{i}]", error)
     return list(responses)
 
 
@@ -354,35 +379,67 @@ class ExampleSet(list):
         self.errors = errors or []
 
 
+def _json(text: str, one_line: bool = False):
+    """json.loads, with every way it can fail on bad input as a ValueError: a JSONDecodeError, an integer of
+    more than 4,300 digits (ValueError), brackets nested too deep for the parser (RecursionError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"column {e.colno}" if one_line else f"line {e.lineno}, column {e.colno}"
+        raise ValueError(f"is not valid JSON ({e.msg} at {where})") from None
+    except RecursionError:
+        raise ValueError("is not usable JSON (brackets nested too deep)") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise ValueError(f"is not usable JSON (a number with more than {sys.get_int_max_str_digits()} digits; "
+                         "write long ids as strings)" if "digits" in str(e) else f"is not usable JSON ({e})") from None
+
+
 def _rows(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """(number, unit, row or DataError) for each row: a .json list gives items, anything else lines."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+    """(number, unit, row or DataError) for each row: a .json list gives items, anything else lines.
+    A UTF-8 byte-order mark at the start is dropped; a jsonl line that is not UTF-8 or not JSON is a DataError for
+    that line (skip_invalid can drop it)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot be read ({e.strerror})", source=str(path)) from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if data.lstrip()[:1] == b"[":
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
-                            source=str(path), line=e.lineno) from None
+            rows = _json(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})", source=str(path),
+                            line=data.count(b"\n", 0, e.start) + 1) from None
+        except ValueError as e:
+            raise DataError(str(e), source=str(path)) from None
+        if not isinstance(rows, list):
+            raise DataError("starts with '[' but is not a JSON list", source=str(path))
         for number, row in enumerate(rows, start=1):
             yield number, "item", row
         return
     # split on "\n" only: str.splitlines would also cut at U+2028, U+0085 or form feeds that JSON
-    # strings may hold raw (jsonl written with ensure_ascii=False)
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
+    # strings may hold raw (jsonl written with ensure_ascii=False); "\n" never occurs inside a UTF-8 sequence
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         try:
-            yield number, "line", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield number, "line", DataError(f"is not valid JSON ({e.msg} at column {e.colno}); each line must "
-                                            "hold one JSON object", source=str(path), line=number)
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield number, "line", DataError(f"is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})",
+                                            source=str(path), line=number)
+            continue
+        try:
+            yield number, "line", _json(line, one_line=True)
+        except ValueError as e:
+            yield number, "line", DataError(f"{e}; each line must hold one JSON object", source=str(path), line=number)
 
 
 def _files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file())
+    if path.is_dir():  # its own files only (sub-folders may hold outputs), any case of the suffix, no hidden files
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl") and p.is_file()
+                       and not p.name.startswith("."))
         if not files:
-            raise DataError("is a directory with no .json or .jsonl files", source=str(path))
+            raise DataError("is a directory with no .json or .jsonl files (sub-folders are not read)", source=str(path))
         return files
     if not path.is_file():
         raise DataError("does not exist (give a .jsonl file, a .json list or a directory of them)",

@@ -44,16 +44,24 @@ class ParsedScores:
         yield self.status
 
 
-# A complete group starting at this position (the lookahead finds overlapping starts).
-_GROUP = re.compile(r"(?=\\boxed\{([^}]*)\}|\[\[(.*?)\]\])", re.DOTALL)
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _ASCII_WHITESPACE = " \t\n\r\f\v"
+_OPENERS = (("\\boxed{", "}"), ("[[", "]]"))
 
 
 def _last_group(text: str) -> str | None:
-    content = None
-    for match in _GROUP.finditer(text):
-        content = match.group(1) if match.group(1) is not None else match.group(2)
+    """The content of the complete group that starts last, in linear time: a group of a kind can only start before
+    that kind's last closer, so the last opener ending at or before the last closer is the kind's last complete
+    group (a regex search from every opener scans to the end for each: quadratic on `[[[[...`)."""
+    start, content = -1, None
+    for opener, closer in _OPENERS:
+        last_close = text.rfind(closer)
+        if last_close < 0:
+            continue
+        begin = text.rfind(opener, 0, last_close)  # the opener must end at or before the closer starts
+        if begin > start:
+            body = begin + len(opener)
+            start, content = begin, text[body:text.find(closer, body)]
     return content
 
 
@@ -80,11 +88,17 @@ def _normalize_counts(texts: Sequence[str], num_responses) -> tuple[np.ndarray, 
     if isinstance(texts, str):
         raise TypeError("parse_scores takes a list of critiques, not one string; wrap it: [text]")
     n = len(texts)
+    if isinstance(num_responses, (bool, np.bool_)) or isinstance(num_responses, (float, np.floating)):
+        raise TypeError(f"num_responses = {num_responses!r}: give an int (or one int per text), not "
+                        f"{type(num_responses).__name__}")
     if isinstance(num_responses, (int, np.integer)):
         counts = np.full(n, int(num_responses), dtype=np.int64)
     else:
-        counts = np.asarray(num_responses.cpu() if isinstance(num_responses, torch.Tensor) else num_responses,
-                            dtype=np.int64).reshape(-1)
+        counts = np.asarray(num_responses.cpu() if isinstance(num_responses, torch.Tensor) else num_responses)
+        counts = counts.reshape(-1)
+        if counts.size and (counts.dtype == np.bool_ or not np.issubdtype(counts.dtype, np.integer)):
+            raise TypeError(f"num_responses holds {counts.dtype} values; give one int per text")
+        counts = counts.astype(np.int64)
         if counts.shape[0] != n:
             raise ValueError(f"num_responses has {counts.shape[0]} entries for {n} texts")
     if n and counts.min() < 1:

@@ -96,11 +96,11 @@ def test_the_sidecar_records_the_run_and_a_different_resume_is_refused(model_dir
     assert sidecar["run"]["model"] == os.path.abspath(model_dirs[0])
     assert sidecar["run"]["data"] == os.path.abspath(data) and sidecar["run"]["k"] == 1
     capsys.readouterr()
-    base = {"--model": model_dirs[0], "--data": data, "--seed": "0", "--template": "default"}
+    base = {"--model": model_dirs[0], "--data": data, "--seed": "0", "--temperature": "0.5"}
     for change, needles in [({"--model": model_dirs[1]}, ["model: ", model_dirs[1]]),
                             ({"--data": other_data}, ["data: ", "other.jsonl"]),
                             ({"--seed": "3"}, ["seed: 0 in the file, 3 now"]),
-                            ({"--template": "single"}, ["template: 'default' in the file, 'single' now"])]:
+                            ({"--temperature": "0.7"}, ["temperature: 0.5 in the file, 0.7 now"])]:
         options = {**base, **change}
         argv = ["score", *[part for pair in options.items() for part in pair], "--out", str(out), *FAST,
                 "--chunk-size", "1"]

@@ -31,25 +31,9 @@ class SamplingParams:
     request_key: int | None = None  # replaces the request's position in the noise key (stable across calls)
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        checks = [
-            (isinstance(self.n, int) and self.n >= 1, "n must be an int >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an int >= 0 (0 disables it)"),
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an int >= 1"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ints >= 0"),
-            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "seed must be None or an int in [0, 2**63)"),
-            (self.request_key is None or (isinstance(self.request_key, int) and 0 <= self.request_key < 2**32),
-             "request_key must be None or an int in [0, 2**32)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"SamplingParams: {message} (got {self})")
+        from .request_checks import check_sampling_fields  # (request_checks uses this class)
+
+        check_sampling_fields(self)  # TypeError / ValueError naming the field
 
 
 @dataclass

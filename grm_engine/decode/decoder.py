@@ -118,12 +118,12 @@ class Decoder:
             device, dtype = _default_device_dtype(device, dtype, config)
             weights = loader.load_safetensors_dir(path_or_module, device, dtype)
             if tokenizer is None:
-                tokenizer = _try_tokenizer(path_or_module, trust_remote_code)
+                tokenizer = loader.load_tokenizer(path_or_module, trust_remote_code=trust_remote_code)
         else:
             raise TypeError(f"Decoder.from_pretrained: expected a directory path or a torch.nn.Module, got {type(path_or_module).__name__}")
         source = (f"live module {type(path_or_module).__name__}" if live else f"checkpoint {path_or_module}")
         loader.check_weights(cls_, config, weights, source)
-        context = loader.max_context(config)
+        context = loader.max_context(config, source)
         max_model_len = min(max_model_len or context, context)
         model = cls_(config, weights, max_positions=max_model_len)
         if merge_projections is None:  # fewer launches matter most for small models; a live model pays a copy
@@ -383,15 +383,6 @@ class Decoder:
                 if cut >= 0:
                     text = text[:cut]
         return SampleOutput(seq.sample_index, seq.output_token_ids, text, reason, list(seq.logprobs) if seq.params.logprobs else None)
-
-
-def _try_tokenizer(path: str, trust_remote_code: bool = False):
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def _update_progress(bar, finished: int, stats: DecoderStats, start: float) -> None:

@@ -23,8 +23,29 @@ def load_config(path: str, *, trust_remote_code: bool = False):
         raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face checkpoint directory or a transformers model")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
-        raise ValueError(f"{config_path}: not a config transformers can read ({type(e).__name__}: {e})") from None
+    except Exception as e:  # transformers' config classes raise anything (ZeroDivisionError for 0 heads, ...)
+        raise ValueError(f"{config_path}: not a config transformers can read ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer, or None when the folder has no tokenizer files; tokenizer files that do not load
+    are a ValueError naming the folder (never a silent None)."""
+    from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # tokenizers/transformers raise KeyError, AttributeError, Exception... for a broken file
+        raise ValueError(f"{path}: its tokenizer files cannot be loaded ({_first_line(e)})") from None
 
 
 def shard_files(path: str) -> list[str]:
@@ -42,33 +63,52 @@ def shard_files(path: str) -> list[str]:
     return shards
 
 
-def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """name -> shape of every tensor in the checkpoint, read from the safetensors headers (no weights loaded)."""
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def weight_headers(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype such as "BF16") of every tensor in the checkpoint, from the headers only."""
     from safetensors import safe_open
 
-    shapes = {}
+    headers = {}
     for shard in shard_files(path):
         try:
             with safe_open(shard, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
+                    tensor = f.get_slice(name)
+                    headers[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
         except Exception as e:  # safetensors raises its own error types for a truncated or garbage file
             raise ValueError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return shapes
+    return headers
+
+
+def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in the checkpoint, read from the safetensors headers (no weights loaded);
+    a weight or bias that is not floating point is a ValueError naming it."""
+    headers = weight_headers(path)
+    not_float = sorted(name for name, (_, dtype) in headers.items()
+                       if dtype not in FLOAT_DTYPES and name.endswith((".weight", ".bias")))
+    if not_float:
+        raise ValueError(f"{path}: weight {not_float[0]!r} has dtype {headers[not_float[0]][1]}; weights must be "
+                         "floating point (quantized checkpoints are not supported)")
+    return {name: shape for name, (shape, _) in headers.items()}
 
 
 def load_safetensors_dir(path: str, device, dtype) -> dict[str, torch.Tensor]:
     """Every tensor of path/*.safetensors (the index file, when present, lists the shards)."""
     from safetensors import safe_open
 
+    weight_shapes(path)  # every header readable and every weight floating point, or an error naming the file
     weights: dict[str, torch.Tensor] = {}
     for shard in shard_files(path):
-        with safe_open(shard, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                weights[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        try:
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    weights[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        except (OSError, RuntimeError) as e:  # headers fine, data unreadable
+            raise ValueError(f"{shard}: its tensors cannot be read ({_first_line(e)})") from None
     return weights
-
 
 def _shards_from_index(path: str, index: str) -> list[str]:
     """The shard files an index names; each must be a file name inside the checkpoint folder."""
@@ -127,8 +167,15 @@ def weights_from_module(module: torch.nn.Module, device, dtype) -> dict[str, tor
     return weights
 
 
-def max_context(config) -> int:
-    return int(getattr(config, "max_position_embeddings", None) or 4096)
+def max_context(config, source: str = "the model") -> int:
+    """max_position_embeddings (4096 when the config has none); a value that is not an int >= 2 is a ValueError
+    naming source (the checkpoint folder)."""
+    value = getattr(config, "max_position_embeddings", None)
+    if value is None:
+        return 4096
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"{source}: config.json's max_position_embeddings must be an int >= 2, got {value!r}")
+    return value
 
 
 def generation_eos_ids(path_or_module, config) -> list[int]:
