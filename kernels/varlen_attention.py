@@ -115,13 +115,14 @@ def _varlen_prefill_kernel(
 
     # Keys [lo, hi) are visible to some row of the tile; [full_lo, full_hi) to every row (no mask needed there).
     hi = last_pos + 1
-    lo = 0
-    full_lo = 0
+    full_hi = first_pos + 1
     if USE_WINDOW:
         lo = tl.maximum(first_pos - window + 1, 0)
         full_lo = tl.maximum(last_pos - window + 1, 0)
-    full_hi = first_pos + 1
-    mid_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+        mid_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        mid_lo = 0
     mid_hi = (full_hi // BLOCK_N) * BLOCK_N
     head_end = tl.minimum(mid_lo, hi)  # masked tiles [lo rounded down, head_end), unmasked [head_end, mid_end),
     mid_end = tl.maximum(mid_hi, head_end)  # masked again [mid_end, hi)

@@ -1,7 +1,7 @@
 """Varlen paged prefill attention (Triton; TRITON_INTERPRET=1 on CPU, small fp32 shapes) against the per-sequence
 reference (grm_engine.decode.attention.prefill_attention_reference): several sequences per step, chunks and prefix
 hits that start mid-block, GQA, sliding window, soft-capping; the decoder's greedy tokens with either prefill path;
-bf16 error bounds at the 7B shape on the GPU."""
+bf16 error bounds at the 7B shape on the GPU; the kernel compiles for sm_90 here (no GPU needed)."""
 import random
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 
 from grm_engine.decode import attention
 from grm_engine.decode.attention import AttentionMetadata, prefill_attention_reference, store_kv_reference
-from grm_engine.kernels.varlen_attention import TileConfig, varlen_prefill_attention
+from grm_engine.kernels.varlen_attention import TILE_CONFIGS, TileConfig, varlen_prefill_attention
 
 
 def prefill_step(spans, num_heads, kv_heads, head_dim, block_size, dtype=torch.float32, device="cpu", seed=0):
@@ -193,3 +193,46 @@ def test_varlen_gemma2_shape_bf16_gpu():
     exact, reference_error = _bf16_errors(q, k, v, k_cache, v_cache, meta, 256 ** -0.5, 4096, 50.0)
     out = ours(q, k, v, k_cache, v_cache, meta, 256 ** -0.5, 4096, 50.0)
     assert (out.double() - exact).abs().max().item() <= 2 * reference_error + 1e-3
+
+
+# ------------------------------------------------------------------------- compiles for sm_90 (the H200), here
+COMPILE_CASES = [  # the decoder's launches at real shapes, with the default tiles
+    dict(GROUP=7, HEAD_DIM=128, PAGED=True, USE_SOFTCAP=False, USE_WINDOW=False),  # Qwen2.5-7B, prefix hit / chunk
+    dict(GROUP=7, HEAD_DIM=64, PAGED=False, USE_SOFTCAP=False, USE_WINDOW=False),  # Qwen2.5-0.5B, fresh prompts
+    dict(GROUP=2, HEAD_DIM=256, PAGED=True, USE_SOFTCAP=True, USE_WINDOW=True),  # Gemma 2 2B
+]
+
+
+def compile_all():
+    """Frontend, PTX and ptxas for sm_90, launching nothing. Pointers and strides are declared divisible by 16, as
+    Triton specializes them at launch (the block-table stride is left unspecialized: it is the table's width)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from grm_engine.kernels.varlen_attention import _varlen_prefill_kernel as fn
+
+    int_pointers = {"block_tables_ptr", "query_starts_ptr", "num_cached_ptr"}
+    for case in COMPILE_CASES:
+        config = TILE_CONFIGS[case["HEAD_DIM"]]
+        constexprs = dict(case, BLOCK_SIZE=16, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                          BLOCK_D=case["HEAD_DIM"], DOT_PRECISION="tf32")
+        signature = {name: "constexpr" if name in constexprs else
+                     ("*i32" if name in int_pointers else "*bf16") if name.endswith("_ptr") else
+                     "fp32" if name in ("qk_scale", "softcap") else "i32" for name in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name.endswith("_ptr") or (name.startswith("stride") and name != "stride_bt")}
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        assert compiled.asm.get("cubin"), case
+        print("compiled", case, config, flush=True)
+
+
+def test_varlen_kernel_compiles_for_sm90():
+    from triton_compile import run_compile_script
+
+    run_compile_script(__file__, expected=len(COMPILE_CASES), timeout=600)
+
+
+if __name__ == "__main__":
+    compile_all()
