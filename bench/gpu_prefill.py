@@ -23,6 +23,7 @@ ATTENTION_CASES = [  # name, heads, kv_heads, head_dim, [(num_cached, num_new)] 
     ("qwen2.5-7B 8x2048", 28, 4, 128, [(0, 2048)] * 8, None, None),
     ("qwen2.5-7B 8x(1536 cached + 512)", 28, 4, 128, [(1536, 512)] * 8, None, None),
     ("qwen2.5-0.5B 16x300..1200", 14, 2, 64, [(0, 300 + 60 * i) for i in range(16)], None, None),
+    ("qwen2.5-0.5B 16x(512 template cached + 300..1200)", 14, 2, 64, [(512, 300 + 60 * i) for i in range(16)], None, None),
     ("gemma2-2B 4x1024 w4096 cap50", 8, 4, 256, [(0, 1024)] * 4, 4096, 50.0),
 ]
 MODEL_SHAPE = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
