@@ -66,6 +66,7 @@ CASES = [  # num_heads, kv_heads, head_dim, block_size, spans (or a seed), windo
     (7, 1, 32, 16, [(17, 9), (0, 26)], None, None),  # Qwen2.5-7B's group of 7: row tiles cut tokens' heads apart
     (4, 2, 32, 4, [(0, 40), (31, 15), (6, 2)], 9, None),  # sliding window (head and tail tiles masked)
     (2, 1, 16, 4, [(0, 33), (10, 25)], 7, 1.5),  # Gemma 2: window + soft-capping
+    (2, 1, 32, 4, [(0, 64), (40, 30)], 40, None),  # a window wider than a tile: masked, unmasked, masked key tiles
     (4, 4, 64, 8, 2, None, 2.0),  # soft-capping alone, random spans
 ]
 
