@@ -186,7 +186,7 @@ def varlen_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     [num_blocks, block_size, kv_heads, D]; block_tables [B, max_blocks] int32; query_starts [B + 1] int32 (sequence
     b's rows are query_starts[b]:[b + 1]); num_cached [B] int32 (tokens in the pages before this step, so row i of
     sequence b sits at position num_cached[b] + i). max_query_len: the longest sequence's new tokens (sizes the
-    grid; the host already knows it). any_cached False (every num_cached is 0) lets the kernel read k, v directly.
+    grid; the host already knows it; a smaller value would leave rows unwritten). any_cached False (every num_cached is 0) lets the kernel read k, v directly.
     Returns [T, H, D] in q's dtype."""
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
