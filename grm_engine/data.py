@@ -395,7 +395,8 @@ def _json(text: str, one_line: bool = False):
 
 
 def _rows(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """(number, unit, row or DataError) for each row: a .json list gives items, anything else lines.
+    """(number, unit, row or DataError) for each row: a file that is not .jsonl and starts with '[' is a JSON list
+    and gives items, anything else lines.
     A UTF-8 byte-order mark at the start is dropped; a jsonl line that is not UTF-8 or not JSON is a DataError for
     that line (skip_invalid can drop it)."""
     try:
@@ -404,7 +405,7 @@ def _rows(path: Path) -> Iterator[tuple[int, str, Any]]:
         raise DataError(f"cannot be read ({e.strerror})", source=str(path)) from None
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    if data.lstrip()[:1] == b"[":
+    if path.suffix.lower() != ".jsonl" and data.lstrip()[:1] == b"[":  # a .jsonl file is lines, whatever line 1 is
         try:
             rows = _json(data.decode("utf-8"))
         except UnicodeDecodeError as e:

@@ -47,15 +47,17 @@ def fingerprint(folder, skip=()) -> dict[str, str]:
     return result
 
 
-def cli_outcome(argv, capsys) -> tuple[int | str, str]:
+def cli_outcome(argv, capsys, passthrough=()) -> tuple[int | str, str]:
     """Run grm_engine.cli.main in this process -> (exit status, stderr); an exception that escapes main (a
-    traceback for the user) comes back as ("traceback", its type and message)."""
+    traceback for the user) comes back as ("traceback", its type and message), except the passthrough types."""
     from grm_engine import cli
 
     try:
         code = cli.main(list(argv))
     except SystemExit as e:  # argparse: exit 2 with a usage message
         code = e.code
+    except passthrough:
+        raise
     except BaseException as e:  # noqa: BLE001 - what a user would see as a traceback
         capsys.readouterr()
         return "traceback", f"{type(e).__name__}: {e}"

@@ -25,7 +25,7 @@ def jsonl_objects(path: str, expected: str = "a JSON object"):
     """(line number, where, object) for every non-blank line of a jsonl file; a line that is not a JSON object, or a file that
     cannot be read as UTF-8, is a ConfigError naming the file and line."""
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, encoding="utf-8-sig")  # a byte-order mark before line 1 is not an error
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     with handle:
@@ -37,8 +37,8 @@ def jsonl_objects(path: str, expected: str = "a JSON object"):
                 where = f"{path}, line {number}"
                 try:
                     obj = json.loads(line)
-                except ValueError as e:
-                    raise ConfigError(f"{where}: not valid JSON ({e})") from None
+                except (ValueError, RecursionError) as e:  # RecursionError: brackets nested too deep
+                    raise ConfigError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
                 if not isinstance(obj, dict):
                     raise ConfigError(f"{where}: {expected} is expected")
                 yield number, where, obj
@@ -217,6 +217,22 @@ def _validate(config: TrainConfig, where: str) -> None:
         need(getattr(config, key) >= 0, f"{key} = {getattr(config, key)} must be >= 0")
     need(config.max_steps > 0 or config.num_train_epochs > 0, "give max_steps > 0 or num_train_epochs > 0")
     need(config.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)")
+    need(config.weight_decay >= 0, f"weight_decay = {config.weight_decay} must be >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        need(0 <= getattr(config, key) < 1, f"{key} = {getattr(config, key)} must be in [0, 1)")
+    for key in ("epsilon", "epsilon_high"):
+        if hasattr(config, key):
+            need(getattr(config, key) >= 0, f"{key} = {getattr(config, key)} must be >= 0")
+    if hasattr(config, "kv_cache_memory_fraction"):
+        need(0 < config.kv_cache_memory_fraction <= 1,
+             f"kv_cache_memory_fraction = {config.kv_cache_memory_fraction} must be in (0, 1]")
+    if config.device:
+        from grm_engine.preflight import PreflightError, check_device
+
+        try:
+            check_device(config.device)
+        except PreflightError as e:
+            raise ConfigError(f"{where}: device = {config.device!r}: {str(e).split(': ', 1)[-1]}") from None
     for key in ("num_generations", "max_completion_length", "num_iterations", "rollout_batch_examples",
                 "max_tokens_per_micro_batch"):
         if hasattr(config, key):

@@ -1,0 +1,178 @@
+"""Fuzzing data files and command-line flags with hypothesis (issue 16).
+
+Data files: valid rows mixed with corrupted lines (numbers beyond 1e308, non-UTF-8 bytes, deep nesting, a 5,000-digit
+id, lone surrogates, empty responses, random bytes, JSON that is not a row). Loading must raise a DataError naming
+the file and the first bad line, and with skip_invalid keep exactly the valid rows and count every bad line.
+Flags: drawn values for the numeric options and --device. `score` must end with exit status 2 and an `error:` line
+before any model loads, or reach the model load only with values the options' rule allows; nothing in the folder
+changes on an error. Derandomized and bounded (a few dozen examples each)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from grm_engine.data import DataError, load_examples
+from grm_engine.demo import make_examples, write_jsonl
+from grm_engine.grm import GRM
+
+from reliability_helpers import cli_outcome, fingerprint, tiny_checkpoint
+
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+COUNTS = {"inputs": 0, "clear errors": 0, "correct results": 0}
+
+CORRUPT = {
+    "number over 1e308": b'{"id": "c", "query": "q", "responses": ["a", "b"], "scores": [1' + b"0" * 400 + b', 2]}',
+    "float over 1e308": b'{"id": "c", "query": "q", "responses": ["a", "b"], "scores": [1e999, 2]}',
+    "non-UTF-8": b'{"id": "c", "query": "q\xff\xfe", "responses": ["a", "b"], "best": 0}',
+    "nested brackets": b"[" * 100_000 + b"]" * 100_000,
+    "nested in a field": b'{"id": "c", "query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "5,000-digit id": b'{"id": ' + b"7" * 5000 + b', "query": "q", "responses": ["a", "b"], "best": 0}',
+    "lone surrogate": b'{"id": "c", "query": "q", "responses": ["a\\udc00", "b"], "best": 0}',
+    "empty response": b'{"id": "c", "query": "q", "responses": ["a", ""], "best": 0}',
+    "not an object": b"[1, 2]",
+    "truncated": b'{"id": "c", "query": "q", "respon',
+    "best a float": b'{"id": "c", "query": "q", "responses": ["a", "b"], "best": 1.0}',
+    "NaN score": b'{"id": "c", "query": "q", "responses": ["a", "b"], "scores": [NaN, 1]}',
+}
+
+
+def _valid_row(i: int, rng_text: str) -> dict:
+    return {"id": f"r{i}", "query": "q " + rng_text, "responses": ["a " + rng_text, "b"], "best": i % 2}
+
+
+LINE = st.one_of(st.tuples(st.just("valid"), st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=6)),
+                 st.tuples(st.sampled_from(sorted(CORRUPT)), st.just("")),
+                 st.tuples(st.just("random bytes"), st.binary(min_size=1, max_size=12).filter(
+                     lambda b: b"\n" not in b and b.strip() and not b.startswith(b"\xef\xbb\xbf"))))
+
+
+@FUZZ
+@given(lines=st.lists(LINE, min_size=1, max_size=8), bom=st.booleans())
+def test_fuzzed_data_file(tmp_path_factory, lines, bom):
+    COUNTS["inputs"] += 1
+    path = tmp_path_factory.mktemp("fuzz_data") / "data.jsonl"
+    body, valid_ids, bad_lines = [], [], []
+    for number, (kind, text) in enumerate(lines, start=1):
+        if kind == "valid":
+            row = _valid_row(number, text)
+            body.append(json.dumps(row, ensure_ascii=False).encode())
+            valid_ids.append(row["id"])
+        else:
+            body.append(CORRUPT[kind] if kind in CORRUPT else text)
+            bad_lines.append(number)
+    data = (b"\xef\xbb\xbf" if bom else b"") + b"\n".join(body) + b"\n"
+    path.write_bytes(data)
+    if not valid_ids:
+        with pytest.raises(DataError, match="no usable examples"):
+            load_examples(path, skip_invalid=True)
+    else:
+        kept = load_examples(path, skip_invalid=True)
+        assert [e.id for e in kept] == valid_ids and kept.skipped == len(bad_lines)
+        for example, (kind, text) in zip(kept, [line for line in lines if line[0] == "valid"]):
+            assert example.query == "q " + text and example.responses == ["a " + text, "b"]
+    if bad_lines:
+        with pytest.raises(DataError) as raised:
+            load_examples(path)
+        assert str(raised.value).startswith(f"{path}, line {bad_lines[0]}"), (raised.value, bad_lines)
+        COUNTS["clear errors"] += 1
+    else:
+        assert [e.id for e in load_examples(path)] == valid_ids
+        COUNTS["correct results"] += 1
+    assert path.read_bytes() == data
+
+
+def test_data_folder_reads_its_own_json_files_in_any_case(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "outputs").mkdir(parents=True)
+    write_jsonl(folder / "a.JSONL", make_examples(2, seed=1))
+    rows = [e for e in make_examples(2, seed=2)]
+    for e in rows:
+        e.id = "b-" + e.id
+    write_jsonl(folder / "b.jsonl", rows)
+    write_jsonl(folder / "outputs" / "results.jsonl", make_examples(3, seed=3))  # a sub-folder is never read
+    (folder / ".hidden.jsonl").write_text("not json\n")
+    (folder / "notes.txt").write_text("not data\n")
+    ids = [e.id for e in load_examples(folder)]
+    assert ids == ["ex0", "ex1", "b-ex0", "b-ex1"]
+
+
+# ---- flags ----
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("fuzz_cli_model"))
+
+
+class Loaded(BaseException):
+    """Raised instead of loading the model: the run got past every check."""
+
+
+NUMBERS = st.sampled_from(["nan", "-nan", "inf", "-inf", "1e309", "-1", "0", "0.0", "1", "0.5", "1.5", "2", "3", "300",
+                           "abc", "", "1e-300", "4", "8", "0x10", "1_0"])
+FLAGS = {"--temperature": NUMBERS, "--kv-cache-memory-fraction": NUMBERS, "--max-num-seqs": NUMBERS, "--k": NUMBERS,
+         "--max-tokens": NUMBERS, "--chunk-size": NUMBERS, "--seed": NUMBERS,
+         "--device": st.sampled_from(["cpu", "cuda", "cuda:7", "meta", "mps", "gpu", "", "cpu:0"])}
+
+
+def _number(text, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def _allowed(options: dict) -> bool:
+    """The rule for these options, written plainly (defaults where a flag is not given)."""
+    def get(flag, kind, default):
+        return _number(options[flag], kind) if flag in options else default
+    temperature, fraction = get("--temperature", float, 0.5), get("--kv-cache-memory-fraction", float, 0.9)
+    seqs, k = get("--max-num-seqs", int, "default"), get("--k", int, 8)
+    max_tokens, chunk, seed = get("--max-tokens", int, 1024), get("--chunk-size", int, 256), get("--seed", int, 0)
+    if None in (temperature, fraction, seqs, k, max_tokens, chunk, seed):
+        return False
+    device = options.get("--device", "cpu")
+    return (math.isfinite(temperature) and temperature >= 0 and math.isfinite(fraction) and 0 < fraction <= 1
+            and k >= 1 and max_tokens >= 1 and chunk >= 1 and (seqs == "default" or 1 <= k <= seqs)
+            and (device in ("cpu", "cpu:0") or (device.startswith("cuda") and torch.cuda.is_available())))
+
+
+@FUZZ
+@given(options=st.dictionaries(st.sampled_from(sorted(FLAGS)), st.just(None), min_size=1, max_size=4).flatmap(
+    lambda keys: st.fixed_dictionaries({key: FLAGS[key] for key in keys})))
+def test_fuzzed_flags(model, tmp_path_factory, capsys, options):
+    COUNTS["inputs"] += 1
+    folder = tmp_path_factory.mktemp("fuzz_flags")
+    data = write_jsonl(folder / "data.jsonl", make_examples(2))
+    out = folder / "out.jsonl"
+    before = fingerprint(folder)
+    argv = ["score", "--model", model, "--data", data, "--out", str(out)]
+    if "--device" not in options:
+        argv += ["--device", "cpu"]
+    for flag, value in options.items():
+        argv += [f"{flag}={value}"]
+
+    def loaded(*args, **kwargs):
+        raise Loaded(kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GRM, "from_pretrained", loaded)
+        try:
+            code, err = cli_outcome(argv, capsys, passthrough=Loaded)
+        except Loaded as reached:
+            assert _allowed(options), f"{options} reached the model load"
+            kwargs = reached.args[0]
+            assert kwargs["max_num_seqs"] >= int(options.get("--k", 8)) >= 1
+            COUNTS["correct results"] += 1
+            return
+    assert code == 2, (options, code, err)
+    assert "error:" in err, err
+    assert not _allowed(options), f"{options} is valid but was refused: {err}"
+    assert fingerprint(folder) == before
+    COUNTS["clear errors"] += 1
+
+
+def test_report_counts():
+    print("data/flag fuzz:", COUNTS)
