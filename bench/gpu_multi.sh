@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Several GPUs on the nvidia-h200-x2 machine (logs and JSON under $OUT):
+#   1. `grm-engine score` at the 0.5B shape (512 RewardBench-shaped examples x k = 8, up to 256 tokens, random-init
+#      Qwen2.5-0.5B shape, bench/gpu_score.py's data and model) with --devices 0 and --devices 0,1: critiques/s
+#      (target: 2 GPUs >= 1.9x one) and how many samples are identical between the two runs (noise is keyed by
+#      the example; only batch composition can change a token through bf16 rounding);
+#   2. GRPO at the 0.5B shape, ZeRO-2, the same global batch (16 prompts x 8 generations x 256 new tokens):
+#      1 GPU x 16 prompts vs torchrun 2 GPUs x 8 prompts: step time, memory, rollout tokens/s (target >= 1.8x);
+#      and 1 GPU x 8 prompts (the single-GPU benchmark's shape) for reference.
+#   bash bench/gpu_multi.sh [score,grpo]      # needs `carry: [".whl"]` for the GRPO part (deepspeed)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+parts=${1:-score,grpo}
+W=/tmp/gpu_multi; rm -rf "$W"; mkdir -p "$W"
+t() { echo "== $* ($(date +%T))"; }
+TESTS=none bash bench/gpu_run.sh none none >"$OUT/build_run.log" 2>&1; tail -3 "$OUT/build_run.log"
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
+
+if [[ ,$parts, == *,score,* ]]; then
+  t "score: model and data"
+  python3 - "$W" <<'PY' || exit 1
+import json, sys
+sys.path.insert(0, "bench")
+import gpu_score as b
+w = sys.argv[1]
+model = b.build_model(b.SHAPE)
+model.save_pretrained(f"{w}/model")
+b.word_tokenizer(b.SHAPE["vocab_size"]).save_pretrained(f"{w}/model")
+for name, examples in (("data", b.synthetic_examples(b.NUM_EXAMPLES)), ("warm", b.synthetic_examples(16, seed=99))):
+    with open(f"{w}/{name}.jsonl", "w") as f:
+        for e in examples:
+            f.write(json.dumps({"id": e.id, "query": e.query, "responses": e.responses, "best": e.best}) + "\n")
+PY
+  common="--model $W/model --k 8 --max-tokens 256 --temperature 0.5 --chunk-size 512 --max-num-seqs 512 --kv-cache-memory-fraction 0.85"
+  for devices in 0 0,1; do
+    name=gpus_${devices/,/_}
+    # a warm-up run fills Triton's on-disk kernel cache (CUDA graphs are captured in every run, as a user's would)
+    timeout 300 python3 -m grm_engine score $common --data $W/warm.jsonl --devices $devices --out $W/warm_$name.jsonl \
+      >"$OUT/score_warm_$name.log" 2>&1 || { echo "FAILED warm-up $devices"; tail -20 "$OUT/score_warm_$name.log"; }
+    t "score --devices $devices"
+    start=$(date +%s%N)
+    timeout 400 python3 -m grm_engine score $common --data $W/data.jsonl --devices $devices --out $W/$name.jsonl \
+      >"$OUT/score_$name.log" 2>&1 || { echo "FAILED score $devices"; grep -v "it/s\|ex/s" "$OUT/score_$name.log" | tail -20; }
+    echo "wall_ms $(( ($(date +%s%N) - start) / 1000000 ))" | tee -a "$OUT/score_$name.log"
+    tail -2 "$OUT/score_$name.log"
+  done
+  python3 - "$W" "$OUT" <<'PY'
+import json, sys
+w, out = sys.argv[1:]
+def rows(name):
+    with open(f"{w}/{name}.jsonl") as f:
+        return {r["id"]: r for r in map(json.loads, f)}
+def summary(name):
+    lines = [l for l in open(f"{out}/score_{name}.log") if l.startswith("{")]
+    wall = [float(l.split()[1]) / 1e3 for l in open(f"{out}/score_{name}.log") if l.startswith("wall_ms")]
+    return {**json.loads(lines[-1]), "wall_s": wall[-1]}
+one, two = rows("gpus_0"), rows("gpus_0_1")
+assert list(one) == list(two), "the two files hold different ids or orders"
+same = total = same_best = 0
+for i in one:
+    total += len(one[i]["samples"])
+    same += sum(a["text"] == b["text"] for a, b in zip(one[i]["samples"], two[i]["samples"]))
+    same_best += one[i]["best"] == two[i]["best"]
+s1, s2 = summary("gpus_0"), summary("gpus_0_1")
+critiques = s1["samples"]
+report = {"section": "score_multi", "kind": "nvidia-h200-x2", "case": "512 ex x k=8 x <=256 tok, qwen2.5-0.5B shape, CLI",
+          "one_gpu": s1, "two_gpus": s2,
+          "one_critiques_per_s": critiques / s1["seconds"], "two_critiques_per_s": critiques / s2["seconds"],
+          "speedup_scoring": s1["seconds"] / s2["seconds"], "speedup_wall": s1["wall_s"] / s2["wall_s"],
+          "identical_samples": same, "samples": total, "identical_best": same_best, "examples": len(one)}
+print(json.dumps(report))
+json.dump(report, open(f"{out}/score_multi.json", "w"), indent=1)
+PY
+fi
+
+if [[ ,$parts, == *,grpo,* ]]; then
+  # shellcheck disable=SC1091
+  source bench/gpu_setup.sh >"$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+  grpo() {  # name, launcher..., then gpu_grpo.py's args
+    local name=$1; shift
+    t "grpo $name"
+    timeout 400 "$@" --shape 0.5b --deepspeed zero2 --steps 3 --out "$OUT/grpo_$name.json" >"$OUT/grpo_$name.log" 2>&1 \
+      || echo "FAILED grpo $name"
+    grep -v -i warn "$OUT/grpo_$name.log" | grep -E "Error|^step|^\{" | tail -6
+  }
+  grpo x1_p16 python3 bench/gpu_grpo.py --prompts 16
+  grpo x2_p8 torchrun --standalone --nproc-per-node 2 bench/gpu_grpo.py --prompts 8
+  grpo x1_p8 python3 bench/gpu_grpo.py --prompts 8
+  python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+runs = {}
+for name in ("x1_p16", "x2_p8", "x1_p8"):
+    try:
+        runs[name] = json.load(open(f"{out}/grpo_{name}.json"))
+    except (OSError, ValueError):
+        runs[name] = None
+def tokens_per_s(r):  # rollout tokens of the whole step (every GPU) per second of step time
+    return r["rollout_tokens"] * r["world_size"] / r["step_s"]
+row = {"section": "grpo_multi", "kind": "nvidia-h200-x2", "case": "0.5B, ZeRO-2, 16 prompts x 8 gens x 256 new per step"}
+for name, r in runs.items():
+    if r:
+        row[name] = {k: r[k] for k in ("world_size", "prompts_per_gpu", "step_s", "rollout_s", "reference_s",
+                                        "policy_s", "peak_gb")} | {"rollout_tokens_per_s": tokens_per_s(r)}
+if runs["x1_p16"] and runs["x2_p8"]:
+    row["speedup_same_global_batch"] = tokens_per_s(runs["x2_p8"]) / tokens_per_s(runs["x1_p16"])
+print(json.dumps(row))
+json.dump(row, open(f"{out}/grpo_multi.json", "w"), indent=1)
+PY
+fi
+t done
