@@ -5,7 +5,8 @@ output_dir/checkpoint-STEP/
     trainer_state.json      step, data cursor, stage counters (the run's position)
     optimizer.pt            plain runs: optimizer + LR scheduler state
     deepspeed/              DeepSpeed runs: its own sharded save_checkpoint (optimizer, scheduler, fp32 master)
-    rng_state_RANK.pt       every rank's RNG states (python, numpy, torch, cuda)
+    rng_state_RANK.pt       every rank's RNG states (python, numpy, torch, cuda); their count is the world size
+    deepspeed_universal/    made on a resume at another world size: DeepSpeed's universal checkpoint of deepspeed/
     COMPLETE                written last: every file's size; a directory without it, or whose files do not
                             match it (truncated, missing), is skipped for the previous complete checkpoint
 """
@@ -16,12 +17,13 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
 
 import numpy as np
 import torch
 
-from .engine import barrier, is_main, rank
+from .engine import barrier, is_main, rank, world_size
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -157,6 +159,66 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return found[0] if found else None
 
 
+def saved_world_size(path: str) -> int:
+    """How many processes wrote a checkpoint (each wrote its rng_state_RANK.pt)."""
+    return sum(1 for name in os.listdir(path) if re.match(r"^rng_state_\d+\.pt$", name)) or 1
+
+
+def check_resume_world_size(config, path: str) -> None:
+    """Before any model loads: a checkpoint written by another number of processes resumes only under ZeRO-1/2
+    (through DeepSpeed's universal checkpoint). ZeRO-3's universal load was measured to change the optimizer step
+    after it (DeepSpeed 0.19.8 on the CPU: the step after the resume differs at 5e-5 relative in loss where ZeRO-2's is
+    exact), so it is refused. (ConfigError)"""
+    from .config import ConfigError
+    from .engine import resolve_deepspeed_config
+
+    saved = saved_world_size(path)
+    if saved == world_size() or not config.deepspeed:
+        return
+    try:
+        stage = int(resolve_deepspeed_config(config.deepspeed).get("zero_optimization", {}).get("stage", 0))
+    except ValueError:
+        return  # the engine names a bad DeepSpeed config itself
+    if stage == 3:
+        raise ConfigError(f"{path} was written by {saved} processes and this run has {world_size()}: a ZeRO-3 "
+                          f"checkpoint resumes only at the world size that wrote it (DeepSpeed's universal checkpoint "
+                          f"does not restore ZeRO-3's optimizer exactly); rerun with {saved} processes, or start a new "
+                          f"run (new output_dir) from the weights in {path} with model = {path}")
+    if is_main():
+        print(f"{path}: written by {saved} processes, resumed by {world_size()} through DeepSpeed's universal "
+              f"checkpoint; the global batch becomes per_device_train_batch_size x gradient_accumulation_steps x "
+              f"{world_size()}", file=sys.stderr)
+
+
+def universal_checkpoint(path: str, saved_world: int) -> str:
+    """path/deepspeed_universal: DeepSpeed's universal form of path/deepspeed (every parameter's fp32 weights and
+    optimizer moments whole, loadable at any world size), converted once by rank 0 through a temporary folder.
+    Costs disk: about 12 bytes per parameter."""
+    folder = os.path.join(path, "deepspeed_universal")
+    if is_main() and not os.path.isdir(folder):
+        tmp = os.path.join(path, ".tmp-deepspeed_universal")
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"{path}: converting DeepSpeed's checkpoint (written by {saved_world} processes) to a universal one in "
+              f"{folder}", file=sys.stderr)
+        _convert_to_universal(os.path.join(path, "deepspeed", "state"), os.path.join(tmp, "state"))
+        with open(os.path.join(tmp, "latest_universal"), "w") as f:
+            f.write("state")
+        os.replace(tmp, folder)
+        _fsync_dir(path)
+    barrier()
+    return folder
+
+
+def _convert_to_universal(input_folder: str, output_folder: str) -> None:
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)
+
+
 def read_trainer_state(path: str) -> dict:
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
@@ -167,10 +229,24 @@ def load_training_state(engine, path: str) -> dict:
     The model weights come from the checkpoint's safetensors (plain runs build the model from `path`);
     under DeepSpeed, load_checkpoint restores them with the fp32 master weights."""
     if engine.deepspeed is not None:
-        loaded, _ = engine.deepspeed.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
-                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+        saved_world = saved_world_size(path)
+        universal = saved_world != world_size()
+        folder = universal_checkpoint(path, saved_world) if universal else os.path.join(path, "deepspeed")
+        config = engine.deepspeed._config  # DeepSpeed reads this flag at load time only
+        config.load_universal_checkpoint = universal
+        try:
+            loaded, _ = engine.deepspeed.load_checkpoint(folder, tag="state", load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        except Exception as e:  # noqa: BLE001 (named and re-raised)
+            if not universal:
+                raise
+            raise RuntimeError(f"{path}: saved by {saved_world} processes; DeepSpeed could not load its universal "
+                               f"checkpoint ({folder}) into {world_size()} ({type(e).__name__}: {e}); resume with "
+                               f"{saved_world} processes") from e
+        finally:
+            config.load_universal_checkpoint = False
         if loaded is None:
-            raise RuntimeError(f"{path}: DeepSpeed could not load its state from {path}/deepspeed")
+            raise RuntimeError(f"{path}: DeepSpeed could not load its state from {folder}")
     else:
         state = torch.load(os.path.join(path, "optimizer.pt"), map_location=engine.device, weights_only=False)
         engine.optimizer.load_state_dict(state["optimizer"])

@@ -60,6 +60,15 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
+def all_reduce_max(values: list[float], device) -> list[float]:
+    """The largest of a few scalars over ranks (wall times: ranks run at once)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or world_size() == 1:
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def resolve_device(config) -> torch.device:
     if config.device:
         device = torch.device(config.device)

@@ -26,7 +26,7 @@ from .config import ConfigError
 from .engine import Engine, all_reduce_sum, init_distributed, is_main, rank, resolve_device, world_size
 from .loop import TrainResult, export_final
 from .grpo_update import Chunk, _clock, accumulate_gradients, make_chunk  # noqa: F401 (Chunk: tests, bench)
-from .metrics import MetricsLogger, truncate_jsonl_after
+from .metrics import MetricsLogger, reduce_over_ranks, truncate_jsonl_after
 from .rollout import decode_samples, generate_rollouts, rollout_metrics
 from .run_dir import check_model_dir, load_causal_lm, load_dtype, load_tokenizer, prepare_output_dir
 
@@ -256,9 +256,13 @@ def grpo_step(engine, reference, live, vocab, tokenizer, examples, schedule, ste
     metrics.update({"loss": reduced[0], "kl": reduced[1] / max(reduced[3], 1), "clip_frac": reduced[2] / max(reduced[3], 1),
                     "grad_norm": grad_norm, "lr": lr, "zero_advantage_frac": float(zero.mean()),
                     "trained_rows": sums["rows"], **timings})
-    seconds = _clock(device) - tic
-    metrics["step_s"] = seconds
-    metrics["tokens_per_s"] = metrics["generated_tokens"] / max(seconds, 1e-9)
+    metrics["step_s"] = _clock(device) - tic
+    # every rank's numbers -> the step's: counts summed, wall times the slowest rank's, rates and fractions averaged
+    metrics = reduce_over_ranks(metrics, device, sums=("generated_tokens", "rollout_tokens_per_second"),
+                                maxima=("completion_length_max", "rollout_seconds", "rollout_s", "reference_s",
+                                        "policy_s", "step_s"),
+                                already_global=("loss", "kl", "clip_frac", "grad_norm", "lr", "trained_rows"))
+    metrics["tokens_per_s"] = metrics["generated_tokens"] / max(metrics["step_s"], 1e-9)
     if config.log_completions_steps and (step + 1) % config.log_completions_steps == 0:
         first = chunks[0].rollouts
         metrics["_samples"] = decode_samples(first, tokenizer, min(4, first.num_samples))

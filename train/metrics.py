@@ -8,13 +8,31 @@ import math
 import os
 import time
 
-from .engine import is_main
+from .engine import all_reduce_max, all_reduce_sum, is_main, world_size
 
 
 def _finite(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def reduce_over_ranks(metrics: dict, device, *, sums=(), maxima=(), already_global=()) -> dict:
+    """One rank's step metrics -> the whole step's (collective: every rank calls it with the same keys): keys in
+    `sums` are summed over ranks, `maxima` take the largest (wall times), `already_global` stay as they are, and
+    every other number becomes the mean over ranks (each rank holds the same number of rows)."""
+    if world_size() == 1:
+        return dict(metrics)
+    numbers = sorted(k for k, v in metrics.items() if k not in already_global and isinstance(v, (int, float)))
+    largest = [k for k in numbers if k in maxima]
+    added = [k for k in numbers if k not in maxima]
+    out = dict(metrics)
+    out.update(zip(added, all_reduce_sum([float(metrics[k]) for k in added], device)))
+    out.update(zip(largest, all_reduce_max([float(metrics[k]) for k in largest], device)))
+    for key in added:
+        if key not in sums:
+            out[key] /= world_size()
+    return out
 
 
 def truncate_jsonl_after(path: str, step: int) -> None:

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import check_resume_world_size, latest_checkpoint
 from .config import ConfigError, check_resume_config, save_config
 from .engine import barrier, is_main
 
@@ -47,6 +47,8 @@ def prepare_output_dir(config, stage: str) -> str | None:
                               "nothing in it was touched: choose a new or empty directory")
         check_resume_config(config, stage, saved)
         resume_from = latest_checkpoint(out)
+        if resume_from is not None:
+            check_resume_world_size(config, resume_from)
         if resume_from is not None and not config.resume:
             raise ConfigError(f"output_dir = {out!r} has checkpoints ({os.path.basename(resume_from)}) and resume is "
                               "false; choose another output_dir, or drop --resume false to continue")

@@ -1,0 +1,102 @@
+"""Training across processes on the CPU (DeepSpeed with DS_ACCELERATOR=cpu, gloo), what tests/test_train_deepspeed.py
+does not cover: GRPO under torchrun logs the step's global metrics (not rank 0's), and a checkpoint resumes at
+another world size through DeepSpeed's universal checkpoint (ZeRO-2; ZeRO-3 is refused before any model loads).
+Runs that use DeepSpeed are subprocesses (its process group and launcher variables must not leak)."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from grm_engine.demo_task import make_task_examples, write_examples_jsonl
+from grm_engine.train import train
+from test_train_grpo_loop import warm_model  # noqa: F401 (fixture)
+from train_helpers import build_base, few_threads, flags, losses_by_step, read_metrics, run_cli  # noqa: F401
+from train_helpers import sft_settings, subprocess_env, write_sft_data
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def ds_env():
+    return subprocess_env(DS_ACCELERATOR="cpu")
+
+
+def test_grpo_on_two_ranks_logs_global_metrics(warm_model, tmp_path):  # noqa: F811
+    """One process with 4 prompts per step vs two with 2 each (ZeRO-2): step 1 starts from the same weights and its
+    samples are keyed by example, so every rollout number of the step must be the same; rank 0 alone saw half."""
+    data = write_examples_jsonl(tmp_path / "examples.jsonl", make_task_examples(16, seed=3))
+    common = dict(model=warm_model, data=data, max_steps=2, logging_steps=1, save_steps=0, num_generations=4,
+                  learning_rate=1e-3, beta=0.0, temperature=1.0, max_completion_length=8, seed=5, device="cpu",
+                  report_plot=False, log_completions_steps=0)
+    one, two = tmp_path / "one", tmp_path / "two"
+    train("grpo", dict(common, output_dir=str(one), per_device_train_batch_size=4), log=lambda *a: None)
+    done = run_cli(["-m", "grm_engine", "train", "grpo"] + flags(dict(common, output_dir=str(two), deepspeed="zero2",
+                                                                       per_device_train_batch_size=2)),
+                   prefix=TORCHRUN, env=ds_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    first, second = read_metrics(one)[0], read_metrics(two)[0]
+    assert first["step"] == second["step"] == 1
+    for key in ("generated_tokens", "reward_mean", "accuracy", "completion_length_mean", "completion_length_max", "parse_failure_rate",
+                "zero_advantage_group_fraction", "zero_advantage_frac", "trained_rows", "truncated_fraction"):
+        assert second[key] == pytest.approx(first[key], abs=1e-12), (key, first[key], second[key])
+    assert 0 < first["accuracy"] < 1  # the warm model says either verdict: a rank's own mean would differ
+    for key in ("loss", "kl", "grad_norm"):
+        assert second[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key
+
+
+ONE_PROCESS_UNIVERSAL = """
+import json, os, sys
+import grm_engine.train.checkpoint as checkpoint
+from grm_engine.train import train
+settings = json.loads(sys.argv[1])
+# 1. the two-process run's checkpoint-2, resumed by this one process (DeepSpeed's universal checkpoint)
+train("sft", settings["two"], log=print)
+# 2. at one world size, a resume forced through the universal checkpoint continues exactly as DeepSpeed's own
+train("sft", settings["native"], log=print)
+os.rename(os.path.join(settings["native"]["output_dir"], "metrics.jsonl"),
+          os.path.join(settings["native"]["output_dir"], "metrics.first.jsonl"))
+os.remove(os.path.join(settings["native"]["output_dir"], "checkpoint-4", "COMPLETE"))
+checkpoint.saved_world_size = lambda path: 3
+train("sft", settings["native"], log=print)
+"""
+
+
+def test_zero2_checkpoint_resumes_at_another_world_size(tmp_path):
+    base = build_base(tmp_path)
+    data = write_sft_data(tmp_path / "sft.jsonl", count=32, seed=4)
+    two = sft_settings(base, data, tmp_path / "two", max_steps=4, deepspeed="zero2", per_device_train_batch_size=2)
+    done = run_cli(["-m", "grm_engine", "train", "sft"] + flags(two), prefix=TORCHRUN, env=ds_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    before = losses_by_step(tmp_path / "two")
+    os.remove(tmp_path / "two" / "checkpoint-4" / "COMPLETE")
+    native = sft_settings(base, data, tmp_path / "native", max_steps=4, deepspeed="zero2", per_device_train_batch_size=2)
+    done = run_cli(["-c", ONE_PROCESS_UNIVERSAL, json.dumps({"two": two, "native": native})], prefix=[sys.executable],
+                   env=ds_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert f"resumed from {tmp_path / 'two' / 'checkpoint-2'} at step 2" in done.stdout
+    assert "written by 2 processes, resumed by 1 through DeepSpeed's universal checkpoint" in done.stderr
+    assert os.path.isdir(tmp_path / "two" / "checkpoint-2" / "deepspeed_universal")
+    after = losses_by_step(tmp_path / "two")
+    assert sorted(after) == [1, 2, 3, 4] and after[1] == before[1] and after[2] == before[2]
+    with open(tmp_path / "native" / "metrics.first.jsonl") as f:
+        first = {row["step"]: row for row in map(json.loads, f)}
+    resumed = {row["step"]: row for row in read_metrics(tmp_path / "native")}
+    for step in (3, 4):  # weights, Adam moments and the LR schedule all came back: bit for bit on the CPU
+        assert (resumed[step]["loss"], resumed[step]["grad_norm"]) == (first[step]["loss"], first[step]["grad_norm"])
+
+
+def test_zero3_checkpoint_at_another_world_size_is_refused(tmp_path):
+    """Checked from the checkpoint folder and the config alone, before any model loads."""
+    from grm_engine.train.checkpoint import check_resume_world_size, saved_world_size
+    from grm_engine.train.config import ConfigError, SFTConfig
+
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    for rank in (0, 1):
+        (folder / f"rng_state_{rank}.pt").write_bytes(b"")
+    assert saved_world_size(str(folder)) == 2
+    with pytest.raises(ConfigError, match="written by 2 processes and this run has 1: a ZeRO-3 checkpoint"):
+        check_resume_world_size(SFTConfig(model="m", data="d", output_dir="o", deepspeed="zero3"), str(folder))
+    check_resume_world_size(SFTConfig(model="m", data="d", output_dir="o", deepspeed="zero2"), str(folder))
