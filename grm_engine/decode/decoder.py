@@ -111,17 +111,22 @@ class Decoder:
             device, dtype = torch.device(device or param.device), dtype or param.dtype
             device, dtype = _default_device_dtype(device, dtype, config)
             cls_ = model_class(config)
-            weights = loader.weights_from_module(path_or_module, device, dtype)
+            weights = loader.weights_from_module(path_or_module, device, dtype, getattr(cls_, "keeps_float32", None))
         elif isinstance(path_or_module, str):
             config = loader.load_config(path_or_module, trust_remote_code=trust_remote_code)
             cls_ = model_class(config)
             device, dtype = _default_device_dtype(device, dtype, config)
-            weights = loader.load_safetensors_dir(path_or_module, device, dtype)
+            weights = loader.load_safetensors_dir(path_or_module, device, dtype, getattr(cls_, "keeps_float32", None))
             if tokenizer is None:
                 tokenizer = loader.load_tokenizer(path_or_module, trust_remote_code=trust_remote_code)
         else:
             raise TypeError(f"Decoder.from_pretrained: expected a directory path or a torch.nn.Module, got {type(path_or_module).__name__}")
         source = (f"live module {type(path_or_module).__name__}" if live else f"checkpoint {path_or_module}")
+        if hasattr(cls_, "normalize_weights"):  # e.g. per-expert tensors stacked into the model's layout
+            try:
+                weights = cls_.normalize_weights(config, weights)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
         loader.check_weights(cls_, config, weights, source)
         context = loader.max_context(config, source)
         max_model_len = min(max_model_len or context, context)

@@ -94,7 +94,14 @@ def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return {name: shape for name, (shape, _) in headers.items()}
 
 
-def load_safetensors_dir(path: str, device, dtype) -> dict[str, torch.Tensor]:
+def _target_dtype(name: str, tensor: torch.Tensor, dtype, keep_float32) -> torch.dtype:
+    """The model dtype for floating tensors, fp32 for those the model keeps in fp32 (keep_float32(name))."""
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if keep_float32 is not None and keep_float32(name) else dtype
+
+
+def load_safetensors_dir(path: str, device, dtype, keep_float32=None) -> dict[str, torch.Tensor]:
     """Every tensor of path/*.safetensors (the index file, when present, lists the shards)."""
     from safetensors import safe_open
 
@@ -105,7 +112,7 @@ def load_safetensors_dir(path: str, device, dtype) -> dict[str, torch.Tensor]:
             with safe_open(shard, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     tensor = f.get_tensor(name)
-                    weights[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+                    weights[name] = tensor.to(device=device, dtype=_target_dtype(name, tensor, dtype, keep_float32))
         except (OSError, RuntimeError) as e:  # headers fine, data unreadable
             raise ValueError(f"{shard}: its tensors cannot be read ({_first_line(e)})") from None
     return weights
@@ -151,15 +158,17 @@ def check_weights(model_cls, config, shapes: dict, source: str) -> None:
                              f"{list(shape)}")
 
 
-def weights_from_module(module: torch.nn.Module, device, dtype) -> dict[str, torch.Tensor]:
-    """The module's parameters by name, shared (not copied) when device and dtype match."""
+def weights_from_module(module: torch.nn.Module, device, dtype, keep_float32=None) -> dict[str, torch.Tensor]:
+    """The module's parameters by name, shared (not copied) when device and dtype match (keep_float32(name): a
+    weight the model keeps in fp32)."""
     weights: dict[str, torch.Tensor] = {}
     converted = []
     for name, tensor in module.state_dict(keep_vars=False).items():
         tensor = tensor.detach()
-        if tensor.is_floating_point() and (tensor.dtype != dtype or tensor.device != torch.device(device)):
+        target = _target_dtype(name, tensor, dtype, keep_float32)
+        if tensor.is_floating_point() and (tensor.dtype != target or tensor.device != torch.device(device)):
             converted.append(name)
-            tensor = tensor.to(device=device, dtype=dtype)
+            tensor = tensor.to(device=device, dtype=target)
         weights[name] = tensor
     if converted:
         warnings.warn(f"Decoder: {len(converted)} weights (e.g. {converted[0]}) were copied to {device}/{dtype}; "

@@ -25,14 +25,17 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = model.device
-        # [2 (K, V), layers, blocks, block_size, kv_heads, head_dim]. Zero-filled: padded page reads in the
+        # [parts, layers, blocks, block_size, heads, dim]: the model's KV layout (kv_layout), e.g. K and V of
+        # kv_heads x head_dim (Llama), or one latent row (DeepSeek-V2's MLA). Zero-filled: padded page reads in the
         # reference path are masked out, and 0 * garbage could be NaN.
-        self.kv_cache = torch.zeros(2, model.num_layers, num_kv_blocks, block_size, model.num_kv_heads,
-                                    model.head_dim, dtype=model.dtype, device=self.device)
-        self.layer_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(model.num_layers)]
+        parts, heads, dim = kv_layout(model)
+        self.kv_cache = torch.zeros(parts, model.num_layers, num_kv_blocks, block_size, heads, dim,
+                                    dtype=model.dtype, device=self.device)
+        self.layer_caches = [tuple(self.kv_cache[p, i] for p in range(parts)) for i in range(model.num_layers)]
         self.graphs = None  # the padded (graph-capturable) decode step: CUDA with the Triton kernels only
         # the shared-prefix kernel serves full-attention layers without soft-capping (others keep the plain kernel)
-        self.cascade = cascade and any(w is None for w in model.windows) and model.softcap is None
+        self.cascade = (cascade and getattr(model, "supports_cascade", True) and any(w is None for w in model.windows)
+                        and model.softcap is None)
         self.cascade_thresholds = {}  # find_shared_prefix_groups' defaults (the measured crossover); tests lower them
         self._groups_cache = None  # (seq ids of the batch, its grouping)
         if self.device.type == "cuda" and attention_backend(self.device) == "triton":
@@ -40,7 +43,8 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(model, block_size: int) -> int:
-        return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * model.dtype.itemsize
+        parts, heads, dim = kv_layout(model)
+        return parts * model.num_layers * block_size * heads * dim * model.dtype.itemsize
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -203,6 +207,12 @@ class ModelRunner:
         if batch.is_prefill:
             hidden = hidden[torch.tensor(rows, device=self.device)]
         return self.model.compute_logits(hidden)
+
+
+def kv_layout(model) -> tuple[int, int, int]:
+    """(parts, heads, dim) of one token's cache in one layer: the model's kv_layout, else K and V of
+    num_kv_heads x head_dim."""
+    return getattr(model, "kv_layout", None) or (2, model.num_kv_heads, model.head_dim)
 
 
 def upload_packed(arrays: list[np.ndarray], device: torch.device, pin: bool) -> list[torch.Tensor]:

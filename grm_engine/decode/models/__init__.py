@@ -1,8 +1,9 @@
 """Model families the decoder runs, by transformers model_type."""
+from .deepseek_v2 import DeepseekV2ForCausalLM
 from .gemma2 import Gemma2ForCausalLM
 from .llama import LlamaForCausalLM
 
-MODEL_CLASSES = {t: cls for cls in (LlamaForCausalLM, Gemma2ForCausalLM) for t in cls.model_types}
+MODEL_CLASSES = {t: cls for cls in (LlamaForCausalLM, Gemma2ForCausalLM, DeepseekV2ForCausalLM) for t in cls.model_types}
 
 
 def model_class(config):

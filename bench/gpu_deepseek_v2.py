@@ -1,0 +1,152 @@
+"""DeepSeek-V2-Lite shape in the decoder (random init, bf16; no downloads): MLA over a paged latent cache, fused MoE.
+
+One case: 8 prompts x 2,048 tokens, n = 32 samples each, 256 new tokens (ignore_eos). Reported:
+- our tok/s (prefill included) and decode step time against its floor: (weights read per step + latent KV) over
+  the measured bandwidth. Weights read per step = every non-embedding weight except the routed experts no token
+  of the step picks; at 256 sequences x top-6 of 64 every expert is picked, so that is all of them. Two floors:
+  unique latent KV (each prompt's rows once: the shared-prefix bound) and per-sequence latent KV (each sequence
+  reads its own context, as the plain MLA kernel does without L2 reuse).
+- KV bytes per token: the latent row (kv_lora_rank + qk_rope_head_dim per layer) against the full K/V layout
+  (num_heads x (qk_nope + qk_rope + v_head) per layer) that an expanded cache would hold.
+- transformers generate in the same run, capped: one prompt with num_return_sequences = 32 (all 8 prompts at once
+  would need ~160 GB of expanded K/V), timed for 1 and 1 + HF_NEW new tokens; its per-step time extrapolates the
+  full workload as 8 prompts one after another x (prefill + 256 steps). Both the measured capped tok/s and the
+  extrapolated total are reported; speedup_vs_hf uses the extrapolation.
+A torch.profiler table of decode steps goes to $OUT/decode_profile_deepseek_v2.txt.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import torch
+
+import gpu_decode
+from gpu_decode import profile_decode
+
+LITE = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hidden_layers=27, num_attention_heads=16,
+            num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128,
+            v_head_dim=128, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, moe_intermediate_size=1408,
+            first_k_dense_replace=1, routed_scaling_factor=1.0, topk_method="greedy", norm_topk_prob=False,
+            max_position_embeddings=163840, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 0.707,
+                             "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+                             "original_max_position_embeddings": 4096})
+NUM_PROMPTS, PROMPT_LEN, N, NEW_TOKENS = 8, 2048, 32, 256
+HF_NEW = 16  # transformers: new tokens of its timed run (one prompt, n = 32)
+QUICK = dict(num_hidden_layers=4)
+DEVICE = "cuda"  # a CPU smoke run of this file sets "cpu" (and gpu_decode.DEVICE) with a tiny shape
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def build_model(shape: dict):
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(DeepseekV2Config(**shape), dtype=torch.bfloat16)
+    for name, param in model.named_parameters():  # the router stays fp32, as from_pretrained keeps it
+        if name.endswith("mlp.gate.weight"):
+            param.data = param.data.float()
+    return model.eval()
+
+
+def byte_counts(config) -> dict:
+    layers, heads, hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+    latent_row = config.kv_lora_rank + config.qk_rope_head_dim
+    full_row = heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+    moe_layers = layers - config.first_k_dense_replace
+    expert = 3 * hidden * config.moe_intermediate_size * 2  # one routed expert's weights, bf16
+    return {"latent_per_token": layers * latent_row * 2, "full_kv_per_token": layers * full_row * 2,
+            "routed_expert": expert, "moe_layers": moe_layers}
+
+
+def read_bytes(model, experts_active_per_layer: float) -> float:
+    """Weights a decode step reads: all but the embedding table and the routed experts nobody picked."""
+    counts = byte_counts(model.config)
+    total = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    inactive = model.config.n_routed_experts - experts_active_per_layer
+    return total - counts["moe_layers"] * inactive * counts["routed_expert"]
+
+
+def hf_generate_s(model, prompt, n, new_tokens) -> float:
+    ids = torch.tensor([prompt], device=DEVICE)
+    _sync()
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                   num_return_sequences=n, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    _sync()
+    return time.perf_counter() - start
+
+
+def run(args) -> list[dict]:
+    from grm_engine.decode import Decoder, SamplingParams
+
+    quick = getattr(args, "quick", False)
+    shape = {**LITE, **(QUICK if quick else {})}
+    num_prompts, prompt_len = (2, 512) if quick else (NUM_PROMPTS, PROMPT_LEN)
+    model = build_model(shape)
+    config = model.config
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(num_prompts)]
+    decoder = Decoder.from_pretrained(model, kv_cache_memory_fraction=0.5, max_num_seqs=256, block_size=16,
+                                      merge_projections=True, num_kv_blocks=None if DEVICE == "cuda" else 2048)
+    decoder.generate(prompts, SamplingParams(n=N, max_tokens=4, ignore_eos=True, seed=1), use_tqdm=False)  # compile
+    params = SamplingParams(n=N, temperature=1.0, max_tokens=NEW_TOKENS, ignore_eos=True, seed=0)
+    _sync()
+    start = time.perf_counter()
+    outputs = decoder.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    stats = decoder.stats
+    generated = sum(len(s.token_ids) for r in outputs for s in r.outputs)
+    assert generated == num_prompts * N * NEW_TOKENS, f"deepseek_v2: {generated} tokens generated"
+    counts = byte_counts(config)
+    batch = num_prompts * N
+    experts = config.n_routed_experts
+    active = experts * (1 - (1 - config.num_experts_per_tok / experts) ** batch)  # expected distinct experts per layer
+    weights_read = read_bytes(model, active)
+    mid_context = prompt_len + NEW_TOKENS / 2
+    unique_kv = (num_prompts * prompt_len + batch * NEW_TOKENS / 2) * counts["latent_per_token"]
+    per_seq_kv = batch * mid_context * counts["latent_per_token"]
+    bandwidth = args.ceilings.get("bandwidth", 4.2e12)
+    step_ms = 1e3 * stats.decode_seconds / max(stats.decode_steps, 1)
+    floor_ms = 1e3 * (weights_read + unique_kv) / bandwidth
+    row = {
+        "section": "deepseek_v2", "case": f"V2-Lite shape {num_prompts}x{prompt_len} n={N} +{NEW_TOKENS}",
+        "tok/s": generated / seconds, "total_s": seconds, "prefill_s": stats.prefill_seconds,
+        "ours_ms": step_ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / step_ms,
+        "floor_per_seq_kv_ms": 1e3 * (weights_read + per_seq_kv) / bandwidth,
+        "weights_read_GB": weights_read / 1e9, "active_experts": active,
+        "latent_B/token": counts["latent_per_token"], "full_kv_B/token": counts["full_kv_per_token"],
+        "kv_ratio": counts["full_kv_per_token"] / counts["latent_per_token"],
+        "prefill_tokens": stats.prefill_tokens, "peak_KV_GB": stats.peak_blocks_in_use * 16 * counts["latent_per_token"] / 1e9,
+        "preemptions": stats.preemptions, "cuda_graphs": stats.extra.get("cuda_graphs"),
+    }
+    out_dir = os.environ.get("OUT", ".")
+    row["profile_top"] = profile_decode(decoder, prompts, SamplingParams(n=N, max_tokens=14, ignore_eos=True, seed=0),
+                                        os.path.join(out_dir, "decode_profile_deepseek_v2.txt"))
+    del decoder, outputs
+    gc.collect()
+    _sync()
+    try:  # transformers: one prompt, n = 32; prefill alone, then prefill + HF_NEW steps
+        hf_prefill = hf_generate_s(model, prompts[0], N, 1)
+        hf_run = hf_generate_s(model, prompts[0], N, 1 + HF_NEW)
+        hf_step = (hf_run - hf_prefill) / HF_NEW
+        hf_total = num_prompts * (hf_prefill + (NEW_TOKENS - 1) * hf_step)
+        row.update({"hf_tok/s_measured": N * (1 + HF_NEW) / hf_run, "hf_step_ms": 1e3 * hf_step,
+                    "hf_prefill_s": hf_prefill, "hf_total_s_extrapolated": hf_total,
+                    "speedup_vs_hf": hf_total / seconds})
+    except torch.OutOfMemoryError as error:
+        row["hf_error"] = f"out of memory: {str(error)[:80]}"
+    del model
+    gc.collect()
+    _sync()
+    print(f"[deepseek_v2] {row['tok/s']:.0f} tok/s, step {step_ms:.2f} ms vs floor {floor_ms:.2f} ms, "
+          f"transformers x{row.get('speedup_vs_hf', float('nan')):.1f}", flush=True)
+    return [{k: v for k, v in row.items() if v is not None}]
