@@ -64,6 +64,12 @@ def parse_devices(text: str, device: str | None = None, world: int = 1) -> list[
         raise ValueError(f"--devices {text!r}: give CUDA device indices (0,1,...) or cpu,cpu,... (one process each)")
     if len(set(items)) != len(items):
         raise ValueError(f"--devices {text!r}: a device is listed twice")
+    import torch
+
+    visible = torch.cuda.device_count()
+    if max(int(item) for item in items) >= visible:
+        raise ValueError(f"--devices {text!r}: this machine shows {visible} CUDA devices"
+                         + ("" if visible else " (give --devices cpu,cpu,... for CPU processes)"))
     return [f"cuda:{item}" for item in items]
 
 
@@ -268,14 +274,10 @@ def launch(argv: list[str], devices: list[str]) -> int:
 
     worker_argv = list(argv) + ["--device", "cpu" if devices[0] == "cpu" else "cuda"]
     if devices[0] != "cpu":
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         indices = [d.split(":")[1] for d in devices]
-        if visible:  # --devices counts within what the caller already made visible
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:  # --devices counts within what the caller already made visible (parse_devices checked it)
             listed = [v.strip() for v in visible.split(",")]
-            if max(int(i) for i in indices) >= len(listed):
-                print(f"grm-engine: error: --devices {','.join(indices)} but CUDA_VISIBLE_DEVICES={visible} shows "
-                      f"{len(listed)} devices", file=sys.stderr)
-                return 2
             indices = [listed[int(i)] for i in indices]
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(indices)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
