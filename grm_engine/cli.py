@@ -22,16 +22,21 @@ import time
 from .data import DataError, load_examples
 from .results_file import ResultsFileError, check_output_path, open_results, run_record
 
-FORMATS = ("jsonl", "rewardbench", "ppe", "rmb")
+FORMATS = ("jsonl", "rewardbench", "ppe", "rmb", "realmistake")
 
 
 class UsageError(Exception):
     """A problem with the command line or its files, reported as `error: ...` with exit status 2."""
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, several_data: bool = False) -> None:
     p.add_argument("--model", required=True, help="GRM checkpoint directory (config.json + *.safetensors + tokenizer)")
-    p.add_argument("--data", required=True, help="examples: a .jsonl file, a .json list or a directory of them")
+    if several_data:  # eval: several benchmarks in one run, each PATH[:FORMAT]
+        p.add_argument("--data", action="append", help="examples: a .jsonl file, a .json list or a directory of "
+                       "them, as PATH or PATH:FORMAT (e.g. rb.jsonl:rewardbench); repeat for several benchmarks")
+        p.add_argument("--suite", help="a text file listing PATH[:FORMAT] lines (relative to it) to evaluate together")
+    else:
+        p.add_argument("--data", required=True, help="examples: a .jsonl file, a .json list or a directory of them")
     p.add_argument("--format", default="jsonl", choices=FORMATS, help="row format of --data (default: jsonl)")
     p.add_argument("--skip-invalid", action="store_true", help="drop invalid rows (the count is reported)")
     p.add_argument("--meta-rm", help="meta RM checkpoint directory (enables meta-RM guided voting)")
@@ -39,7 +44,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=1024, help="longest critique, in tokens")
-    p.add_argument("--template", default="default", choices=("default", "single"))
+    p.add_argument("--template", default="default",
+                   help="prompt template: default, single (one response, \\boxed{0|1}), a template FILE, or "
+                   "single:FILE (see README 'Prompt templates'; scores under another template are not comparable)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the responses in their given order")
     p.add_argument("--chunk-size", type=int, default=256, help="examples per decoder run (default: 256)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: bfloat16 on GPU, float32 on CPU")
@@ -62,9 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="accuracy table and plot: greedy, Voting@k, MetaRM@k",
                              description="Sample once at the largest k, derive every smaller k from the first k "
                              "samples, run greedy separately, print the table, write results.json and a plot.")
-    _add_common(ev)
+    _add_common(ev, several_data=True)
     ev.add_argument("--k", default="1,8,32", help="comma-separated k values (default: 1,8,32)")
-    ev.add_argument("--tie-policy", default="strict", choices=("strict", "half", "fractional", "random"))
+    ev.add_argument("--tie-policy", default="random", choices=("strict", "half", "fractional", "random"),
+                    help="a tied top score: random = the paper's protocol (shuffle + argmax; seeded by --seed, the "
+                    "default), strict = wrong (Eq. 10, the training reward), half, fractional (1/number tied)")
+    ev.add_argument("--rewardbench-counts", default="leaderboard", choices=("leaderboard", "dataset"),
+                    help="RewardBench section weights: allenai's leaderboard constants (default; what published "
+                    "numbers use) or the dataset's true row counts (the two xstest weights swap)")
     ev.add_argument("--out-dir", default="grm_eval", help="where results.json, samples.jsonl and the plot go")
     ev.add_argument("--overwrite", action="store_true", help="replace the results of an earlier eval in --out-dir")
     demo = commands.add_parser("demo", help="the whole method (SFT, RFT, GRPO, meta RM, eval) on a tiny model trained here",
@@ -231,70 +243,6 @@ def _score_rest(args, examples, settings: dict, done: set[str]) -> int:
 
 
 # ---- eval ----
-def _accuracies(result, vote_result, examples, tie_policy: str, rewardbench: bool) -> dict:
-    from .metrics import accuracy, accuracy_by_subset, rewardbench_scores
-
-    predictions = result.predictions(vote_result)
-    row = {"accuracy": accuracy(predictions, examples, tie_policy=tie_policy),
-           "subsets": {str(s): v["accuracy"] for s, v in
-                       accuracy_by_subset(predictions, examples, tie_policy=tie_policy).items()}}
-    if rewardbench:
-        row["sections"] = rewardbench_scores(row["subsets"])
-    return row
-
-
-def _print_table(methods: dict, title: str, rewardbench: bool) -> None:
-    names = list(methods)
-    columns = ["Accuracy"] + (["Chat", "Chat Hard", "Safety", "Reasoning", "Overall"] if rewardbench else [])
-    subsets = list(next(iter(methods.values()))["subsets"])
-
-    def cell(value):
-        return "-" if value != value else f"{100 * value:.1f}"
-    width = max(len(n) for n in names + subsets + ["method"]) + 2
-    print(title)
-    print("method".ljust(width) + "".join(c.rjust(11) for c in columns))
-    for name, row in methods.items():
-        values = [row["accuracy"]] + [row["sections"][c] for c in columns[1:]]
-        print(name.ljust(width) + "".join(cell(v).rjust(11) for v in values))
-    if len(subsets) > 1 or subsets != ["None"]:
-        print()
-        print("subset".ljust(width) + "".join(n.rjust(max(11, len(n) + 2)) for n in names))
-        for subset in subsets:
-            print(subset.ljust(width) + "".join(cell(methods[n]["subsets"][subset]).rjust(max(11, len(n) + 2))
-                                                for n in names))
-
-
-def _plot(path: str, ks: list[int], methods: dict, title: str, rewardbench: bool) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "no plot: matplotlib is not installed (pip install matplotlib)"
-    def value(name):  # RewardBench: the 4-section mean the papers report (when every section has data)
-        overall = methods[name]["sections"]["Overall"] if rewardbench else float("nan")
-        return 100 * (overall if overall == overall else methods[name]["accuracy"])
-    if rewardbench and methods["Greedy"]["sections"]["Overall"] != methods["Greedy"]["sections"]["Overall"]:
-        rewardbench = False  # a section without data: plot the plain accuracy, and say so
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for prefix, style in (("Voting", "o-"), ("MetaRM", "s-")):
-        points = [(k, value(f"{prefix}@{k}")) for k in ks if f"{prefix}@{k}" in methods]
-        if points:
-            ax.plot(*zip(*points), style, label=prefix if prefix == "Voting" else "MetaRM-guided voting")
-    ax.axhline(value("Greedy"), color="gray", linestyle="--", label="Greedy")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("k (sampled critiques)")
-    ax.set_ylabel("RewardBench overall (%)" if rewardbench else "accuracy (%)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return f"plot: {path}"
-
-
 def _finite(value):
     """JSON has no NaN: a missing accuracy (e.g. a RewardBench section without data) becomes null."""
     if isinstance(value, dict):
@@ -350,12 +298,8 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--k {args.k!r}: every k must be >= 1")
     if args.k_meta is not None and args.k_meta < 1:
         raise UsageError("--k-meta must be >= 1")
-    examples = _check_inputs(args, ks[-1])
-    labelled = next((e for e in examples if e.label is not None), None)
-    if labelled is not None and ks[-1] > 1:
-        # Eq. 10 for one response compares its one score with the label; a sum of k votes is not a score.
-        raise UsageError(f"{labelled.source}, line {labelled.line}: example {labelled.id!r} has one response and a "
-                         f"label, which only k=1 can evaluate (voting sums k scores); run it with --k 1")
+    benchmarks = _load_benchmarks(args, ks[-1])
+    examples = [e for entry in benchmarks.values() for e in entry["examples"]]
     _check_eval_out_dir(args.out_dir, args.overwrite)
     grm = _load_grm(args)
     from .grm import ScoreResult
@@ -366,36 +310,81 @@ def cmd_eval(args) -> int:
                                                                   temperature=args.temperature,
                                                                   k_meta=min(args.k_meta, ks[-1]) if args.k_meta else None,
                                                                   desc=f"k={ks[-1]}")])
-    rewardbench = args.format == "rewardbench"
-    methods = {"Greedy": _accuracies(greedy, greedy.vote_first(1), examples, args.tie_policy, rewardbench)}
-    for k in ks:
-        methods[f"Voting@{k}"] = _accuracies(sampled, sampled.vote_first(k), examples, args.tie_policy, rewardbench)
-    if args.meta_rm:
-        for k in ks:
-            k_meta = min(args.k_meta, k) if args.k_meta else max(1, k // 2)
-            methods[f"MetaRM@{k}"] = _accuracies(sampled, sampled.vote_first(k, k_meta=k_meta, use_meta=True),
-                                                 examples, args.tie_policy, rewardbench)
-            methods[f"MetaRM@{k}"]["k_meta"] = k_meta
-    title = (f"{os.path.basename(os.path.normpath(args.data))} ({args.format}, {len(examples)} examples), "
-             f"accuracy %, tie policy: {args.tie_policy}")
-    print()
-    _print_table(methods, title, rewardbench)
-    report = {"model": args.model, "meta_rm": args.meta_rm, "data": args.data, "format": args.format,
-              "examples": len(examples), "skipped": examples.skipped, "tie_policy": args.tie_policy, "k": ks,
-              "temperature": args.temperature, "seed": args.seed, "shuffle": not args.no_shuffle, "methods": methods,
-              "greedy_run": greedy.stats(), "sampled_run": sampled.stats()}
+    report = _eval_report(args, grm, ks, benchmarks, greedy, sampled)
     _write_atomically(os.path.join(args.out_dir, "results.json"),
                       json.dumps(_finite(report), indent=1, allow_nan=False))
+    fmt_of = [fmt for fmt, entry in benchmarks.items() for _ in entry["examples"]]
     _write_atomically(os.path.join(args.out_dir, "samples.jsonl"),
-                      "".join(json.dumps(example.to_json(), ensure_ascii=False) + "\n" for example in sampled.examples))
+                      "".join(json.dumps({**example.to_json(), "benchmark": fmt}, ensure_ascii=False) + "\n"
+                              for example, fmt in zip(sampled.examples, fmt_of)))
     print()
     for name, run in (("greedy", greedy), (f"k={ks[-1]}", sampled)):
         print(f"{name}: parse failures {run.parse_failures} of {run.num_samples} samples, "
               f"{run.generated_tokens} tokens, {run.tokens_per_second:.0f} tok/s")
-    plot_title = f"{os.path.basename(os.path.normpath(args.data))} ({args.format}), tie policy: {args.tie_policy}"
-    print(_plot(os.path.join(args.out_dir, "accuracy_vs_k.png"), ks, methods, plot_title, rewardbench))
+    from .evaluation import plot
+
+    plot_title = f"{', '.join(benchmarks)}, tie policy: {args.tie_policy}"
+    print(plot(os.path.join(args.out_dir, "accuracy_vs_k.png"), ks, report["summary"], plot_title))
     print(f"results: {os.path.join(args.out_dir, 'results.json')}")
     return 0
+
+
+def _load_benchmarks(args, k_max: int) -> dict:
+    """--data PATH[:FORMAT] entries and --suite lines -> {format: {"data", "examples", "skipped"}}, each file checked
+    as `score` checks its --data (several files of one format are one benchmark)."""
+    from .evaluation import check_benchmark, parse_data_specs
+
+    try:
+        specs = parse_data_specs(args.data, args.suite, args.format)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    benchmarks = {}
+    for path, fmt in specs:
+        examples = _check_inputs(argparse.Namespace(**{**vars(args), "data": path, "format": fmt}), k_max)
+        labelled = next((e for e in examples if e.label is not None), None)
+        if labelled is not None and k_max > 1 and fmt != "realmistake":
+            # Eq. 10 for one response compares its one score with the label; a sum of k votes is not a score.
+            raise UsageError(f"{labelled.source}, line {labelled.line}: example {labelled.id!r} has one response and a "
+                             f"label, which only k=1 can evaluate (voting sums k scores); run it with --k 1 (an "
+                             "error-detection set in the ReaLMistake format is ranked by ROC-AUC at any k)")
+        try:
+            check_benchmark(fmt, examples)
+        except ValueError as e:
+            raise UsageError(f"bad data: {e}") from None
+        entry = benchmarks.setdefault(fmt, {"data": [], "examples": [], "skipped": 0})
+        entry["data"].append(path)
+        entry["examples"] += examples
+        entry["skipped"] += examples.skipped
+    return benchmarks
+
+
+def _eval_report(args, grm, ks, benchmarks: dict, greedy, sampled) -> dict:
+    """Per-benchmark methods (grm_engine/evaluation.py), the summary with Overall, the printout; -> results.json."""
+    from .evaluation import benchmark_methods, format_report, method_votes, summarize
+
+    votes = method_votes(greedy, sampled, ks, meta=bool(args.meta_rm), k_meta=args.k_meta)
+    reports, start = {}, 0
+    for fmt, entry in benchmarks.items():
+        stop = start + len(entry["examples"])
+        part = {m: {**v, "rows": v["rows"][start:stop], "used": v["used"][start:stop]} for m, v in votes.items()}
+        reports[fmt] = {"data": entry["data"], "format": fmt, "examples": len(entry["examples"]),
+                        "skipped": entry["skipped"],
+                        "methods": benchmark_methods(fmt, entry["examples"], part, tie_policy=args.tie_policy,
+                                                     seed=args.seed, rewardbench_counts=args.rewardbench_counts)}
+        start = stop
+    summary = summarize(reports)
+    print()
+    print(format_report(reports, summary, tie_policy=args.tie_policy, seed=args.seed))
+    report = {"model": args.model, "meta_rm": args.meta_rm, "template": grm.template.spec,
+              "template_sha256": grm.template.sha256, "data": [p for e in benchmarks.values() for p in e["data"]],
+              "examples": start, "tie_policy": args.tie_policy, "rewardbench_counts": args.rewardbench_counts, "k": ks,
+              "temperature": args.temperature, "seed": args.seed, "shuffle": not args.no_shuffle,
+              "summary": summary, "benchmarks": reports,
+              "greedy_run": greedy.stats(), "sampled_run": sampled.stats()}
+    if len(reports) == 1:  # one benchmark: its rows at the top level too, as before several were possible
+        (fmt, only), = reports.items()
+        report.update(format=fmt, skipped=only["skipped"], methods=only["methods"])
+    return report
 
 
 def main(argv=None) -> int:

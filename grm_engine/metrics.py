@@ -16,6 +16,9 @@ sample; set such rows to NaN (totals[~used.any(1)] = nan) so half/fractional/ran
 credit. A predicted index only carries the strict rule (-1 scores 0): for the other policies pass
 score vectors, which say who is tied.
 Single-response examples (n = 1) have a `label`: credit 1 iff the one score equals it (Eq. 10).
+The functions default to strict; `grm-engine eval` defaults to random (the paper's shuffle-and-argmax protocol)
+and prints tie_rate() next to each accuracy. Training rewards are always strict (rule_reward, Eq. 10/11).
+Below: tie_rate, roc_auc (ReaLMistake) and the paper's aggregates (PPE-Correctness, RMB, Overall).
 """
 from __future__ import annotations
 
