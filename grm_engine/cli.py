@@ -6,13 +6,19 @@ samples; chunks bound memory and give resumable progress). `score` appends one J
 each chunk (whole lines, flushed), so an interrupted run leaves a valid file and a rerun with the same --out
 skips the ids already written. grm_engine/results_file.py guards the file: a sidecar FILE.meta.json records the
 run that produced it (a resume that differs is refused) and is locked while a run writes; a file that is not ours
-is never touched. A partly written chunk is scored again whole and only its missing ids are
-written: the decoder's sampling noise depends on a request's position in its run, so re-running the same
-chunk reproduces exactly the samples an uninterrupted run would have written.
+is never touched. A partly written chunk is scored again whole and only its missing ids are written. A
+sample's permutation and sampling noise are keyed by (seed, example id, ...), not by its position in a run, its
+chunk or its process, so a resume (at any world size) writes the samples an uninterrupted run would have written;
+only a different batch composition can change a token, through floating-point rounding on the GPU.
+
+Several GPUs (grm_engine/parallel.py): under `torchrun --nproc-per-node N` (or with --devices 0,1,..., which runs
+torchrun's launcher itself) every rank scores its share of each chunk on its own device and rank 0 writes the
+chunk in input order; the results file and its sidecar do not depend on the world size.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +26,7 @@ import tempfile
 import time
 
 from .data import DataError, load_examples
+from .parallel import RankFailure, Ranks, launch, parse_devices, report_failure, strip_devices
 from .results_file import ResultsFileError, check_output_path, open_results, run_record
 
 FORMATS = ("jsonl", "rewardbench", "ppe", "rmb", "realmistake")
@@ -27,6 +34,7 @@ FORMATS = ("jsonl", "rewardbench", "ppe", "rmb", "realmistake")
 
 class UsageError(Exception):
     """A problem with the command line or its files, reported as `error: ...` with exit status 2."""
+    exit_status = 2
 
 
 def _add_common(p: argparse.ArgumentParser, *, several_data: bool = False) -> None:
@@ -51,6 +59,8 @@ def _add_common(p: argparse.ArgumentParser, *, several_data: bool = False) -> No
     p.add_argument("--chunk-size", type=int, default=256, help="examples per decoder run (default: 256)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--devices", help="several GPUs, data-parallel: comma-separated CUDA indices, e.g. 0,1 (one "
+                   "process each; the same as torchrun --nproc-per-node N)")
     p.add_argument("--max-num-seqs", type=int, help="sequences decoded at once (default: 256, or the largest k)")
     p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
     p.add_argument("--trust-remote-code", action="store_true",
@@ -174,18 +184,25 @@ def _load_grm(args):
 
 
 def score_in_chunks(grm, examples, args, *, k, temperature, k_meta=None, chunks=None, desc="score"):
-    """Yield (chunk examples, ScoreResult) per chunk, with a progress bar in examples/s and tokens/s."""
+    """Yield (chunk examples, ScoreResult) per chunk, with a progress bar in examples/s and tokens/s. Several
+    ranks: each scores its share of the chunk; rank 0 gets the chunk's result in input order, the others None."""
     from tqdm.auto import tqdm
 
+    ranks = args.ranks
     size = args.chunk_size
     chunks = chunks if chunks is not None else [examples[i:i + size] for i in range(0, len(examples), size)]
-    bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit="ex", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit="ex", dynamic_ncols=True, file=sys.stderr,
+               disable=not ranks.is_main)
     tokens, start = 0, time.perf_counter()
     try:
         for chunk in chunks:
-            result = grm.score(chunk, k=k, k_meta=k_meta, temperature=temperature, shuffle=not args.no_shuffle,
-                               seed=args.seed, max_tokens=args.max_tokens,
-                               progress=sys.stderr.isatty())  # the decoder's per-sample bar inside a chunk
+            result = ranks.score(chunk, lambda shard: grm.score(
+                shard, k=k, k_meta=k_meta, temperature=temperature, shuffle=not args.no_shuffle, seed=args.seed,
+                max_tokens=args.max_tokens,
+                progress=ranks.is_main and sys.stderr.isatty()))  # the decoder's per-sample bar inside a chunk
+            if result is None:  # not rank 0
+                yield chunk, None
+                continue
             tokens += result.generated_tokens
             bar.update(len(chunk))
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):.0f} tok/s")
@@ -202,34 +219,45 @@ def _run_settings(args) -> dict:
 
 
 def cmd_score(args) -> int:
-    if args.k < 1:
-        raise UsageError("--k must be >= 1")
+    ranks, lock = args.ranks, None
     try:
-        check_output_path(args.out, args.data)
-        examples = _check_inputs(args, args.k)
-        settings = _run_settings(args)
-        done, lock = open_results(args.out, run_record(args, settings), settings)
-    except ResultsFileError as e:
-        raise UsageError(str(e)) from None
-    try:
-        return _score_rest(args, examples, settings, done)
+        with ranks.together():  # a check that fails on any rank stops every rank before a model loads
+            if args.k < 1:
+                raise UsageError("--k must be >= 1")
+            try:
+                if ranks.is_main:
+                    check_output_path(args.out, args.data)
+                examples = _check_inputs(args, args.k)
+                settings = _run_settings(args)
+                done = set()
+                if ranks.is_main:  # rank 0 alone holds the lock and writes the file
+                    done, lock = open_results(args.out, run_record(args, settings), settings)
+            except ResultsFileError as e:
+                raise UsageError(str(e)) from None
+        return _score_rest(args, examples, settings, ranks.share(done))
     finally:
-        os.close(lock)  # releases the lock
+        if lock is not None:
+            os.close(lock)  # releases the lock
 
 
 def _score_rest(args, examples, settings: dict, done: set[str]) -> int:
     """Score the chunks that still lack ids and append their rows (the results file is locked)."""
+    ranks = args.ranks
     chunks = [examples[i:i + args.chunk_size] for i in range(0, len(examples), args.chunk_size)]
     todo = [c for c in chunks if any(e.id not in done for e in c)]
-    print(f"{len(examples)} examples, {len(done)} already in {args.out}, {sum(len(c) for c in todo)} to score "
-          f"in {len(todo)} chunks", file=sys.stderr)
+    if ranks.is_main:
+        print(f"{len(examples)} examples, {len(done)} already in {args.out}, {sum(len(c) for c in todo)} to score "
+              f"in {len(todo)} chunks" + (f" on {ranks.world} ranks" if ranks.world > 1 else ""), file=sys.stderr)
     if not todo:
         return 0
-    grm = _load_grm(args)
+    with ranks.together():
+        grm = _load_grm(args)
     results = []
-    with open(args.out, "a", encoding="utf-8") as out:
+    with open(args.out, "a", encoding="utf-8") if ranks.is_main else contextlib.nullcontext() as out:
         for chunk, result in score_in_chunks(grm, examples, args, k=args.k, temperature=args.temperature,
                                              k_meta=args.k_meta, chunks=todo):
+            if result is None:  # not rank 0
+                continue
             for example in result.examples:
                 if example.id in done:
                     continue
@@ -237,6 +265,8 @@ def _score_rest(args, examples, settings: dict, done: set[str]) -> int:
                 out.flush()
             os.fsync(out.fileno())
             results.append(result)
+    if not ranks.is_main:
+        return 0
     stats = results[0].concat(results).stats()
     print(json.dumps({"out": args.out, **stats}))
     return 0
@@ -290,26 +320,31 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    try:
-        ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
-    except ValueError:
-        raise UsageError(f"--k {args.k!r}: give comma-separated integers, e.g. 1,8,32") from None
-    if not ks or ks[0] < 1:
-        raise UsageError(f"--k {args.k!r}: every k must be >= 1")
-    if args.k_meta is not None and args.k_meta < 1:
-        raise UsageError("--k-meta must be >= 1")
-    benchmarks = _load_benchmarks(args, ks[-1])
-    examples = [e for entry in benchmarks.values() for e in entry["examples"]]
-    _check_eval_out_dir(args.out_dir, args.overwrite)
-    grm = _load_grm(args)
+    ranks = args.ranks
+    with ranks.together():  # a check that fails on any rank stops every rank before a model loads
+        try:
+            ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
+        except ValueError:
+            raise UsageError(f"--k {args.k!r}: give comma-separated integers, e.g. 1,8,32") from None
+        if not ks or ks[0] < 1:
+            raise UsageError(f"--k {args.k!r}: every k must be >= 1")
+        if args.k_meta is not None and args.k_meta < 1:
+            raise UsageError("--k-meta must be >= 1")
+        benchmarks = _load_benchmarks(args, ks[-1])
+        examples = [e for entry in benchmarks.values() for e in entry["examples"]]
+        if ranks.is_main:
+            _check_eval_out_dir(args.out_dir, args.overwrite)
+    with ranks.together():
+        grm = _load_grm(args)
     from .grm import ScoreResult
 
-    greedy = ScoreResult.concat([r for _, r in score_in_chunks(grm, examples, args, k=1, temperature=0.0,
-                                                                 desc="greedy")])
-    sampled = ScoreResult.concat([r for _, r in score_in_chunks(grm, examples, args, k=ks[-1],
-                                                                  temperature=args.temperature,
-                                                                  k_meta=min(args.k_meta, ks[-1]) if args.k_meta else None,
-                                                                  desc=f"k={ks[-1]}")])
+    greedy = [r for _, r in score_in_chunks(grm, examples, args, k=1, temperature=0.0, desc="greedy")]
+    sampled = [r for _, r in score_in_chunks(grm, examples, args, k=ks[-1], temperature=args.temperature,
+                                             k_meta=min(args.k_meta, ks[-1]) if args.k_meta else None,
+                                             desc=f"k={ks[-1]}")]
+    if not ranks.is_main:  # rank 0 has every chunk's result, in input order
+        return 0
+    greedy, sampled = ScoreResult.concat(greedy), ScoreResult.concat(sampled)
     report = _eval_report(args, grm, ks, benchmarks, greedy, sampled)
     _write_atomically(os.path.join(args.out_dir, "results.json"),
                       json.dumps(_finite(report), indent=1, allow_nan=False))
@@ -399,6 +434,18 @@ def main(argv=None) -> int:
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        args.ranks = Ranks.from_environment()
+        if getattr(args, "devices", None):
+            devices = parse_devices(args.devices, args.device, args.ranks.world)
+            if len(devices) > 1:  # one process per device under torchrun's launcher, each running this command
+                return launch(strip_devices(argv), devices)
+            args.device = devices[0]
+        args.device = args.ranks.device(args.device)
+    except ValueError as e:
+        print(f"grm-engine {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    args.ranks.start()
+    try:
         if args.command == "score":
             return cmd_score(args)
         if args.command == "demo":
@@ -407,7 +454,12 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"grm-engine {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:
+        return report_failure(f"grm-engine {args.command}", args.ranks, e)
     except KeyboardInterrupt:
         where = f"; the results so far are in {args.out}, rerun the same command to resume" if args.command == "score" else ""
-        print(f"grm-engine {args.command}: interrupted{where}", file=sys.stderr)
+        if args.ranks.is_main:
+            print(f"grm-engine {args.command}: interrupted{where}", file=sys.stderr)
         return 130
+    finally:
+        args.ranks.close()
