@@ -7,7 +7,8 @@
 #   2. GRPO at the 0.5B shape, ZeRO-2, the same global batch (16 prompts x 8 generations x 256 new tokens):
 #      1 GPU x 16 prompts vs torchrun 2 GPUs x 8 prompts: step time, memory, rollout tokens/s (target >= 1.8x);
 #      and 1 GPU x 8 prompts (the single-GPU benchmark's shape) for reference.
-#   bash bench/gpu_multi.sh [score,grpo]      # needs `carry: [".whl"]` for the GRPO part (deepspeed)
+#   bash bench/gpu_multi.sh score    # then: bash bench/gpu_multi.sh grpo (needs `carry: [".whl"]`: deepspeed);
+#                                    # each part fits one 600 s device call
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 parts=${1:-score,grpo}
@@ -36,11 +37,11 @@ PY
   for devices in 0 0,1; do
     name=gpus_${devices/,/_}
     # a warm-up run fills Triton's on-disk kernel cache (CUDA graphs are captured in every run, as a user's would)
-    timeout 300 python3 -m grm_engine score $common --data $W/warm.jsonl --devices $devices --out $W/warm_$name.jsonl \
+    timeout 150 python3 -m grm_engine score $common --data $W/warm.jsonl --devices $devices --out $W/warm_$name.jsonl \
       >"$OUT/score_warm_$name.log" 2>&1 || { echo "FAILED warm-up $devices"; tail -20 "$OUT/score_warm_$name.log"; }
     t "score --devices $devices"
     start=$(date +%s%N)
-    timeout 400 python3 -m grm_engine score $common --data $W/data.jsonl --devices $devices --out $W/$name.jsonl \
+    timeout 240 python3 -m grm_engine score $common --data $W/data.jsonl --devices $devices --out $W/$name.jsonl \
       >"$OUT/score_$name.log" 2>&1 || { echo "FAILED score $devices"; grep -v "it/s\|ex/s" "$OUT/score_$name.log" | tail -20; }
     echo "wall_ms $(( ($(date +%s%N) - start) / 1000000 ))" | tee -a "$OUT/score_$name.log"
     tail -2 "$OUT/score_$name.log"
@@ -80,7 +81,7 @@ if [[ ,$parts, == *,grpo,* ]]; then
   grpo() {  # name, launcher..., then gpu_grpo.py's args
     local name=$1; shift
     t "grpo $name"
-    timeout 400 "$@" --shape 0.5b --deepspeed zero2 --steps 3 --out "$OUT/grpo_$name.json" >"$OUT/grpo_$name.log" 2>&1 \
+    timeout 180 "$@" --shape 0.5b --deepspeed zero2 --steps 3 --out "$OUT/grpo_$name.json" >"$OUT/grpo_$name.log" 2>&1 \
       || echo "FAILED grpo $name"
     grep -v -i warn "$OUT/grpo_$name.log" | grep -E "Error|^step|^\{" | tail -6
   }
