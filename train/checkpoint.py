@@ -166,9 +166,9 @@ def saved_world_size(path: str) -> int:
 
 def check_resume_world_size(config, path: str) -> None:
     """Before any model loads: a checkpoint written by another number of processes resumes only under ZeRO-1/2
-    (through DeepSpeed's universal checkpoint). ZeRO-3's universal load was measured to change the optimizer step
-    after it (DeepSpeed 0.19.8 on the CPU: the step after the resume differs at 5e-5 relative in loss where ZeRO-2's is
-    exact), so it is refused. (ConfigError)"""
+    (through DeepSpeed's universal checkpoint). A ZeRO-3 resume through it did not continue exactly (DeepSpeed
+    0.19.8 on the CPU, forced at one world size: the loaded weights were right, the next step's loss was off by 5e-5
+    relative where ZeRO-2's matched bit for bit; cause not found), so it is refused. (ConfigError)"""
     from .config import ConfigError
     from .engine import resolve_deepspeed_config
 
@@ -181,8 +181,9 @@ def check_resume_world_size(config, path: str) -> None:
         return  # the engine names a bad DeepSpeed config itself
     if stage == 3:
         raise ConfigError(f"{path} was written by {saved} processes and this run has {world_size()}: a ZeRO-3 "
-                          f"checkpoint resumes only at the world size that wrote it (DeepSpeed's universal checkpoint "
-                          f"does not restore ZeRO-3's optimizer exactly); rerun with {saved} processes, or start a new "
+                          f"checkpoint resumes only at the world size that wrote it (through DeepSpeed's universal "
+                          f"checkpoint a ZeRO-3 run did not continue exactly in our tests); rerun with {saved} "
+                          f"processes, or start a new "
                           f"run (new output_dir) from the weights in {path} with model = {path}")
     if is_main():
         print(f"{path}: written by {saved} processes, resumed by {world_size()} through DeepSpeed's universal "
