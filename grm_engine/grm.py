@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .parsing import ParseStatus, parse_scores
-from .protocol import build_prompt, encode_text
+from .protocol import build_prompt, encode_text, encode_texts
 from .templates import resolve_template
 from .voting import VoteResult, vote
 
@@ -224,10 +224,12 @@ class GRM:
                                              trust_remote_code=trust_remote_code)
         return cls(decoder, tokenizer, meta_rm=meta_rm, template=template)
 
-    def _encode(self, example, perm: Sequence[int]) -> list[int]:
-        text = build_prompt(example.query, [example.responses[i] for i in perm], template=self.template,
+    def _prompt_text(self, example, perm: Sequence[int]) -> str:
+        return build_prompt(example.query, [example.responses[i] for i in perm], template=self.template,
                             tokenizer=self.tokenizer)
-        return encode_text(self.tokenizer, text)
+
+    def _encode(self, example, perm: Sequence[int]) -> list[int]:
+        return encode_text(self.tokenizer, self._prompt_text(example, perm))
 
     def _requests(self, examples, k: int, seed: int, shuffle: bool, sampling: dict):
         """One request per distinct permutation of each example, n = the samples that share it.
@@ -243,14 +245,16 @@ class GRM:
             for j, perm in enumerate(example_perms):
                 groups.setdefault(tuple(perm), []).append(j)
             for perm, sample_indices in groups.items():
-                prompts.append(self._encode(example, perm))
-                if len(prompts[-1]) >= self.decoder.max_model_len:
-                    raise ValueError(f"example {example.id!r} ({example.source or 'given'}, line {example.line}): its "
-                                     f"prompt has {len(prompts[-1])} tokens; the model context is "
-                                     f"{self.decoder.max_model_len}")
+                prompts.append(self._prompt_text(example, perm))
                 params.append(SamplingParams(n=len(sample_indices), seed=_stable_int("noise", seed, example.id, perm),
                                              request_key=0, **sampling))
                 owners.append((g, sample_indices))
+        prompts = encode_texts(self.tokenizer, prompts)  # one batched call: the tokenizer's threads share the work
+        for ids, (g, _) in zip(prompts, owners):
+            if len(ids) >= self.decoder.max_model_len:
+                example = examples[g]
+                raise ValueError(f"example {example.id!r} ({example.source or 'given'}, line {example.line}): its "
+                                 f"prompt has {len(ids)} tokens; the model context is {self.decoder.max_model_len}")
         return prompts, params, owners, perms
 
     def _generate(self, prompts, params, owners, examples, k: int, progress: bool):

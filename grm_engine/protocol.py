@@ -107,6 +107,14 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """encode_text for many prompts in one tokenizer call (a fast tokenizer encodes a batch on several threads)."""
+    if not texts:
+        return []
+    special = not getattr(tokenizer, "chat_template", None)
+    return tokenizer(list(texts), add_special_tokens=special)["input_ids"]
+
+
 def build_meta_user_turn(query: Query, responses: Sequence[str], *, template="default") -> str:
     """The meta RM's user turn: the template's `meta` section (query and responses, as the GRM saw them)."""
     _check_responses(responses)

@@ -164,6 +164,36 @@ class BlockManager:
         block.hash = chained_hash(parent_hash, block.token_ids)
         self.hash_to_block[block.hash] = block.block_id
 
+    def register_block_range(self, seq: Sequence, start: int, end: int) -> None:
+        """After a round of decode steps wrote K/V for positions start..end-1 (their tokens now known): register
+        the blocks that got full in it (register_last_block_if_full, for several steps at once)."""
+        bs = self.block_size
+        if not self.enable_prefix_caching:
+            return
+        for index in range(start // bs, end // bs):  # the blocks whose last position is in start..end-1
+            block = self.blocks[seq.block_table[index]]
+            parent_hash = self.blocks[seq.block_table[index - 1]].hash if index > 0 else None
+            if block.hash is not None or block.ref_count > 1 or (index > 0 and parent_hash is None):
+                return
+            block.parent_hash, block.token_ids = parent_hash, tuple(seq.token_ids[index * bs:(index + 1) * bs])
+            block.hash = chained_hash(parent_hash, block.token_ids)
+            self.hash_to_block[block.hash] = block.block_id
+
+    def blocks_for_steps(self, seq: Sequence, steps: int) -> int:
+        """At most this many free blocks let seq write K/V for positions num_computed_tokens .. + steps - 1."""
+        return (seq.num_computed_tokens + steps - 1) // self.block_size - seq.num_computed_tokens // self.block_size + 1
+
+    def append_slots(self, seq: Sequence, steps: int) -> tuple[int, int] | None:
+        """append_slot for positions num_computed_tokens .. + steps - 1 (a round of decode steps): copy-on-write
+        of the current block if shared, new blocks past the table. -> the block copy, if any."""
+        copy = self.append_slot(seq)
+        bs = self.block_size
+        last = (seq.num_computed_tokens + steps - 1) // bs
+        while len(seq.block_table) <= last:
+            seq.block_table.append(self._take_free_block())
+        self._note_peak()
+        return copy
+
     def num_blocks_to_append(self, seq: Sequence) -> int:
         """Free blocks needed before seq can write K/V for its token at position num_computed_tokens."""
         index = seq.num_computed_tokens // self.block_size

@@ -50,6 +50,10 @@ class DecoderConfig:
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA only); False: the same step, eager
     max_cuda_graphs: int = 64  # step shapes captured at most; later shapes run eagerly
     cascade_attention: bool = True  # samples sharing a long prompt read its KV once per group (CUDA); False: plain kernel
+    # decode steps launched per round of host bookkeeping (CUDA graph path): the host's per-sequence work is paid once
+    # per round, not per token. A sample that stops inside a round wastes at most steps - 1 steps; the tokens are
+    # the same as with 1 (the noise is keyed by position, and a round only runs when no sequence can be preempted)
+    num_scheduler_steps: int = 8
 
     def use_cuda_graphs(self) -> bool:
         """cuda_graphs, unless the environment says GRM_ENGINE_CUDA_GRAPHS=0 (debugging without editing code)."""
@@ -62,5 +66,7 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig: kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("DecoderConfig: max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not isinstance(self.num_scheduler_steps, int) or not 1 <= self.num_scheduler_steps <= 64:
+            raise ValueError(f"DecoderConfig: num_scheduler_steps must be an int in 1..64, got {self.num_scheduler_steps!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"DecoderConfig: num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

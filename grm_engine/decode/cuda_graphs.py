@@ -40,33 +40,46 @@ class StepKey:
 
 
 class StepBuffers:
-    """One packed device buffer holding every input of a step shape, views by name, and its pinned twin."""
+    """One packed device buffer holding every input of a step shape, views by name, and `ring` pinned twins used in
+    turn (a round of several decode steps fills the next twin while earlier uploads are still queued)."""
 
-    def __init__(self, fields: list[tuple[str, np.dtype, tuple[int, ...]]], device: torch.device):
+    def __init__(self, fields: list[tuple[str, np.dtype, tuple[int, ...]]], device: torch.device, ring: int = 2):
         self.fields = fields
         sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for _, dtype, shape in fields]
         offsets, total = packed_layout(sizes)
-        self.host = torch.empty(total, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
-        self.copied: torch.cuda.Event | None = None  # recorded after each upload's copy
+        pinned = torch.device(device).type == "cuda"
+        self.hosts = [torch.empty(total, dtype=torch.uint8, pin_memory=pinned) for _ in range(ring)]
+        self.copied: list[torch.cuda.Event | None] = [None] * ring  # recorded after each twin's last upload
+        self.slot = 0  # the twin the next step fills
         self.device_buffer = torch.empty(total, dtype=torch.uint8, device=device)
-        host_bytes = self.host.numpy()
-        self.host_views, self.device_views = {}, {}
+        self.ring_views, self.device_views = [{} for _ in range(ring)], {}
         for (name, dtype, shape), offset, nbytes in zip(fields, offsets, sizes):
-            self.host_views[name] = host_bytes[offset:offset + nbytes].view(dtype).reshape(shape)
+            for views, host in zip(self.ring_views, self.hosts):
+                views[name] = host.numpy()[offset:offset + nbytes].view(dtype).reshape(shape)
             self.device_views[name] = typed_view(self.device_buffer, offset, dtype, shape)
 
+    @property
+    def host(self) -> torch.Tensor:
+        return self.hosts[self.slot]
+
+    @property
+    def host_views(self) -> dict[str, np.ndarray]:
+        return self.ring_views[self.slot]
+
     def wait_until_refillable(self) -> None:
-        """The last upload's copy has read the pinned buffer. The decoder runs one step ahead and waits only for the
-        step before the previous one, so that copy may still be queued (it is the next thing the GPU does: this
-        waits microseconds at most)."""
-        if self.copied is not None:
-            self.copied.synchronize()
+        """The last upload from the twin about to be filled has read it. With a ring of steps + 1 twins that copy
+        sits a round back in the stream; with 2 (single steps, one ahead) it is the next thing the GPU does: this
+        waits microseconds at most."""
+        event = self.copied[self.slot]
+        if event is not None:
+            event.synchronize()
 
     def upload(self) -> None:
-        self.device_buffer.copy_(self.host, non_blocking=True)
+        self.device_buffer.copy_(self.hosts[self.slot], non_blocking=True)
         if self.device_buffer.is_cuda:
-            self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied[self.slot] = torch.cuda.Event()
+            self.copied[self.slot].record()
+        self.slot = (self.slot + 1) % len(self.hosts)
 
 
 MAX_EAGER_BUFFERS = 16  # input buffers kept for shapes that are not captured
@@ -110,8 +123,9 @@ class DecodeGraphs:
     """Runs padded decode steps, captured as CUDA graphs per StepKey (see the module docstring)."""
 
     def __init__(self, model, layer_caches, block_size: int, max_num_seqs: int, enabled: bool = True,
-                 max_graphs: int = 64):
+                 max_graphs: int = 64, steps_per_round: int = 1):
         self.model, self.layer_caches, self.block_size = model, layer_caches, block_size
+        self.host_ring = steps_per_round + 1  # pinned input twins per step shape
         self.buckets = batch_buckets(max_num_seqs)
         self.enabled, self.max_graphs = enabled, max_graphs
         self.buffers: dict[StepKey, StepBuffers] = {}
@@ -134,7 +148,7 @@ class DecodeGraphs:
         buffers = self.buffers.get(key)
         if buffers is None:
             self._evict_uncaptured_buffers()
-            buffers = self.buffers[key] = StepBuffers(step_fields(key), self.model.device)
+            buffers = self.buffers[key] = StepBuffers(step_fields(key), self.model.device, self.host_ring)
         buffers.wait_until_refillable()
         for name, view in buffers.host_views.items():
             value = arrays[name]

@@ -83,7 +83,7 @@ class Decoder:
         num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs, config.use_cuda_graphs(),
-                                  config.max_cuda_graphs, config.cascade_attention)
+                                  config.max_cuda_graphs, config.cascade_attention, config.num_scheduler_steps)
         self.stats = DecoderStats()
         self.step_hook = None  # called with each finished ScheduledBatch (profilers, progress probes)
         self._next_seq_id = 0
@@ -93,12 +93,16 @@ class Decoder:
                         kv_cache_memory_fraction: float = 0.9, max_num_seqs: int = 256, num_kv_blocks: int | None = None,
                         max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                         enable_prefix_caching: bool = True, cuda_graphs: bool = True,
-                        cascade_attention: bool = True, merge_projections: bool | None = None,
+                        cascade_attention: bool = True, num_scheduler_steps: int = 8, warmup: bool = True,
+                        merge_projections: bool | None = None,
                         trust_remote_code: bool = False) -> "Decoder":
         """path_or_module: a Hugging Face checkpoint directory (config.json + *.safetensors) or a live
         transformers causal LM (its weights are shared, not copied, when dtype/device match).
         cuda_graphs=False (or GRM_ENGINE_CUDA_GRAPHS=0) runs the decode step eagerly, same numbers (for debugging);
         cascade_attention=False keeps the plain paged kernel when samples share a prompt.
+        num_scheduler_steps: decode steps launched per round of host bookkeeping (CUDA graph path; same tokens
+        for any value, 1 pays the host's per-sequence work every token).
+        warmup (CUDA): run Decoder.warmup() here, so the first generate does not pay kernel loading.
         merge_projections: q/k/v and gate/up as one GEMM each. None: yes for a checkpoint directory (the weights
         become views of the merged tensors, no extra memory) and for a live module whose mergeable weights take
         at most 1 GiB (a copy, refreshed at every generate call); False: never; True: always.
@@ -138,8 +142,12 @@ class Decoder:
         dconfig = DecoderConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory_fraction=kv_cache_memory_fraction,
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
-                                cuda_graphs=cuda_graphs, cascade_attention=cascade_attention)
-        return cls(model, tokenizer, dconfig, loader.generation_eos_ids(path_or_module, config), max_model_len, live)
+                                cuda_graphs=cuda_graphs, cascade_attention=cascade_attention,
+                                num_scheduler_steps=num_scheduler_steps)
+        decoder = cls(model, tokenizer, dconfig, loader.generation_eos_ids(path_or_module, config), max_model_len, live)
+        if warmup and decoder.model.device.type == "cuda":
+            decoder.warmup()
+        return decoder
 
     def _blocks_from_memory(self) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.model, self.config.block_size)
@@ -157,6 +165,23 @@ class Decoder:
         if num_blocks < 1:
             raise RuntimeError(f"Decoder: no memory left for the KV cache ({budget / 2**30:.2f} GiB after weights)")
         return num_blocks
+
+    def warmup(self) -> float:
+        """Load every kernel a generate call uses (Triton kernels from the compile cache, or compiled on a machine's
+        first run; cuBLAS handles; the sampler) with a throwaway call: 16 samples of a 3-block prompt, a few tokens
+        at two batch sizes. The pool and prefix cache are left as they were (empty); returns the seconds it took."""
+        start = time.perf_counter()
+        prompt = [(7 * i + 3) % self.vocab_size for i in range(3 * self.config.block_size)]
+        for n in (16, 24):  # batch sizes divisible by 16 and not: Triton compiles one variant of each
+            n = min(n, self.config.max_num_seqs)
+            self.generate([prompt], SamplingParams(n=n, temperature=1.0, max_tokens=3, ignore_eos=True, seed=0),
+                          use_tqdm=False)
+        if self.block_manager.num_blocks_in_use == 0:
+            self.reset_prefix_cache()
+        self.stats = DecoderStats()
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter() - start
 
     def reset_prefix_cache(self) -> None:
         """Forget cached blocks (the weights changed, e.g. between GRPO steps)."""
@@ -264,43 +289,67 @@ class Decoder:
         if pending is not None:
             self._finish_pending(pending, scheduler, results, stats, bar, start)
 
+    def _round_steps(self, scheduler) -> int:
+        """Decode steps the next round may run ahead of the bookkeeping: 0 when it cannot (a prefill is due, or
+        the free blocks might not cover every sequence's next steps: then a plain step may preempt)."""
+        if scheduler.waiting or scheduler.prefilling or not scheduler.running:
+            return 0
+        steps = self.config.num_scheduler_steps
+        if any(seq.params.stop for seq in scheduler.running):
+            steps = 1  # a stop string is checked on text after every token: keep the waste at one step
+        return steps if self.block_manager.num_free_blocks >= scheduler.round_blocks_needed(steps) else 0
+
     def _can_run_ahead(self, scheduler) -> bool:
-        """The next step is a decode step that cannot preempt (each sequence needs at most one new block)."""
-        return (not scheduler.waiting and not scheduler.prefilling and bool(scheduler.running)
-                and self.block_manager.num_free_blocks >= len(scheduler.running))
+        return self._round_steps(scheduler) > 0
 
     def _decode_ahead(self, pending, scheduler, seeds, results, stats, bar, start):
-        """Launch a decode step, then process the previous one's tokens while it runs. -> the new pending step."""
-        batch = scheduler.schedule()
+        """Launch a round of decode steps, then process the previous round's tokens while it runs.
+        -> the new pending round."""
+        steps = self._round_steps(scheduler)
+        batch = scheduler.schedule_decode_round(steps, self.max_model_len)
         host = SamplingArrays.build(batch.seqs, seeds)
         previous_rows = {seq.seq_id: row for row, seq in enumerate(pending.seqs)} if pending is not None else None
-        tokens, logprobs = self.runner.decode_step(batch, host, previous_rows)
+        tokens, logprobs = self.runner.decode_round(batch, host, previous_rows, steps)
         launched = PendingStep.copy_to_host(batch, tokens, logprobs)
-        stats.decode_steps += 1
+        stats.decode_steps += steps
         if self.step_hook is not None:
             self.step_hook(batch)
-        if pending is not None:  # overlaps the step just launched
+        if pending is not None:  # overlaps the round just launched
             self._finish_pending(pending, scheduler, results, stats, bar, start)
-        live = [seq for seq in batch.seqs if seq.status is not SequenceStatus.FINISHED]
-        scheduler.finish_step(ScheduledBatch(False, live, [1] * len(live)))
-        for seq in live:
-            seq.token_ids.append(PENDING)
+        for seq, count in zip(batch.seqs, batch.num_new_tokens):
+            if seq.status is SequenceStatus.FINISHED:  # stopped in the previous round: this round's tokens are dropped
+                continue
+            seq.num_computed_tokens += count
+            seq.token_ids.extend([PENDING] * count)
             if seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
-                scheduler.retire(seq)  # its pending token is its last, whatever it is
+                scheduler.retire(seq)  # its round's last pending token is its last, whatever it is
         return launched
 
     def _finish_pending(self, pending: "PendingStep", scheduler, results, stats, bar, start) -> None:
-        """Wait for a launched step's tokens; put them in place of the placeholders; finish sequences."""
+        """Wait for a launched round's tokens; put them in place of the placeholders, in order, until a sequence
+        stops (its later tokens are dropped); register the blocks the round filled."""
         tokens, logprobs = pending.wait()
         finished = 0
-        for i, seq in enumerate(pending.seqs):
-            if seq.status is SequenceStatus.FINISHED:  # stopped at the previous token: this one is dropped
+        manager = self.block_manager
+        for i, (seq, count) in enumerate(zip(pending.seqs, pending.num_steps)):
+            if seq.status is SequenceStatus.FINISHED:  # stopped in an earlier round: this one's tokens are dropped
                 continue
-            assert seq.token_ids[-1] == PENDING
-            seq.token_ids[-1] = tokens[i]
-            stats.generated_tokens += 1
-            finished += self._record_token(seq, tokens[i], logprobs[i] if logprobs is not None else None, scheduler,
-                                           results)
+            first = len(seq.token_ids) - count  # the round's placeholders are the last `count` tokens
+            assert seq.token_ids[first] == PENDING and seq.token_ids[-1] == PENDING
+            del seq.token_ids[first:]
+            row_logprobs = logprobs[i] if logprobs is not None else None
+            stopped = False
+            for j in range(count):
+                token = tokens[i][j]
+                seq.token_ids.append(token)
+                stats.generated_tokens += 1
+                if self._record_token(seq, token, row_logprobs[j] if row_logprobs is not None else None, scheduler,
+                                      results):
+                    finished += 1
+                    stopped = True
+                    break
+            if not stopped:  # K/V was written for positions first - 1 .. first + count - 2 (their tokens are known now)
+                manager.register_block_range(seq, first - 1, first + count - 1)
         _update_progress(bar, finished, stats, start)
 
     def _new_id(self) -> int:

@@ -14,14 +14,14 @@ import torch
 
 from .attention import AttentionMetadata, attention_backend
 from .cuda_graphs import DecodeGraphs, StepKey, packed_layout, typed_view
-from .sampler import sample
+from .sampler import row_hash_numpy, sample
 from .scheduler import ScheduledBatch
 from .sequence import PENDING
 
 
 class ModelRunner:
     def __init__(self, model, num_kv_blocks: int, block_size: int, max_num_seqs: int = 256, cuda_graphs: bool = True,
-                 max_cuda_graphs: int = 64, cascade: bool = True):
+                 max_cuda_graphs: int = 64, cascade: bool = True, steps_per_round: int = 1):
         self.model = model
         self.block_size = block_size
         self.device = model.device
@@ -39,7 +39,8 @@ class ModelRunner:
         self.cascade_thresholds = {}  # find_shared_prefix_groups' defaults (the measured crossover); tests lower them
         self._groups_cache = None  # (seq ids of the batch, its grouping)
         if self.device.type == "cuda" and attention_backend(self.device) == "triton":
-            self.graphs = DecodeGraphs(model, self.layer_caches, block_size, max_num_seqs, cuda_graphs, max_cuda_graphs)
+            self.graphs = DecodeGraphs(model, self.layer_caches, block_size, max_num_seqs, cuda_graphs, max_cuda_graphs,
+                                       steps_per_round)
 
     @staticmethod
     def kv_bytes_per_block(model, block_size: int) -> int:
@@ -132,26 +133,63 @@ class ModelRunner:
         attention when samples share a long prompt; then batch.seqs may come back reordered (groups adjacent).
         Elsewhere: eager and unpadded. previous_rows (CUDA path): seq_id -> row of the previous decode step, for
         sequences whose last token is still PENDING on the host (the step reads it on the device)."""
-        self.copy_blocks(batch.block_copies)
         flags = dict(all_greedy=sampling.all_greedy, any_filter=sampling.any_filter, any_greedy=sampling.any_greedy)
         if self.graphs is None:
+            self.copy_blocks(batch.block_copies)
             input_ids, positions, meta, (row_hash, temperature, top_p, top_k) = self.prepare_decode(batch, sampling.arrays())
             hidden = self.model.forward(input_ids, positions, self.layer_caches, meta)  # [B, hidden]
             logits = self.model.compute_logits(hidden)  # [B, V] fp32
             return sample(logits, temperature, top_k, top_p, row_hash, sampling.want_logprobs, **flags)
+        tokens, logprobs = self.decode_round(batch, sampling, previous_rows, 1)
+        return tokens[0], (logprobs[0] if logprobs is not None else None)
+
+    def decode_round(self, batch: ScheduledBatch, sampling, previous_rows: dict[int, int] | None, steps: int
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`steps` decode steps launched back to back on the CUDA graph path, the host building every step's inputs
+        up front (positions, slots and noise keys advance by one per step; blocks were taken for all of them)
+        -> tokens [steps, B] int64 and log-probs [steps, B] or None on the device. Row i is batch.seqs[i] (the
+        shared-prefix grouping may reorder batch.seqs, batch.num_new_tokens with it). Sequence i takes part in the
+        first batch.num_new_tokens[i] steps; later its row repeats its last position, stores no K/V (slot -1) and
+        its tokens are never read. Step s > 0 takes its input tokens from step s - 1 on the device."""
         from grm_engine.kernels.paged_attention import choose_num_splits
 
+        self.copy_blocks(batch.block_copies)
         arrays = self.decode_arrays(batch)
         arrays.update(row_hash=sampling.row_hash, temperature=sampling.temperature, top_p=sampling.top_p,
-                      top_k=sampling.top_k, input_src=self.input_sources(batch, arrays["input_ids"], previous_rows))
-        plan = self.group_shared_prefixes(batch, arrays) if self.cascade else None
+                      top_k=sampling.top_k, input_src=self.input_sources(batch, arrays["input_ids"], previous_rows),
+                      active=np.asarray(batch.num_new_tokens, np.int64))
+        if steps > 1:
+            arrays["noise_keys"] = sampling.keys
+        plan = self.group_shared_prefixes(batch, arrays, extra_context=steps - 1) if self.cascade else None
         num_seqs = len(batch.seqs)
         padded = self.graphs.bucket(num_seqs)
         width = max(16, 1 << (arrays["block_tables"].shape[1] - 1).bit_length())  # power of two: few graph shapes
         key = StepKey(padded, width, (sampling.all_greedy, sampling.any_greedy, sampling.any_filter, sampling.want_logprobs),
                       choose_num_splits(padded, self.model.num_kv_heads, width * self.block_size, self.device),
                       plan.graph_key if plan is not None else None)
-        return self.graphs.run(key, arrays, num_seqs, plan)
+        if steps == 1:
+            tokens, logprobs = self.graphs.run(key, arrays, num_seqs, plan)
+            return tokens[None], (logprobs[None] if logprobs is not None else None)
+        tokens = torch.empty(steps, num_seqs, dtype=torch.int64, device=self.device)  # [steps, B]
+        logprobs = torch.empty(steps, num_seqs, dtype=torch.float32, device=self.device) if sampling.want_logprobs else None
+        rows = np.arange(num_seqs)
+        active, first = arrays["active"], arrays["positions"]
+        for step in range(steps):
+            if step > 0:
+                offset = np.minimum(step, active - 1)  # [B]: a row past its steps repeats its last position
+                positions = first + offset
+                slots = arrays["block_tables"][rows, positions // self.block_size].astype(np.int64) * self.block_size
+                keys = arrays["noise_keys"].copy()
+                keys[:, 3] += offset.astype(np.uint64)
+                arrays = dict(arrays, positions=positions, context_lens=(positions + 1).astype(np.int32),
+                              slots=np.where(step < active, slots + positions % self.block_size, -1),
+                              input_ids=np.zeros(num_seqs, np.int64), input_src=rows.astype(np.int64),
+                              row_hash=row_hash_numpy(keys))
+            step_tokens, step_logprobs = self.graphs.run(key, arrays, num_seqs, plan)
+            tokens[step].copy_(step_tokens)  # the graph's output buffer is overwritten by the next replay
+            if logprobs is not None:
+                logprobs[step].copy_(step_logprobs)
+        return tokens, logprobs
 
     @staticmethod
     def input_sources(batch: ScheduledBatch, input_ids: np.ndarray, previous_rows) -> np.ndarray:
@@ -167,7 +205,7 @@ class ModelRunner:
             input_ids[waiting] = 0
         return source
 
-    def group_shared_prefixes(self, batch: ScheduledBatch, arrays: dict[str, np.ndarray]):
+    def group_shared_prefixes(self, batch: ScheduledBatch, arrays: dict[str, np.ndarray], extra_context: int = 0):
         """Samples that share a prompt's pages, by the measured crossover (shared_prefix.py): when some group
         qualifies, reorders batch.seqs and every per-row array so each group's rows are adjacent and returns the
         host cascade plan (else None: the plain paged kernel serves the step)."""
@@ -188,10 +226,11 @@ class ModelRunner:
         if not use_cascade(prefix_blocks):
             return None
         batch.seqs = [batch.seqs[i] for i in order]  # the caller appends the sampled tokens in this order
+        batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
         for name, values in arrays.items():
             arrays[name] = values[order]
         plan = plan_cascade_host(group_starts, prefix_blocks, self.block_size, self.model.num_heads,
-                                 self.model.num_kv_heads, int(arrays["context_lens"].max()),
+                                 self.model.num_kv_heads, int(arrays["context_lens"].max()) + extra_context,
                                  item_capacity=item_capacity_for)  # padded with no-op items: graph shapes repeat
         arrays.update(cascade_items=plan.items, prefix_tokens=plan.prefix_tokens)  # ride in the step's one copy
         return plan

@@ -121,6 +121,25 @@ class Scheduler:
         batch.num_new_tokens = [1] * len(scheduled)
         return batch
 
+    def schedule_decode_round(self, steps: int, max_model_len: int) -> ScheduledBatch:
+        """Every running sequence for a round of up to `steps` decode steps launched without the host in between:
+        num_new_tokens[i] = the steps sequence i may still take (its max_tokens and the context end; a sequence
+        with fewer sits out the round's last steps). Blocks for every position are taken now; the caller checked
+        that they fit (round_blocks_needed), so nothing is preempted."""
+        batch = ScheduledBatch(False, list(self.running), [])
+        manager = self.block_manager
+        for seq in self.running:
+            active = min(steps, seq.params.max_tokens - seq.num_output_tokens, max_model_len - len(seq))
+            copy = manager.append_slots(seq, active)
+            if copy is not None:
+                batch.block_copies.append(copy)
+            batch.num_new_tokens.append(active)
+        return batch
+
+    def round_blocks_needed(self, steps: int) -> int:
+        """Free blocks that a decode round of `steps` steps can take at most."""
+        return sum(self.block_manager.blocks_for_steps(seq, steps) for seq in self.running)
+
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Record the K/V this step wrote; sequences whose prompt is done move to running."""
         if batch.is_prefill:

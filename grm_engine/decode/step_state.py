@@ -14,18 +14,22 @@ from .sequence import Sequence
 
 @dataclass
 class PendingStep:
-    """A launched decode step: its rows' sequences and the tokens (log-probs) on their way to pinned host memory."""
+    """A launched round of decode steps: its rows' sequences, how many steps each took part in, and the tokens
+    (log-probs) [steps, B] on their way to pinned host memory."""
 
     seqs: list[Sequence]
-    tokens: torch.Tensor  # [B] int64, host (pinned on CUDA; valid once the event completes)
-    logprobs: torch.Tensor | None
+    num_steps: list[int]  # per row: the round's first num_steps[i] tokens of row i are real
+    tokens: torch.Tensor  # [steps, B] int64, host (pinned on CUDA; valid once the event completes)
+    logprobs: torch.Tensor | None  # [steps, B] fp32
     event: torch.cuda.Event | None  # None off CUDA (the copy was synchronous)
 
     @classmethod
     def copy_to_host(cls, batch: ScheduledBatch, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> "PendingStep":
+        """tokens, logprobs [steps, B] (or [B]: one step) on the device; batch.num_new_tokens: steps per row."""
         cuda = tokens.device.type == "cuda"
 
         def to_host(t):
+            t = t if t.dim() == 2 else t[None]
             return torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda).copy_(t, non_blocking=cuda)
 
         event = None
@@ -33,12 +37,15 @@ class PendingStep:
         if cuda:
             event = torch.cuda.Event()
             event.record()
-        return cls(list(batch.seqs), host_tokens, host_logprobs, event)
+        return cls(list(batch.seqs), list(batch.num_new_tokens), host_tokens, host_logprobs, event)
 
-    def wait(self) -> tuple[list[int], list[float] | None]:
+    def wait(self) -> tuple[list[list[int]], list[list[float]] | None]:
+        """-> per row, its tokens of the round (and log-probs), num_steps[i] of them."""
         if self.event is not None:
             self.event.synchronize()
-        return self.tokens.tolist(), (self.logprobs.tolist() if self.logprobs is not None else None)
+        tokens = self.tokens.t().tolist()  # [B][steps]
+        logprobs = self.logprobs.t().tolist() if self.logprobs is not None else None
+        return tokens, logprobs
 
 
 @dataclass
@@ -53,6 +60,8 @@ class SamplingArrays:
     all_greedy: bool
     any_greedy: bool
     any_filter: bool
+    keys: np.ndarray | None = None  # [B, 4] uint64 noise keys (seed, request key, sample, length): a round's
+    # step s draws with length + s (ModelRunner.decode_round)
 
     @classmethod
     def build(cls, seqs: list[Sequence], seeds) -> "SamplingArrays":
@@ -76,7 +85,7 @@ class SamplingArrays:
             want_logprobs = any(p.logprobs for p in params)
         greedy = temperature <= 0
         return cls(row_hash_numpy(keys), temperature, top_p, top_k, want_logprobs,
-                   bool(greedy.all()), bool(greedy.any()), bool(((top_k > 0) | (top_p < 1)).any()))
+                   bool(greedy.all()), bool(greedy.any()), bool(((top_k > 0) | (top_p < 1)).any()), keys)
 
     def arrays(self) -> list[np.ndarray]:
         return [self.row_hash, self.temperature, self.top_p, self.top_k]
