@@ -20,7 +20,7 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-SECTIONS = ["ceilings", "loss", "parse", "decode", "cascade", "score", "prefill"]
+SECTIONS = ["ceilings", "loss", "parse", "decode", "cascade", "score", "coldstart", "prefill", "deepseek_v2"]
 
 
 def measure_ceilings(args) -> list[dict]:

@@ -328,7 +328,8 @@ def run(args) -> list[dict]:
     matmul_rate = ceilings.get("matmul", 760e12)
     rows = logits_cases(args, bandwidth)
     torch.cuda.empty_cache()
-    rows += fused_linear_cases(args, matmul_rate)
+    if os.environ.get("GRM_BENCH_LOSS_CASES", "all") != "logits":  # logits: skip the fused lm_head cases (a quick re-run)
+        rows += fused_linear_cases(args, matmul_rate)
     if not ceilings:
         for r in rows:
             r["note"] = (r.get("note", "") + " floors from DESIGN.md ceilings (run with --only ceilings,loss)").strip()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import os
@@ -85,6 +86,7 @@ def one_run(model, tokenizer, examples, k, max_num_seqs, batched_tokens, profile
         "graphs": stats.extra.get("cuda_graphs"), "graph_capture_s": stats.extra.get("graph_capture_s"),
     }
     del decoder, grm, result
+    gc.collect()  # the decoder's KV pool must be gone before the next one sizes its own from free memory
     torch.cuda.empty_cache()
     return row
 

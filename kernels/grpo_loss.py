@@ -7,7 +7,7 @@ No host sync stands before the big kernels: the token-id range check runs on the
 its flag is copied to pinned memory right behind it, and the host waits for that copy only after the big kernels
 are queued. Every gather index is clamped into [0, V), so a bad id never reads out of bounds, and the gradient is
 not written when the flag is set, so a failed call leaves the logits as they were. Non-finite advantages, rewards or
-old/ref log-probs (at completion positions) set the same flag (bit 2, from grm_engine.loss.nonfinite_flag).
+old/ref log-probs (at completion positions) set the same flag (bit 2, in the same prologue kernel: token_id_check.py).
 """
 from __future__ import annotations
 
@@ -370,9 +370,14 @@ def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=N
     kernel_options: launch_rows' block shapes and variants (block_v, num_warps, num_stages, programs,
     fused_grad, grad_block_v, grad_num_warps, grad_num_stages), for tuning and tests."""
     batch, length, vocab = logits.shape
-    counts, flag = check_sequences(completion_ids, mask, vocab)
     finite_inputs = dict(advantages=advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp)
-    flag |= nonfinite_flag(mask != 0, **finite_inputs)  # on the device, before the kernels read the flag
+    # ids, counts and the NaN/Inf check of the per-token and per-sequence inputs in one prologue kernel, flag on the
+    # device before the loss kernels read it (no host sync, a handful of host ops before the first kernel)
+    per_token_advantages = advantages is not None and advantages.dim() == 2
+    counts, flag = check_sequences(completion_ids, mask, vocab, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp,
+                                   advantages=None if per_token_advantages else advantages)
+    if per_token_advantages:  # [B, T] advantages: the tensor ops' check (rare; the prologue handles [B])
+        flag |= nonfinite_flag(mask != 0, advantages=advantages)
     pending = FlagReader(flag)
     count_view, weight_factor = reduction_counts(counts, loss_type, batch, length, max_completion_length)
     options = dict(group_size=group_size, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,

@@ -43,8 +43,10 @@ def row_kernel(*enabled):
 
 
 CASES = [
-    ("_check_sequences_kernel", dict(HAS_MASK=True, BLOCK_T=1024), {"mask_ptr": "*i1"}, 4, 3),
-    ("_check_sequences_kernel", dict(HAS_MASK=False, BLOCK_T=256), {}, 4, 3),
+    ("_check_sequences_kernel", dict(NONFINITE=2, HAS_MASK=True, HAS_OLD=True, HAS_REF=True, HAS_ADV=True,
+                                     HAS_REWARDS=False, BLOCK_T=1024), {"mask_ptr": "*i1"}, 4, 3),
+    ("_check_sequences_kernel", dict(NONFINITE=2, HAS_MASK=False, HAS_OLD=False, HAS_REF=False, HAS_ADV=False,
+                                     HAS_REWARDS=True, BLOCK_T=256), {}, 4, 3),
     ("_grpo_rows_kernel", row_kernel("HAS_MASK", "HAS_COUNT", "HAS_OLD", "HAS_REF", "COMPUTE_LOSS"), {}, 2, 3),
     ("_grpo_rows_kernel", row_kernel(*(f for f in ROW_FLAGS if f != "HAS_OLD")), {}, 8, 2),  # fused grad, rewards
     ("_grpo_rows_kernel", row_kernel("COMPUTE_ENTROPY"), {}, 2, 3),  # token_logprobs

@@ -107,6 +107,37 @@ def test_check_sequences_counts_and_flag(mask_kind):
     assert check_sequences(ids, mask, V)[1].item() == (mask is None or bool(mask[0, 36]))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_check_sequences_nonfinite_flag_matches_reference(seed):
+    """The prologue's NaN/Inf bit == grm_engine.loss.nonfinite_flag (the tensor-op rule it replaces on the Triton
+    path): old/ref log-probs count at completion positions only, an advantage only when its sequence has completion
+    tokens, a reward always; the id bit stays separate."""
+    from grm_engine.kernels.grpo_loss import check_sequences
+    from grm_engine.loss import NONFINITE_FLAG, nonfinite_flag
+
+    gen = torch.Generator().manual_seed(seed)
+    _, ids, mask, *_ = make_inputs(40 + seed, length=37)
+    ids = ids.clamp(min=0)
+    mask[1] = False  # a sequence without completion tokens
+    cases = 0
+    for trial in range(12):
+        tensors = dict(old_logp=-torch.rand(B, 37, generator=gen), ref_logp=-torch.rand(B, 37, generator=gen),
+                       advantages=torch.randn(B, generator=gen), rewards=torch.randn(B, generator=gen))
+        name = ("old_logp", "ref_logp", "advantages", "rewards")[trial % 4]
+        if trial >= 4:  # one poisoned entry, masked or not, on an empty sequence or not
+            index = tuple(int(torch.randint(0, n, (1,), generator=gen)) for n in tensors[name].shape)
+            tensors[name][index] = (float("nan"), float("inf"), -float("inf"))[trial % 3]
+        if trial % 2:
+            tensors.pop("rewards")
+        else:
+            tensors.pop("advantages")
+        want = int(nonfinite_flag(mask, **tensors).item())
+        got = int(check_sequences(ids, mask, V, **tensors)[1].item())
+        assert got == want, (trial, name)
+        cases += want == NONFINITE_FLAG
+    assert 0 < cases < 12  # both outcomes were tried
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.0, -2.5, float("inf")])
 def test_scale_rows_matches_multiply(scale):
     from grm_engine.kernels.grpo_loss import scale_rows
