@@ -422,6 +422,14 @@ def _eval_report(args, grm, ks, benchmarks: dict, greedy, sampled) -> dict:
     return report
 
 
+def _rerun_hint(args) -> str:
+    if args.command == "score":
+        return f"; the results so far are in {args.out}, rerun the same command to resume"
+    if args.command == "eval":
+        return "; rerun the same command (eval starts over; its outputs are written only at the end)"
+    return ""
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the deepspeed launcher puts --local_rank=N first (`deepspeed -m grm_engine train ...`)
@@ -457,9 +465,13 @@ def main(argv=None) -> int:
     except RankFailure as e:
         return report_failure(f"grm-engine {args.command}", args.ranks, e)
     except KeyboardInterrupt:
-        where = f"; the results so far are in {args.out}, rerun the same command to resume" if args.command == "score" else ""
         if args.ranks.is_main:
-            print(f"grm-engine {args.command}: interrupted{where}", file=sys.stderr)
+            print(f"grm-engine {args.command}: interrupted{_rerun_hint(args)}", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a file-size limit, a folder removed mid-run: no traceback, the same advice
+        if args.ranks.is_main:
+            print(f"grm-engine {args.command}: error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+                  f"{_rerun_hint(args)}", file=sys.stderr)
+        return 1
     finally:
         args.ranks.close()

@@ -100,3 +100,59 @@ def file_size_limit(limit_bytes: int, *, ignore_signal: bool = False):
 
 def python_command(*args) -> list[str]:
     return [sys.executable, "-m", "grm_engine", *args]
+
+
+# The CLI with one function slowed down (a sleep before each call) and, when GRM_TEST_MARKS names a file, one byte
+# appended to it after each call, so a test can interrupt the run between two calls; the interrupted run and its
+# rerun run the same command, nothing in the product changes.
+SLOW_CLI = ("import importlib, os, sys, time\n"
+            "module_name, class_name, method, seconds = sys.argv[1:5]\n"
+            "owner = getattr(importlib.import_module(module_name), class_name)\n"
+            "original = getattr(owner, method)\n"
+            "def slow(*args, **kwargs):\n"
+            "    time.sleep(float(seconds))\n"
+            "    result = original(*args, **kwargs)\n"
+            "    if os.environ.get('GRM_TEST_MARKS'):\n"
+            "        with open(os.environ['GRM_TEST_MARKS'], 'a') as f:\n"
+            "            f.write('x')\n"
+            "    return result\n"
+            "setattr(owner, method, slow)\n"
+            "from grm_engine.cli import main\n"
+            "sys.exit(main(sys.argv[5:]))\n")
+
+
+def slow_cli(target: str, seconds: float, *args) -> list[str]:
+    """[python, -c, SLOW_CLI, ...]: `python -m grm_engine ARGS` with target ("module:Class.method") sleeping
+    `seconds` before each call."""
+    module_name, qualified = target.split(":")
+    class_name, method = qualified.split(".")
+    return [sys.executable, "-c", SLOW_CLI, module_name, class_name, method, str(seconds), *args]
+
+
+def marks(path) -> int:
+    """Calls the slowed function finished so far (see SLOW_CLI)."""
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+def interrupt(command, how: str, *, after_calls: int, marks_file, limit_bytes: int, env: dict):
+    """Run command (a slow_cli command) and interrupt it: "SIGINT" / "SIGKILL" once after_calls calls of the slowed
+    function finished, or "SIGXFSZ" / "EFBIG": a file-size limit of limit_bytes on every file it writes (the write
+    crossing it kills the process, or fails with EFBIG when the signal is ignored). -> the CompletedProcess."""
+    env = dict(env, GRM_TEST_MARKS=str(marks_file))
+    if how in ("SIGXFSZ", "EFBIG"):
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                              preexec_fn=file_size_limit(limit_bytes, ignore_signal=how == "EFBIG"))
+    sig = {"SIGINT": signal.SIGINT, "SIGKILL": signal.SIGKILL}[how]
+    return kill_when(command, lambda: marks(marks_file) >= after_calls, sig=sig, env=env)
+
+
+def lines_of(path) -> list[str]:
+    """Whole lines of a file (a cut last line left out); [] when it does not exist."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []

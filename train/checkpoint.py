@@ -12,6 +12,7 @@ output_dir/checkpoint-STEP/
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -66,6 +67,15 @@ def _file_sizes(root: str) -> dict[str, int]:
     return sizes
 
 
+def _torch_save(obj, path: str) -> None:
+    """torch.save, whose failed write (a full disk, a file-size limit) is a RuntimeError from its C++ stream: an
+    OSError naming the file, as every other write here."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        raise OSError(errno.EIO, f"cannot write the file ({str(e).splitlines()[0]})", path) from None
+
+
 def save_model(engine, tokenizer, path: str, state_dict=None) -> None:
     """The consolidated model (safetensors) + tokenizer into `path` (rank 0 writes; collective under ZeRO-3)."""
     if state_dict is None:
@@ -89,9 +99,9 @@ def save_checkpoint(engine, tokenizer, output_dir: str, step: int, trainer_state
     if engine.deepspeed is not None:
         engine.deepspeed.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state")
     elif is_main():
-        torch.save({"optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict()},
-                   os.path.join(tmp, "optimizer.pt"))
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{rank()}.pt"))
+        _torch_save({"optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict()},
+                    os.path.join(tmp, "optimizer.pt"))
+    _torch_save(_rng_state(), os.path.join(tmp, f"rng_state_{rank()}.pt"))
     save_model(engine, tokenizer, tmp)
     barrier()
     if is_main():

@@ -79,6 +79,11 @@ def main(argv: list[str]) -> int:
         print(f"grm-engine train {stage}: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk or a file-size limit while saving: checkpoints are atomic, the last one holds
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"grm-engine train {stage}: error: {e.strerror or e}{where}; free space and rerun the same command to "
+              "resume from the last complete checkpoint", file=sys.stderr)
+        return 1
     from .engine import is_main
 
     if is_main():
