@@ -1,5 +1,6 @@
 """Training across processes on the CPU (DeepSpeed with DS_ACCELERATOR=cpu, gloo), what tests/test_train_deepspeed.py
-does not cover: GRPO under torchrun logs the step's global metrics (not rank 0's), and a checkpoint resumes at
+does not cover: GRPO under torchrun with ZeRO-3 (rollouts from the gathered weights on every rank) logs the same
+step metrics as one process (global values, not rank 0's), and a checkpoint resumes at
 another world size through DeepSpeed's universal checkpoint (ZeRO-2; ZeRO-3 is refused before any model loads).
 Runs that use DeepSpeed are subprocesses (its process group and launcher variables must not leak)."""
 import importlib.util
@@ -24,22 +25,28 @@ def ds_env():
 
 
 def test_grpo_on_two_ranks_logs_global_metrics(warm_model, tmp_path):  # noqa: F811
-    """One process with 4 prompts per step vs two with 2 each (ZeRO-2): step 1 starts from the same weights and its
-    samples are keyed by example, so every rollout number of the step must be the same; rank 0 alone saw half."""
+    """One process with 4 prompts per step vs two with 2 each (ZeRO-3: each rank rolls out from the gathered
+    weights). Samples are keyed by example and both runs hold the same weights (to rounding), so every rollout
+    number of a step must be the same; rank 0 alone saw half of them."""
     data = write_examples_jsonl(tmp_path / "examples.jsonl", make_task_examples(16, seed=3))
     common = dict(model=warm_model, data=data, max_steps=2, logging_steps=1, save_steps=0, num_generations=4,
                   learning_rate=1e-3, beta=0.0, temperature=1.0, max_completion_length=8, seed=5, device="cpu",
                   report_plot=False, log_completions_steps=0)
     one, two = tmp_path / "one", tmp_path / "two"
     train("grpo", dict(common, output_dir=str(one), per_device_train_batch_size=4), log=lambda *a: None)
-    done = run_cli(["-m", "grm_engine", "train", "grpo"] + flags(dict(common, output_dir=str(two), deepspeed="zero2",
+    done = run_cli(["-m", "grm_engine", "train", "grpo"] + flags(dict(common, output_dir=str(two), deepspeed="zero3",
                                                                        per_device_train_batch_size=2)),
                    prefix=TORCHRUN, env=ds_env(), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    first, second = read_metrics(one)[0], read_metrics(two)[0]
-    assert first["step"] == second["step"] == 1
-    for key in ("generated_tokens", "reward_mean", "accuracy", "completion_length_mean", "completion_length_max", "parse_failure_rate",
-                "zero_advantage_group_fraction", "zero_advantage_frac", "trained_rows", "truncated_fraction"):
+    assert [row["step"] for row in read_metrics(two)] == [1, 2]
+    for first, second in zip(read_metrics(one), read_metrics(two)):  # step 2: both from their updated weights
+        check_same_step(first, second)
+
+
+def check_same_step(first: dict, second: dict) -> None:
+    for key in ("generated_tokens", "reward_mean", "accuracy", "completion_length_mean", "completion_length_max",
+                "parse_failure_rate", "zero_advantage_group_fraction", "zero_advantage_frac", "trained_rows",
+                "truncated_fraction"):
         assert second[key] == pytest.approx(first[key], abs=1e-12), (key, first[key], second[key])
     assert 0 < first["accuracy"] < 1  # the warm model says either verdict: a rank's own mean would differ
     for key in ("loss", "kl", "grad_norm"):
