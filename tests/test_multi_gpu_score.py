@@ -90,7 +90,8 @@ def test_killed_at_two_ranks_resumes_at_one(setup, tmp_path):
     done = launched(setup, 2, score_argv(setup, out), failure=("kill", 1, 2))  # rank 1 dies in the 2nd chunk
     assert done.returncode != 0
     lines = whole_lines(out.read_text())
-    assert lines == whole_lines(setup["reference"])[:CHUNK]  # the first chunk only
+    # the first chunk at most: the launcher's SIGTERM may reach rank 0 while it writes that chunk's lines
+    assert len(lines) <= CHUNK and lines == whole_lines(setup["reference"])[:len(lines)]
     assert cli.main(score_argv(setup, out)) == 0  # one process finishes it
     assert out.read_text() == setup["reference"]
 
