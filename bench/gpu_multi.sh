@@ -81,7 +81,7 @@ if [[ ,$parts, == *,grpo,* ]]; then
   grpo() {  # name, launcher..., then gpu_grpo.py's args
     local name=$1; shift
     t "grpo $name"
-    timeout 180 "$@" --shape 0.5b --deepspeed zero2 --steps 3 --out "$OUT/grpo_$name.json" >"$OUT/grpo_$name.log" 2>&1 \
+    timeout 200 "$@" --shape 0.5b --deepspeed zero2 --steps 3 --out "$OUT/grpo_$name.json" >"$OUT/grpo_$name.log" 2>&1 \
       || echo "FAILED grpo $name"
     grep -v -i warn "$OUT/grpo_$name.log" | grep -E "Error|^step|^\{" | tail -6
   }
