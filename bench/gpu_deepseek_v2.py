@@ -22,7 +22,6 @@ import time
 
 import torch
 
-import gpu_decode
 from gpu_decode import profile_decode
 
 LITE = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hidden_layers=27, num_attention_heads=16,
@@ -36,6 +35,8 @@ LITE = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hi
 NUM_PROMPTS, PROMPT_LEN, N, NEW_TOKENS = 8, 2048, 32, 256
 HF_NEW = 16  # transformers: new tokens of its timed run (one prompt, n = 32)
 QUICK = dict(num_hidden_layers=4)
+KERNEL_SEQS = (256, 32, 2048, 2304)  # kernel rows: sequences, samples per prompt, shared prefix, context
+KERNEL_MOE = (2048, 1408, 64, 6)  # kernel rows: hidden, moe_intermediate, routed experts, top-k
 DEVICE = "cuda"  # a CPU smoke run of this file sets "cpu" (and gpu_decode.DEVICE) with a tiny shape
 
 
@@ -85,7 +86,84 @@ def hf_generate_s(model, prompt, n, new_tokens) -> float:
     return time.perf_counter() - start
 
 
+def kernel_rows(args) -> list[dict]:
+    """The two new kernels alone at the decode step's shape (256 sequences), by tile choice, against bandwidth:
+    MLA decode over 2,304-token contexts whose first 2,048 tokens' pages are shared by groups of 32 (as forked
+    samples), and the routed experts of one layer (every expert active)."""
+    from triton.testing import do_bench
+
+    from grm_engine.kernels.mla_attention import mla_decode_attention
+
+    bandwidth = args.ceilings.get("bandwidth", 4.2e12)
+    rows = []
+    batch, group, prefix, context = KERNEL_SEQS
+    block_size, row = 16, 576
+    prefix_blocks, own_blocks = prefix // block_size, (context - prefix) // block_size
+    num_groups = batch // group
+    num_blocks = num_groups * prefix_blocks + batch * own_blocks
+    cache = torch.randn(num_blocks, block_size, 1, row, device=DEVICE, dtype=torch.bfloat16)
+    shared = torch.arange(num_groups * prefix_blocks, device=DEVICE).view(num_groups, prefix_blocks)
+    own = num_groups * prefix_blocks + torch.arange(batch * own_blocks, device=DEVICE).view(batch, own_blocks)
+    tables = torch.cat((shared.repeat_interleave(group, 0), own), 1).int()  # [B, context / block_size]
+    lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, 16, row, device=DEVICE, dtype=torch.bfloat16)
+    per_seq_bytes = batch * context * row * 2
+    unique_bytes = num_blocks * block_size * row * 2
+    for block_n in (16, 32, 64):
+        for splits in (1, 2):
+            try:
+                ms = do_bench(lambda: mla_decode_attention(q, cache, tables, lens, 0.1, 512, num_splits=splits,
+                                                           block_n=block_n), warmup=10, rep=100, return_mode="median")
+            except Exception as error:  # e.g. out of shared memory for this tile
+                rows.append({"section": "deepseek_v2", "case": f"MLA decode block_n={block_n} splits={splits}",
+                             "error": f"{type(error).__name__}: {str(error)[:80]}"})
+                continue
+            rows.append({"section": "deepseek_v2", "case": f"MLA decode {batch} x {context} (groups of {group} share "
+                         f"{prefix}) block_n={block_n} splits={splits}", "ours_ms": ms,
+                         "floor_unique_ms": 1e3 * unique_bytes / bandwidth, "floor_per_seq_ms": 1e3 * per_seq_bytes / bandwidth,
+                         "GB/s_per_seq_bytes": per_seq_bytes / ms / 1e6})
+    return rows + moe_kernel_rows(batch, bandwidth)
+
+
+def moe_kernel_rows(batch: int, bandwidth: float) -> list[dict]:
+    from triton.testing import do_bench
+
+    from grm_engine.decode.models.moe import routed_experts_reference
+    from grm_engine.kernels.moe import fused_moe
+
+    rows = []
+    hidden, inter, experts, top_k = KERNEL_MOE
+    x = torch.randn(batch, hidden, device=DEVICE, dtype=torch.bfloat16)
+    gate_up = torch.randn(experts, 2 * inter, hidden, device=DEVICE, dtype=torch.bfloat16) * 0.02
+    down = torch.randn(experts, hidden, inter, device=DEVICE, dtype=torch.bfloat16) * 0.02
+    weights, ids = torch.topk(torch.randn(batch, experts, device=DEVICE).softmax(-1), top_k, dim=-1)
+    weight_bytes = 3 * experts * hidden * inter * 2
+    ref_ms = do_bench(lambda: routed_experts_reference(x, ids, weights, gate_up, down, torch.nn.functional.silu),
+                      warmup=3, rep=20, return_mode="median")
+    for block_m, block_n, block_k in ((16, 64, 64), (32, 64, 64), (64, 64, 64), (64, 128, 64), (32, 128, 128)):
+        try:
+            ms = do_bench(lambda: fused_moe(x, ids, weights, gate_up, down, block_m=block_m, block_n=block_n,
+                                            block_k=block_k), warmup=10, rep=100, return_mode="median")
+        except Exception as error:
+            rows.append({"section": "deepseek_v2", "case": f"MoE block {block_m}x{block_n}x{block_k}",
+                         "error": f"{type(error).__name__}: {str(error)[:80]}"})
+            continue
+        rows.append({"section": "deepseek_v2", "case": f"routed experts {batch} tokens top-{top_k} of {experts} block {block_m}x{block_n}x{block_k}",
+                     "ours_ms": ms, "ref_ms": ref_ms, "floor_ms": 1e3 * weight_bytes / bandwidth,
+                     "GB/s": weight_bytes / ms / 1e6})
+    default_ms = do_bench(lambda: fused_moe(x, ids, weights, gate_up, down), warmup=10, rep=100, return_mode="median")
+    rows.append({"section": "deepseek_v2", "case": f"routed experts {batch} tokens, default tiles", "ours_ms": default_ms,
+                 "ref_ms": ref_ms, "floor_ms": 1e3 * weight_bytes / bandwidth, "GB/s": weight_bytes / default_ms / 1e6})
+    return rows
+
+
 def run(args) -> list[dict]:
+    rows = kernel_rows(args)
+    _sync()
+    return rows + model_rows(args)
+
+
+def model_rows(args) -> list[dict]:
     from grm_engine.decode import Decoder, SamplingParams
 
     quick = getattr(args, "quick", False)

@@ -100,7 +100,7 @@ def _down_kernel(h_ptr, w_ptr, sorted_pairs_ptr, block_experts_ptr, weights_ptr,
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
-              down: torch.Tensor, *, block_m: int | None = None) -> torch.Tensor:
+              down: torch.Tensor, *, block_m: int | None = None, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
     """x [T, H]; topk_ids [T, K] (expert of each pair); topk_weights [T, K] (fp32 routing weights);
     gate_up [E, 2 * I, H] (gate rows then up rows, as transformers stores experts); down [E, H, I].
     Returns sum_k weight[t, k] * down_e(SiLU(gate_e(x_t)) * up_e(x_t)) [T, H] in x's dtype (fp32 accumulation)."""
@@ -119,7 +119,6 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     sorted_pairs, block_experts = align_by_expert(topk_ids, num_experts, block_m)
     num_blocks = block_experts.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    block_n, block_k = 64, 64
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [P, I]
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
         x, gate_up, sorted_pairs, block_experts, h, num_pairs,
