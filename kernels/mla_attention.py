@@ -56,7 +56,9 @@ def _mla_decode_kernel(
     h = tl.arange(0, BLOCK_H)
     r = tl.arange(0, BLOCK_R)
     p = tl.arange(0, BLOCK_P)
-    h_mask, r_mask, p_mask = h < NUM_HEADS, r < LATENT, p < ROPE
+    h_mask = h < NUM_HEADS
+    r_mask = r < LATENT
+    p_mask = p < ROPE
     q_row = q_ptr + batch * stride_qb + h[:, None] * stride_qh
     q_latent = tl.load(q_row + r[None, :], mask=h_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_R]
     q_rope = tl.load(q_row + LATENT + p[None, :], mask=h_mask[:, None] & p_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_P]
