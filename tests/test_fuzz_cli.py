@@ -8,7 +8,6 @@ before any model loads, or reach the model load only with values the options' ru
 changes on an error. Derandomized and bounded (a few dozen examples each)."""
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -172,6 +171,57 @@ def test_fuzzed_flags(model, tmp_path_factory, capsys, options):
     assert not _allowed(options), f"{options} is valid but was refused: {err}"
     assert fingerprint(folder) == before
     COUNTS["clear errors"] += 1
+
+
+
+
+# ---- the training entry points' config: the same kinds of values ----
+TRAIN_KEYS = {"learning_rate": float, "warmup_ratio": float, "weight_decay": float, "adam_beta1": float,
+              "adam_beta2": float, "max_grad_norm": float, "per_device_train_batch_size": int,
+              "gradient_accumulation_steps": int, "max_steps": int, "logging_steps": int, "save_steps": int,
+              "max_seq_length": int, "temperature": float, "top_p": float, "beta": float, "epsilon": float,
+              "num_generations": int, "kv_cache_memory_fraction": float, "device": str}
+
+
+def _train_value_allowed(key: str, text: str) -> bool:
+    """The rule for one GRPO config key given as a command-line string (the other keys valid), written plainly."""
+    kind = TRAIN_KEYS[key]
+    if kind is str:
+        return text in ("", "cpu", "cpu:0") or (text.startswith("cuda") and torch.cuda.is_available())  # "": auto
+    value = _number(text.strip(), kind)
+    if value is None or not math.isfinite(value):
+        return False
+    rules = {"learning_rate": value > 0, "warmup_ratio": 0 <= value < 1, "weight_decay": value >= 0,
+             "adam_beta1": 0 <= value < 1, "adam_beta2": 0 <= value < 1, "max_grad_norm": value >= 0,
+             "max_steps": value >= 0, "save_steps": value >= 0, "temperature": value > 0, "top_p": 0 < value <= 1,
+             "beta": value >= 0, "epsilon": value >= 0, "num_generations": value >= 2,
+             "kv_cache_memory_fraction": 0 < value <= 1}
+    return rules.get(key, value >= 1)
+
+
+@FUZZ
+@given(key=st.sampled_from(sorted(TRAIN_KEYS)), text=st.one_of(NUMBERS, FLAGS["--device"]))
+def test_fuzzed_train_config(model, tmp_path_factory, key, text):
+    from grm_engine.train.config import ConfigError, load_config
+
+    COUNTS["inputs"] += 1
+    folder = tmp_path_factory.mktemp("fuzz_train")
+    data = write_jsonl(folder / "data.jsonl", make_examples(2))
+    flags = ["--model", model, "--data", data, "--output_dir", str(folder / "out"), "--max_steps", "2",
+             f"--{key}", text] if text != "" else ["--model", model, "--data", data, "--output_dir",
+                                                    str(folder / "out"), "--max_steps", "2", f"--{key}="]
+    try:
+        config = load_config("grpo", None, flags)
+    except ConfigError as e:
+        assert key in str(e), e
+        assert not _train_value_allowed(key, text), f"--{key} {text!r} is valid but was refused: {e}"
+        COUNTS["clear errors"] += 1
+        return
+    assert _train_value_allowed(key, text), f"--{key} {text!r} was accepted as {getattr(config, key)!r}"
+    expected = text if TRAIN_KEYS[key] is str else TRAIN_KEYS[key](text.strip())
+    assert getattr(config, key) == expected
+    assert not (folder / "out").exists()  # loading a config writes nothing
+    COUNTS["correct results"] += 1
 
 
 def test_report_counts():

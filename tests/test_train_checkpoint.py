@@ -3,13 +3,10 @@
 The peer of every resumed run is an uninterrupted run of the same config in this process: on a CPU with the same
 thread count the resumed losses, gradient norms and final weights must equal it bit for bit.
 """
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 import warnings
 
 import pytest
@@ -17,21 +14,11 @@ import torch
 
 from grm_engine.train import train
 from grm_engine.train.checkpoint import MARKER, checkpoint_problem, complete_checkpoints, latest_checkpoint
-from train_helpers import build_base, few_threads, flags, load_weights, read_metrics  # noqa: F401
+from reliability_helpers import kill_when, slow_cli
+from train_helpers import build_base, few_threads, flags, load_weights, logged_steps, read_metrics  # noqa: F401
 from train_helpers import sft_settings, subprocess_env, write_sft_data
 
 STEPS = 6
-# The CLI with every optimizer step slowed down, so the test can SIGKILL it between two steps: the same
-# command for the killed run and its rerun (nothing in the product changes).
-SLOW_CLI = ("import sys, time\n"
-            "import grm_engine.train.engine as engine\n"
-            "step = engine.Engine.step\n"
-            "def slow_step(self):\n"
-            "    time.sleep(0.4)\n"
-            "    return step(self)\n"
-            "engine.Engine.step = slow_step\n"
-            "from grm_engine.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +77,14 @@ def test_uninterrupted_run_layout(uninterrupted):
 
 def test_sigkill_then_rerun_continues_bit_for_bit(base, data, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-c", SLOW_CLI, "train", "sft"] + flags(sft_settings(base, data, out, max_steps=STEPS))
-    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    # kill once checkpoint-2 exists and step 3 is logged: during step 4 (each step sleeps 0.4 s first), so the
-    # metrics line of step 3 lies past the checkpoint and the rerun must replace it, not repeat it
-    while not ((out / "checkpoint-2").exists() and 3 in logged_steps(out)):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no checkpoint-2 and step 3 after 180 s"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL
+    # every optimizer step sleeps 0.4 s first, so the kill lands inside a step
+    command = slow_cli("grm_engine.train.engine:Engine.step", 0.4, "train", "sft",
+                       *flags(sft_settings(base, data, out, max_steps=STEPS)))
+    # kill once checkpoint-2 exists and step 3 is logged: during step 4, so the metrics line of step 3 lies past
+    # the checkpoint and the rerun must replace it, not repeat it
+    killed = kill_when(command, lambda: (out / "checkpoint-2").exists() and 3 in logged_steps(out),
+                       env=subprocess_env(), timeout=180)
+    assert killed.returncode == -signal.SIGKILL
     assert not (out / "final").exists()
     killed_at = int(os.path.basename(latest_checkpoint(str(out))).split("-")[1])
     assert 2 <= killed_at < STEPS
@@ -113,14 +96,6 @@ def test_sigkill_then_rerun_continues_bit_for_bit(base, data, uninterrupted, tmp
     assert sorted(metrics_by_step(out)) == list(range(1, STEPS + 1))  # each step once
     assert_same_steps(out, uninterrupted, range(1, STEPS + 1))
     assert_same_weights(out / "final", uninterrupted / "final")
-
-
-def logged_steps(output_dir) -> list[int]:
-    try:
-        with open(output_dir / "metrics.jsonl") as f:
-            return [json.loads(line)["step"] for line in f if line.endswith("\n")]
-    except FileNotFoundError:
-        return []
 
 
 def corrupt_truncate(checkpoint):

@@ -18,8 +18,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -27,7 +25,8 @@ import torch
 from grm_engine.demo_task import build_task_tokenizer, make_task_examples, write_examples_jsonl
 from grm_engine.protocol import build_prompt
 from grm_engine.train import train
-from train_helpers import few_threads, flags, load_weights, read_metrics, subprocess_env  # noqa: F401
+from reliability_helpers import kill_when, slow_cli
+from train_helpers import few_threads, flags, load_weights, logged_steps, read_metrics, subprocess_env  # noqa: F401
 
 VERDICTS = ("\\boxed{9, 2}", "\\boxed{2, 9}")
 QUIET = dict(report_plot=False)
@@ -74,15 +73,6 @@ def shown_best(count: int, seed: int, best: int = 0):
 
 # ---------------------------------------------------------------- 1. kill and resume
 STEPS, SAVE = 6, 2
-SLOW_CLI = ("import sys, time\n"  # as tests/test_train_checkpoint.py: every optimizer step sleeps first
-            "import grm_engine.train.engine as engine\n"
-            "step = engine.Engine.step\n"
-            "def slow_step(self):\n"
-            "    time.sleep(0.4)\n"
-            "    return step(self)\n"
-            "engine.Engine.step = slow_step\n"
-            "from grm_engine.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
 # every number a step logs that is a function of the weights and the seed (timings are not)
 SAME_KEYS = ("reward_mean", "reward_std", "accuracy", "loss", "kl", "clip_frac", "grad_norm", "lr",
              "completion_length_mean", "parse_failure_rate", "zero_advantage_frac", "generated_tokens")
@@ -100,14 +90,6 @@ def resume_settings(model, data, output_dir) -> dict:
 def resume_data(tmp_path_factory):
     return write_examples_jsonl(tmp_path_factory.mktemp("grpo_data") / "examples.jsonl",
                                 make_task_examples(16, seed=3))
-
-
-def logged_steps(output_dir) -> list[int]:
-    try:
-        with open(output_dir / "metrics.jsonl") as f:
-            return [json.loads(line)["step"] for line in f if line.endswith("\n")]
-    except FileNotFoundError:
-        return []
 
 
 def completions_by_step(output_dir) -> dict[int, list[dict]]:
@@ -128,17 +110,13 @@ def test_sigkill_then_rerun_continues_bit_for_bit(warm_model, resume_data, tmp_p
     train("grpo", resume_settings(warm_model, resume_data, peer), log=lambda *a: None)
 
     out = tmp_path / "run"
-    command = [sys.executable, "-c", SLOW_CLI, "train", "grpo"] + flags(resume_settings(warm_model, resume_data, out))
-    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
+    # every optimizer step sleeps 0.4 s first, so the kill lands inside a step
+    command = slow_cli("grm_engine.train.engine:Engine.step", 0.4, "train", "grpo",
+                       *flags(resume_settings(warm_model, resume_data, out)))
     # killed during step 4: step 3 (past checkpoint-2) is logged, so the rerun must replace it, not repeat it
-    while not ((out / "checkpoint-2").exists() and 3 in logged_steps(out)):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no checkpoint-2 and step 3 after 120 s"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL
+    killed = kill_when(command, lambda: (out / "checkpoint-2").exists() and 3 in logged_steps(out),
+                       env=subprocess_env(), timeout=120)
+    assert killed.returncode == -signal.SIGKILL
     assert not (out / "final").exists()
     killed_at = max(int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-"))
     assert SAVE <= killed_at < STEPS and max(logged_steps(out)) > killed_at

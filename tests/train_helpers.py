@@ -98,6 +98,15 @@ def read_metrics(output_dir) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def logged_steps(output_dir) -> list[int]:
+    """Steps with a whole line in output_dir/metrics.jsonl so far (a run still writing may have cut the last)."""
+    try:
+        with open(os.path.join(str(output_dir), "metrics.jsonl")) as f:
+            return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
+
+
 def losses_by_step(output_dir) -> dict[int, float]:
     rows = read_metrics(output_dir)
     steps = [r["step"] for r in rows]
