@@ -122,6 +122,14 @@ def kernel_rows(args) -> list[dict]:
                          f"{prefix}) block_n={block_n} splits={splits}", "ours_ms": ms,
                          "floor_unique_ms": 1e3 * unique_bytes / bandwidth, "floor_per_seq_ms": 1e3 * per_seq_bytes / bandwidth,
                          "GB/s_per_seq_bytes": per_seq_bytes / ms / 1e6})
+    # the same step without sharing (every sequence its own pages): how much of the sharing L2 already gives
+    private_tables = torch.arange(batch * (prefix_blocks + own_blocks), device=DEVICE).view(batch, -1).int()
+    private = torch.randn(batch * (prefix_blocks + own_blocks), block_size, 1, row, device=DEVICE, dtype=torch.bfloat16)
+    ms = do_bench(lambda: mla_decode_attention(q, private, private_tables, lens, 0.1, 512), warmup=10, rep=100,
+                  return_mode="median")
+    rows.append({"section": "deepseek_v2", "case": f"MLA decode {batch} x {context}, no shared pages, default tiles",
+                 "ours_ms": ms, "floor_per_seq_ms": 1e3 * per_seq_bytes / bandwidth,
+                 "GB/s_per_seq_bytes": per_seq_bytes / ms / 1e6})
     return rows + moe_kernel_rows(batch, bandwidth)
 
 
