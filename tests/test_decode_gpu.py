@@ -44,8 +44,8 @@ def test_first_step_logits_and_greedy_bf16(family, monkeypatch):
         return sample(logits, *args, **kwargs)
 
     sample = decoder_module.sample
+    decoder = Decoder.from_pretrained(model16, num_kv_blocks=2048, block_size=16)  # (its warm-up call samples too)
     monkeypatch.setattr(decoder_module, "sample", capture)
-    decoder = Decoder.from_pretrained(model16, num_kv_blocks=2048, block_size=16)
     outputs = decoder.generate(prompts(), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     ours = captured[0]  # [3, V]: the first step samples every prompt's first token
     for i, prompt in enumerate(prompts()):
