@@ -154,6 +154,24 @@ def test_bad_checkpoint_folder_is_a_clear_error_in_the_decoder_api(good, tmp_pat
     assert fingerprint(tmp_path) == before
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_bad_checkpoint_folder_is_a_clear_error_in_training(good, tmp_path, capsys, kind):
+    """`train sft` checks the folder (config, headers, weights, context, tokenizer) before transformers loads it:
+    transformers would random-init a missing weight, read a shard outside the folder, or raise from its internals."""
+    from train_helpers import write_sft_data
+
+    folder = bad_copy(good, tmp_path, kind)
+    data = write_sft_data(tmp_path / "sft.jsonl", count=4)
+    before = fingerprint(folder)
+    code, err = cli_outcome(["train", "sft", "--model", folder, "--data", data, "--output_dir",
+                             str(tmp_path / "run"), "--max_steps", "1", "--device", "cpu"], capsys)
+    COUNTS["inputs"] += 1
+    assert code == 2, (kind, code, err)
+    assert "error:" in err and folder in err, err
+    assert not (tmp_path / "run" / "checkpoint-1").exists() and fingerprint(folder) == before
+    COUNTS["clear errors"] += 1
+
+
 # hypothesis: one config.json key set to a drawn value -> a clear error, or a run that scores every example
 CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "head_dim", "tie_word_embeddings",

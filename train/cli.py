@@ -7,6 +7,7 @@ Errors in the config exit with status 2 before any model is loaded. Under the `d
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 
@@ -81,7 +82,8 @@ def main(argv: list[str]) -> int:
         return 130
     except OSError as e:  # a full disk or a file-size limit while saving: checkpoints are atomic, the last one holds
         where = f" ({e.filename})" if e.filename else ""
-        print(f"grm-engine train {stage}: error: {e.strerror or e}{where}; free space and rerun the same command to "
+        advice = "free space and " if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO) else ""
+        print(f"grm-engine train {stage}: error: {e.strerror or e}{where}; {advice}rerun the same command to "
               "resume from the last complete checkpoint", file=sys.stderr)
         return 1
     from .engine import is_main

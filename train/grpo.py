@@ -189,7 +189,7 @@ def load_grpo_examples(config, log=print) -> list:
 def run_grpo(config, log=print) -> TrainResult:
     import json
 
-    check_model_dir(config.model)
+    check_model_dir(config.model, trust_remote_code=config.trust_remote_code)
     examples = load_grpo_examples(config, log)
     resume_from = prepare_output_dir(config, "grpo")
     run = prepare_grpo(config, examples, resume_from, log)

@@ -139,7 +139,7 @@ def make_evaluator(rows: list[Row], config, pad_id: int):
 
 
 def run_meta_rm(config, log=print) -> TrainResult:
-    check_model_dir(config.model)
+    check_model_dir(config.model, trust_remote_code=config.trust_remote_code)
     records = read_meta_rows(config.data, config.examples)
     train_records, eval_records = split_by_id(records, config.eval_fraction, config.seed)
     resume_from = prepare_output_dir(config, "meta-rm")

@@ -185,7 +185,7 @@ def trajectories_path(config) -> str:
 
 
 def run_rft(config, log=print) -> TrainResult:
-    check_model_dir(config.model)
+    check_model_dir(config.model, trust_remote_code=config.trust_remote_code)
     try:
         examples = list(load_examples(config.data))
     except DataError as e:

@@ -18,8 +18,11 @@ from .engine import barrier, is_main
 CONFIG_FILE = "config.yaml"
 
 
-def check_model_dir(path: str, what: str = "model") -> None:
-    """Fail before loading on a directory that is not a safetensors checkpoint (ConfigError naming it)."""
+def check_model_dir(path: str, what: str = "model", *, trust_remote_code: bool = False) -> None:
+    """Fail before loading on a directory that is not a usable safetensors checkpoint (ConfigError naming it): the
+    config transformers reads, readable safetensors headers with floating-point weights inside the folder, for a
+    causal LM the decoder runs every weight with its shape (transformers would silently random-init a missing one),
+    a valid context length and a tokenizer that loads. Reads headers, config and tokenizer only."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ConfigError(f"{what} = {path!r}: no config.json (give a Hugging Face checkpoint directory)")
@@ -34,6 +37,19 @@ def check_model_dir(path: str, what: str = "model") -> None:
         raise ConfigError(f"{what} = {path!r}: no *.safetensors weights (weights load from safetensors only)")
     if not {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} & set(os.listdir(path)):
         raise ConfigError(f"{what} = {path!r}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    from grm_engine.decode import loader
+    from grm_engine.decode.models import MODEL_CLASSES, model_class
+
+    try:
+        model_config = loader.load_config(path, trust_remote_code=trust_remote_code)
+        shapes = loader.weight_shapes(path)
+        architectures = config.get("architectures") or []
+        if config["model_type"] in MODEL_CLASSES and any(str(a).endswith("ForCausalLM") for a in architectures):
+            loader.check_weights(model_class(model_config), model_config, shapes, f"{what} {path}")
+        loader.max_context(model_config, f"{what} {path}")
+        loader.load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, NotImplementedError) as e:
+        raise ConfigError(f"{what} = {path!r}: {e}") from None
 
 
 def prepare_output_dir(config, stage: str) -> str | None:

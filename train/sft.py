@@ -84,7 +84,7 @@ def train_sft_rows(stage: str, config, tokenizer, rows: list[Row], resume_from, 
 
 
 def run_sft(config, log=print) -> TrainResult:
-    check_model_dir(config.model)
+    check_model_dir(config.model, trust_remote_code=config.trust_remote_code)
     pairs = read_prompt_completion(config.data)
     general = read_prompt_completion(config.general_data) if config.general_data else []
     resume_from = prepare_output_dir(config, "sft")

@@ -59,7 +59,9 @@ def shard_files(path: str) -> list[str]:
         raise FileNotFoundError(f"{path}: no *.safetensors files (pytorch_model.bin checkpoints are not supported)")
     for shard in shards:
         if not os.path.isfile(shard):
-            raise FileNotFoundError(f"{index} names a missing shard {shard}")
+            if os.path.isfile(index):
+                raise FileNotFoundError(f"{index} names a missing shard {shard}")
+            raise FileNotFoundError(f"{shard} is not a file")
     return shards
 
 
