@@ -87,6 +87,21 @@ def test_load_from_safetensors_dir_per_expert_and_stacked(tmp_path):
     stacked = tmp_path / "stacked"  # transformers' in-memory layout ([E, 2I, H] gate_up, [E, H, I] down)
     model.config.save_pretrained(stacked)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(stacked / "model.safetensors"))
+    from safetensors.torch import load_file
+
+    from grm_engine.grm import check_checkpoint_weights
+
+    for folder in (released, stacked):
+        check_checkpoint_weights(str(folder))  # from the safetensors headers alone, before any weight loads
+    broken = tmp_path / "broken"  # a released layout that lacks one expert's tensor: named before loading
+    model.config.save_pretrained(broken)
+    tensors = load_file(str(released / "model.safetensors"))
+    del tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match="experts.5.up_proj"):
+        check_checkpoint_weights(str(broken))
+    with pytest.raises(ValueError, match="experts.5.up_proj"):
+        Decoder.from_pretrained(str(broken), device="cpu", dtype=torch.float32, num_kv_blocks=8)
     prompts = make_prompts(seed=4)[:2]
     expected = [[hf_greedy(model, prompt, 10)] for prompt in prompts]
     for folder in (released, stacked):

@@ -143,6 +143,8 @@ def check_weights(model_cls, config, shapes: dict, source: str) -> None:
     """Every weight model_cls reads is present with the shape config.json implies; raises ValueError naming the
     weight and the source (checkpoint folder or live module). shapes: name -> shape (or tensor)."""
     try:
+        if hasattr(model_cls, "normalize_weights"):  # e.g. per-expert tensors (or their shapes) in the model's layout
+            shapes = model_cls.normalize_weights(config, dict(shapes))
         expected = model_cls.expected_weights(config)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None

@@ -71,9 +71,10 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
         return layer >= (getattr(config, "first_k_dense_replace", 0) or 0)
 
     @classmethod
-    def normalize_weights(cls, config, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def normalize_weights(cls, config, weights: dict) -> dict:
         """Stack per-expert tensors (mlp.experts.N.{gate,up,down}_proj.weight) into [E, 2I, H] gate_up and
-        [E, H, I] down, in place of the per-expert entries. Other layouts pass through unchanged."""
+        [E, H, I] down, in place of the per-expert entries. `weights` maps names to tensors or, for a check from
+        the safetensors headers alone, to shapes. Other layouts pass through unchanged."""
         num_experts = getattr(config, "n_routed_experts", None) or 0
         for layer in range(config.num_hidden_layers):
             prefix = f"model.layers.{layer}.mlp.experts"
@@ -83,13 +84,22 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
             missing = [n for n in names if n not in weights]
             if missing:
                 raise ValueError(f"the checkpoint lacks weight {missing[0]!r} (n_routed_experts={num_experts})")
-            try:
-                weights[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat((weights[f"{prefix}.{e}.gate_proj.weight"],
-                                                                           weights[f"{prefix}.{e}.up_proj.weight"]))
-                                                                for e in range(num_experts)])
-                weights[f"{prefix}.down_proj"] = torch.stack([weights[f"{prefix}.{e}.down_proj.weight"] for e in range(num_experts)])
-            except RuntimeError as e:
-                raise ValueError(f"{prefix}: per-expert weights of different shapes ({e})") from None
+            gate_up = [(weights[f"{prefix}.{e}.gate_proj.weight"], weights[f"{prefix}.{e}.up_proj.weight"])
+                       for e in range(num_experts)]
+            down = [weights[f"{prefix}.{e}.down_proj.weight"] for e in range(num_experts)]
+            if torch.is_tensor(down[0]):
+                try:
+                    weights[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in gate_up])
+                    weights[f"{prefix}.down_proj"] = torch.stack(down)
+                except RuntimeError as e:
+                    raise ValueError(f"{prefix}: per-expert weights of different shapes ({e})") from None
+            else:  # shapes: stacking needs equal shapes, as torch.stack would
+                shapes = {tuple(g) for g, _ in gate_up} | {tuple(u) for _, u in gate_up}
+                if len(shapes) != 1 or len({tuple(d) for d in down}) != 1:
+                    raise ValueError(f"{prefix}: per-expert weights of different shapes")
+                (rows, cols), = shapes
+                weights[f"{prefix}.gate_up_proj"] = (num_experts, 2 * rows, cols)
+                weights[f"{prefix}.down_proj"] = (num_experts, *tuple(down[0]))
             for name in names:
                 del weights[name]
         return weights
