@@ -27,7 +27,7 @@ responses is deterministic (the best first where the source has no order): shuff
                label = 1 for no_error (the response is right: what the single-response \\boxed{1} means), 0 for
                error; ranked by score for ROC-AUC (grm_engine/evaluation.py). Without an id: a hash of the row.
 Files may be .jsonl (one object a line) or a .json list, UTF-8 (a byte-order mark is allowed); a directory loads
-every .json/.jsonl file directly in it (any case: .JSONL too; sub-folders and hidden files are not read).
+every .json/.jsonl file under it (any case: .JSONL too; sub-folders too, hidden files and folders not).
 Every error is a DataError naming the file, the line (or list item) and the field.
 """
 from __future__ import annotations
@@ -436,11 +436,12 @@ def _rows(path: Path) -> Iterator[tuple[int, str, Any]]:
 
 
 def _files(path: Path) -> list[Path]:
-    if path.is_dir():  # its own files only (sub-folders may hold outputs), any case of the suffix, no hidden files
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl") and p.is_file()
-                       and not p.name.startswith("."))
+    if path.is_dir():  # benchmark trees nest (RMB: set/goal/category/*.json): every level, any case of the suffix,
+        # nothing hidden (editors' and our own temp files start with a dot)
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".json", ".jsonl") and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
-            raise DataError("is a directory with no .json or .jsonl files (sub-folders are not read)", source=str(path))
+            raise DataError("is a directory with no .json or .jsonl files", source=str(path))
         return files
     if not path.is_file():
         raise DataError("does not exist (give a .jsonl file, a .json list or a directory of them)",

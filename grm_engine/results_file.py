@@ -1,6 +1,6 @@
 """The `score` command's results file: where it may go, what produced it, who writes it, and what it already holds.
 
-  - check_output_path: a directory, a missing or unwritable folder, the --data file itself or a file directly in a
+  - check_output_path: a directory, a missing or unwritable folder, the --data file itself or a file anywhere in a
     --data directory (read as data) is refused before any model is loaded.
   - FILE.meta.json (the sidecar) records the run that produced FILE: model, meta RM, data, format, the prompt
     template (and the sha256 of its content) and the sampling settings. It is created before the first row,
@@ -48,11 +48,13 @@ def check_output_path(out: str, data: str) -> None:
         raise ResultsFileError(f"--out {out} is not writable")
     if os.path.isfile(data) and os.path.exists(out) and os.path.samefile(data, out):
         raise ResultsFileError(f"--out {out} is the --data file; give another --out")
-    # a --data folder's own files are read (sub-folders are not): the results and the sidecar (.meta.json) there
-    # would be read as data by the next run
-    if os.path.isdir(data) and os.path.realpath(folder) == os.path.realpath(data):
-        raise ResultsFileError(f"--out {out} is inside the --data folder {data}, where the next run would read "
-                               "it as data; give an --out outside it (a sub-folder of it is fine)")
+    # every .json/.jsonl file under a --data folder is read: the results and their sidecar (.meta.json) anywhere
+    # in it would be read as data by the next run
+    if os.path.isdir(data):
+        real_data = os.path.realpath(data)
+        if os.path.commonpath([real_data, os.path.realpath(folder)]) == real_data:
+            raise ResultsFileError(f"--out {out} is inside the --data folder {data}, where the next run would read "
+                                   "it (and its .meta.json) as data; give an --out outside it")
 
 
 def run_record(args, settings: dict) -> dict:

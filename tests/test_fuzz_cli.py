@@ -85,15 +85,16 @@ def test_fuzzed_data_file(tmp_path_factory, lines, bom):
     assert path.read_bytes() == data
 
 
-def test_data_folder_reads_its_own_json_files_in_any_case(tmp_path):
+def test_data_folder_reads_every_json_file_under_it_in_any_case(tmp_path):
     folder = tmp_path / "data"
-    (folder / "outputs").mkdir(parents=True)
+    (folder / "set" / "goal").mkdir(parents=True)
+    (folder / ".cache").mkdir()
     write_jsonl(folder / "a.JSONL", make_examples(2, seed=1))
-    rows = [e for e in make_examples(2, seed=2)]
+    rows = make_examples(2, seed=2)
     for e in rows:
         e.id = "b-" + e.id
-    write_jsonl(folder / "b.jsonl", rows)
-    write_jsonl(folder / "outputs" / "results.jsonl", make_examples(3, seed=3))  # a sub-folder is never read
+    write_jsonl(folder / "set" / "goal" / "b.json", rows)  # nested, as RMB's set/goal/category folders
+    write_jsonl(folder / ".cache" / "old.jsonl", make_examples(3, seed=3))  # hidden: never read
     (folder / ".hidden.jsonl").write_text("not json\n")
     (folder / "notes.txt").write_text("not data\n")
     ids = [e.id for e in load_examples(folder)]

@@ -1,7 +1,6 @@
 """Data edge cases through `score` (issue 16): each bad row is an error naming the file and line before any model
 loads, and --skip-invalid skips it and says how many; a prompt longer than the checkpoint's context and a lone
-surrogate are caught from the tokenizer and config.json alone; an --out in a sub-folder of a --data folder reruns
-cleanly. The model load is replaced by an error where the test says no model may load."""
+surrogate are caught from the tokenizer and config.json alone; an --out anywhere in a --data folder is refused. The model load is replaced by an error where the test says no model may load."""
 import json
 
 import pytest
@@ -75,12 +74,16 @@ def test_a_bom_on_line_1_is_accepted(model, tmp_path, capsys):
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["ex0", "ex1"]
 
 
-def test_out_in_a_sub_folder_of_the_data_folder_reruns_cleanly(model, tmp_path, capsys):
+def test_out_anywhere_in_the_data_folder_is_refused_and_upper_case_suffixes_are_read(model, tmp_path, capsys):
     folder = tmp_path / "data"
     (folder / "results").mkdir(parents=True)
     write_jsonl(folder / "a.jsonl", make_examples(2))
     write_jsonl(folder / "B.JSONL", [e for e in make_examples(4)[2:]])
-    out = folder / "results" / "out.jsonl"
+    for out in (folder / "out.jsonl", folder / "results" / "out.jsonl"):  # the next run would read it as data
+        code, err = cli_outcome(["score", "--model", model, "--data", str(folder), "--out", str(out), *FAST], capsys)
+        assert code == 2 and "inside the --data folder" in err, err
+        assert not out.exists()
+    out = tmp_path / "out.jsonl"
     argv = ["score", "--model", model, "--data", str(folder), "--out", str(out), *FAST, "--chunk-size", "1"]
     assert cli_outcome(argv, capsys)[0] == 0
     text = out.read_text()
