@@ -9,6 +9,7 @@ RewardBench-like lengths (query 32-256 words, each response 64-512 words; about 
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -135,7 +136,8 @@ def run(args) -> list[dict]:
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
-        hf = transformers_path(model, tokenizer, examples[:hf_examples], k, NEW_TOKENS)
+        hf = transformers_path(model, tokenizer, examples[:hf_examples], k, NEW_TOKENS,
+                               time_box_s=float(os.environ.get("GRM_BENCH_HF_BOX_S", "45")))
         hf_ms = 1e3 * hf["per_example_s"] * num_examples  # extrapolated to the whole set
         critiques = num_examples * k
         # Floor: prefill FLOPs (2 x parameters per prompt token computed) at the measured matmul rate, plus decode
