@@ -176,6 +176,37 @@ def test_fuzzed_flags(model, tmp_path_factory, capsys, options):
 
 
 
+@FUZZ
+@given(parts=st.lists(st.sampled_from(["1", "2", "8", "0", "-1", "a", "", " 4", "300", "1.5"]), min_size=1, max_size=4),
+       seqs=st.sampled_from([None, "8", "300"]))
+def test_fuzzed_eval_k(model, tmp_path_factory, capsys, parts, seqs):
+    """eval --k "1,8,32": a clear error before loading, or the load with every k decodable at once."""
+    COUNTS["inputs"] += 1
+    folder = tmp_path_factory.mktemp("fuzz_eval_k")
+    data = write_jsonl(folder / "data.jsonl", make_examples(2))
+    k_text = ",".join(parts)
+    argv = ["eval", "--model", model, "--data", data, "--out-dir", str(folder / "eval"), "--device", "cpu",
+            f"--k={k_text}", *(["--max-num-seqs", seqs] if seqs else [])]
+    ks = [_number(p.strip(), int) for p in parts if p.strip()]
+    allowed = bool(ks) and None not in ks and min(ks) >= 1 and (seqs is None or max(ks) <= int(seqs))
+
+    def loaded(*args, **kwargs):
+        raise Loaded(kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GRM, "from_pretrained", loaded)
+        try:
+            code, err = cli_outcome(argv, capsys, passthrough=Loaded)
+        except Loaded as reached:
+            assert allowed, f"--k {k_text!r} --max-num-seqs {seqs} reached the model load"
+            assert reached.args[0]["max_num_seqs"] >= max(ks)
+            COUNTS["correct results"] += 1
+            return
+    assert code == 2 and "error:" in err, (k_text, code, err)
+    assert not allowed, f"--k {k_text!r} --max-num-seqs {seqs} is valid but was refused: {err}"
+    assert not (folder / "eval" / "results.json").exists()
+    COUNTS["clear errors"] += 1
+
+
 # ---- the training entry points' config: the same kinds of values ----
 TRAIN_KEYS = {"learning_rate": float, "warmup_ratio": float, "weight_decay": float, "adam_beta1": float,
               "adam_beta2": float, "max_grad_norm": float, "per_device_train_batch_size": int,
