@@ -346,12 +346,13 @@ def cmd_eval(args) -> int:
         return 0
     greedy, sampled = ScoreResult.concat(greedy), ScoreResult.concat(sampled)
     report = _eval_report(args, grm, ks, benchmarks, greedy, sampled)
-    _write_atomically(os.path.join(args.out_dir, "results.json"),
-                      json.dumps(_finite(report), indent=1, allow_nan=False))
+    # samples.jsonl (the largest) first: a write cut there leaves no output, and a results.json means both exist
     fmt_of = [fmt for fmt, entry in benchmarks.items() for _ in entry["examples"]]
     _write_atomically(os.path.join(args.out_dir, "samples.jsonl"),
                       "".join(json.dumps({**example.to_json(), "benchmark": fmt}, ensure_ascii=False) + "\n"
                               for example, fmt in zip(sampled.examples, fmt_of)))
+    _write_atomically(os.path.join(args.out_dir, "results.json"),
+                      json.dumps(_finite(report), indent=1, allow_nan=False))
     print()
     for name, run in (("greedy", greedy), (f"k={ks[-1]}", sampled)):
         print(f"{name}: parse failures {run.parse_failures} of {run.num_samples} samples, "
