@@ -65,10 +65,15 @@ def profile_decode(decoder, prompts, params, path: str) -> str:
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=activities, schedule=schedule(wait=5, warmup=2, active=5)) as prof:
-        decoder.step_hook = lambda batch: None if batch.is_prefill else prof.step()
-        decoder.generate(prompts, params, use_tqdm=False)
-        decoder.step_hook = None
+    steps = decoder.config.num_scheduler_steps
+    decoder.config.num_scheduler_steps = 1  # one hook call per decode step (rounds would call it once per round)
+    try:
+        with profile(activities=activities, schedule=schedule(wait=5, warmup=2, active=5)) as prof:
+            decoder.step_hook = lambda batch: None if batch.is_prefill else prof.step()
+            decoder.generate(prompts, params, use_tqdm=False)
+            decoder.step_hook = None
+    finally:
+        decoder.config.num_scheduler_steps = steps
     averages = prof.key_averages()
     table = averages.table(sort_by="self_device_time_total", row_limit=30)
     with open(path, "w") as f:

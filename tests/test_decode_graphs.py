@@ -193,18 +193,18 @@ def test_multi_step_rounds_match_single_steps_on_cpu(monkeypatch):
     """num_scheduler_steps = 5 (rounds of 5 decode steps launched before the host sees their tokens, crossing
     blocks of 4) gives the tokens and log-probs of rounds of 1: samples stopping mid-round (stop tokens), uneven
     max_tokens (rows sitting out a round's last steps), a small pool (rounds fall back to single steps that may
-    preempt), and the blocks come back."""
+    preempt; 4 seats: waiting requests join when a round ends), and the blocks come back."""
     monkeypatch.setenv("GRM_ENGINE_BACKEND", "triton")
     model = tiny_model("qwen2", seed=7)
     prompts = make_prompts()[:2]
     params = [SamplingParams(n=3, temperature=1.0, max_tokens=7 + 4 * i, seed=13, logprobs=True,
                              stop_token_ids=[7, 40, 41, 42]) for i in range(len(prompts))]
-    for blocks in (128, 20):
+    for blocks, seats in ((128, 16), (20, 16), (128, 4)):  # seats 4: requests wait for seats while rounds run
         runs = {}
         for steps in (1, 5):
-            decoder = Decoder.from_pretrained(model, num_kv_blocks=blocks, block_size=4, max_num_seqs=16,
+            decoder = Decoder.from_pretrained(model, num_kv_blocks=blocks, block_size=4, max_num_seqs=seats,
                                               num_scheduler_steps=steps)
-            decoder.runner.graphs = DecodeGraphs(decoder.model, decoder.runner.layer_caches, 4, 16, enabled=False,
+            decoder.runner.graphs = DecodeGraphs(decoder.model, decoder.runner.layer_caches, 4, seats, enabled=False,
                                                  steps_per_round=steps)
             rounds = []
             inner = decoder.runner.decode_round
@@ -213,8 +213,8 @@ def test_multi_step_rounds_match_single_steps_on_cpu(monkeypatch):
         (single, single_rounds, _), (multi, multi_rounds, decoder) = runs[1], runs[5]
         assert [[t for t, _ in r] for r in multi] == [[t for t, _ in r] for r in single]
         for r_multi, r_single in zip(multi, single):
-            for (_, lp_multi), (_, lp_single) in zip(r_multi, r_single):
-                assert lp_multi == lp_single
+            for (_, lp_multi), (_, lp_single) in zip(r_multi, r_single):  # batch composition differs: float noise
+                torch.testing.assert_close(torch.tensor(lp_multi), torch.tensor(lp_single), atol=1e-5, rtol=1e-5)
         assert 5 in multi_rounds and set(single_rounds) == {1}
         lengths = {len(t) for r in multi for t, _ in r}
         assert len(lengths) > 2, "samples should stop at different lengths"

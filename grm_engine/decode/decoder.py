@@ -255,6 +255,8 @@ class Decoder:
             if pending is not None and not self._can_run_ahead(scheduler):
                 self._finish_pending(pending, scheduler, results, stats, bar, start)
                 pending = None
+                stats.decode_seconds += time.perf_counter() - step_start  # waiting for the round: decode time
+                step_start = time.perf_counter()
                 if not scheduler.has_work():
                     break
             if pending is not None or (self.runner.graphs is not None and self._can_run_ahead(scheduler)):
@@ -290,9 +292,10 @@ class Decoder:
             self._finish_pending(pending, scheduler, results, stats, bar, start)
 
     def _round_steps(self, scheduler) -> int:
-        """Decode steps the next round may run ahead of the bookkeeping: 0 when it cannot (a prefill is due, or
-        the free blocks might not cover every sequence's next steps: then a plain step may preempt)."""
-        if scheduler.waiting or scheduler.prefilling or not scheduler.running:
+        """Decode steps the next round may run ahead of the bookkeeping: 0 when it cannot (a prefill is due: a
+        waiting request has seats; or the free blocks might not cover every sequence's next steps: then a plain step
+        may preempt). Waiting requests without seats join when a round ends after seats free up."""
+        if scheduler.prefilling or not scheduler.running or (scheduler.waiting and scheduler.can_admit()):
             return 0
         steps = self.config.num_scheduler_steps
         if any(seq.params.stop for seq in scheduler.running):

@@ -51,6 +51,10 @@ class Scheduler:
     def num_seats_taken(self) -> int:
         return len(self.running) + sum(s.num_samples_to_fork for s in self.prefilling)
 
+    def can_admit(self) -> bool:
+        """The head of the waiting queue has seats (max_num_seqs) to join now (the blocks may still say no)."""
+        return self.num_seats_taken() + self.waiting[0].num_samples_to_fork <= self.config.max_num_seqs
+
     def schedule(self) -> ScheduledBatch:
         batch = self._schedule_prefill()
         if batch.seqs:
