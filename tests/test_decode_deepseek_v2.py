@@ -259,10 +259,10 @@ def test_bf16_first_step_logits_and_greedy_against_transformers(monkeypatch):
             captured.append(logits.clone())
         return sample(logits, *args, **kwargs)
 
-    monkeypatch.setattr(decoder_module, "sample", capture)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, 4096, (n,), generator=g).tolist() for n in (100, 517, 1300)]
-    decoder = Decoder.from_pretrained(model16, num_kv_blocks=2048, block_size=16)
+    decoder = Decoder.from_pretrained(model16, num_kv_blocks=2048, block_size=16)  # (its warm-up call samples too)
+    monkeypatch.setattr(decoder_module, "sample", capture)
     outputs = decoder.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     for i, prompt in enumerate(prompts):
         ids = torch.tensor([prompt], device="cuda")
