@@ -3,6 +3,8 @@
 # machine's torch, run the GPU test lane and the GPU benchmarks, keep logs under $OUT.
 #   bash bench/gpu_run.sh "<pytest targets or empty for all>" "<bench sections>"
 # e.g. bash bench/gpu_run.sh "tests/test_loss.py" "ceilings,loss"
+# Carried wheels (.whl/: Liger, DeepSpeed, TRL) go to /tmp/site: a later command in the same call that needs them
+# must `export PYTHONPATH=/tmp/site` itself (this script's export does not reach its caller).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 tests=${1:-tests}
