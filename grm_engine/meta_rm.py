@@ -31,19 +31,57 @@ def check_meta_rm_dir(path: str) -> str:
         raise ValueError(f"meta RM {path}: not a directory")
     if not os.path.isfile(config_path):
         raise ValueError(f"meta RM {path}: no config.json (give a transformers checkpoint directory)")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"meta RM {config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"meta RM {config_path}: must hold a JSON object, got {type(config).__name__}")
     architectures = config.get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
+    architectures = architectures if isinstance(architectures, list) else [architectures]
+    if any(str(a).endswith("ForSequenceClassification") for a in architectures):
         labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
         if labels != 1:
             raise ValueError(f"meta RM {path}: a sequence classifier with {labels} labels; the meta RM has one "
                              "output (num_labels=1)")
-        return "classifier"
-    if os.path.isfile(os.path.join(str(path), HEAD_FILE)):
-        return "causal+head"
-    raise ValueError(f"meta RM {path}: architectures {architectures} is neither a *ForSequenceClassification "
-                     f"checkpoint with one label nor a causal LM with a saved head ({HEAD_FILE})")
+        kind = "classifier"
+    elif os.path.isfile(os.path.join(str(path), HEAD_FILE)):
+        kind = "causal+head"
+    else:
+        raise ValueError(f"meta RM {path}: architectures {architectures} is neither a *ForSequenceClassification "
+                         f"checkpoint with one label nor a causal LM with a saved head ({HEAD_FILE})")
+    _check_meta_rm_files(str(path), kind)
+    return kind
+
+
+def _check_meta_rm_files(path: str, kind: str) -> None:
+    """The config transformers reads, readable float safetensors inside the folder, the decoder body's weights with
+    their shapes (a classifier: plus score.weight [1, hidden]), a valid context length and a tokenizer that loads
+    (ValueError naming them)."""
+    from .decode import loader
+    from .decode.models import MODEL_CLASSES, model_class
+
+    where = f"meta RM {path}"
+    try:
+        config = loader.load_config(path)
+        shapes = loader.weight_shapes(path)
+        if getattr(config, "model_type", None) in MODEL_CLASSES:
+            expected = model_class(config).expected_weights(config)
+            expected.pop("lm_head.weight", None)  # the meta RM has its own head
+            if kind == "classifier":
+                expected["score.weight"] = ((1, config.hidden_size), True)
+
+            class Body:  # loader.check_weights over the meta RM's own weight list
+                @staticmethod
+                def expected_weights(_config):
+                    return expected
+            loader.check_weights(Body, config, shapes, where)
+        loader.max_context(config, where)
+        if loader.load_tokenizer(path) is None:
+            raise ValueError(f"{path}: no tokenizer files; save the tokenizer next to the weights")
+    except (ValueError, OSError, NotImplementedError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 TRUNCATION_MARK = " [...] "

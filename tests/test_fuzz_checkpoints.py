@@ -172,6 +172,42 @@ def test_bad_checkpoint_folder_is_a_clear_error_in_training(good, tmp_path, caps
     COUNTS["clear errors"] += 1
 
 
+@pytest.fixture(scope="module")
+def good_meta_rm(good, tmp_path_factory):
+    """A tiny one-label LlamaForSequenceClassification over the same tokenizer (a meta RM folder)."""
+    import transformers as tf
+
+    from grm_engine.demo import tiny_config
+
+    path = str(tmp_path_factory.mktemp("fuzz_meta_rm") / "meta")
+    tokenizer = tf.AutoTokenizer.from_pretrained(good)
+    torch.manual_seed(2)
+    tf.LlamaForSequenceClassification(tiny_config("llama", tokenizer, num_labels=1)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_bad_meta_rm_folder_is_a_clear_error_before_loading(good, good_meta_rm, data, tmp_path, capsys, monkeypatch,
+                                                            kind):
+    folder = bad_copy(good_meta_rm, tmp_path, kind)
+    before = fingerprint(tmp_path)
+    monkeypatch.setattr(GRM, "from_pretrained", _refuse_loading)
+    out = tmp_path / "out.jsonl"
+    code, err = cli_outcome(["score", "--model", good, "--meta-rm", folder, "--data", data, "--out", str(out),
+                             *FAST], capsys)
+    COUNTS["inputs"] += 1
+    assert code == 2 and "error:" in err and folder in err, (kind, code, err)
+    assert fingerprint(tmp_path) == before
+    COUNTS["clear errors"] += 1
+
+
+def test_a_good_meta_rm_folder_passes(good_meta_rm):
+    from grm_engine.meta_rm import check_meta_rm_dir
+
+    assert check_meta_rm_dir(good_meta_rm) == "classifier"
+
+
 # hypothesis: one config.json key set to a drawn value -> a clear error, or a run that scores every example
 CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "head_dim", "tie_word_embeddings",
