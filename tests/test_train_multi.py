@@ -107,3 +107,27 @@ def test_zero3_checkpoint_at_another_world_size_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="written by 2 processes and this run has 1: a ZeRO-3 checkpoint"):
         check_resume_world_size(SFTConfig(model="m", data="d", output_dir="o", deepspeed="zero3"), str(folder))
     check_resume_world_size(SFTConfig(model="m", data="d", output_dir="o", deepspeed="zero2"), str(folder))
+
+
+def test_rft_sampling_shared_by_two_ranks(tmp_path):
+    """`train rft` under torchrun (ZeRO-2): each rank samples every second example from its own model copy and rank 0
+    writes the files in input order; they equal one process's files (samples are keyed by example id), and SFT
+    runs on them."""
+    from train_helpers import build_rft_run
+
+    single = build_rft_run(tmp_path / "single")
+    out = tmp_path / "two"
+    settings = dict(model=single["critic"], data=single["data"], output_dir=str(out), num_generations=3,
+                    temperature=1.0, max_completion_length=16, max_steps=2, per_device_train_batch_size=1,
+                    learning_rate=1e-4, logging_steps=1, save_steps=0, report_plot=False, seed=0, device="cpu",
+                    deepspeed="zero2")
+    done = run_cli(["-m", "grm_engine", "train", "rft"] + flags(settings), prefix=TORCHRUN, env=ds_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "of 2)" in done.stdout + done.stderr  # the sampling log names the shard
+    for name in ("rft_samples.jsonl", "rft_trajectories.jsonl"):
+        with open(os.path.join(single["output_dir"], name)) as f1, open(out / name) as f2:
+            assert f2.read() == f1.read(), name
+    with open(os.path.join(single["output_dir"], "rft_counts.json")) as f1, open(out / "rft_counts.json") as f2:
+        first, second = json.load(f1), json.load(f2)
+    assert {k: v for k, v in second.items() if isinstance(v, int)} == {k: v for k, v in first.items() if isinstance(v, int)}
+    assert [row["step"] for row in read_metrics(out)] == [1, 2]

@@ -11,7 +11,8 @@
 3. SFT on the kept trajectories (optionally mixed with general_data), the `sft` stage's loop.
 Files in output_dir: rft_samples.jsonl (every sample, with its correctness: meta-RM training data),
 rft_trajectories.jsonl (the kept ones: prompt, completion, example id, hinted) and rft_counts.json. A rerun
-after a kill during SFT reuses the sampled files (they are written atomically).
+after a kill during SFT reuses the sampled files (they are written atomically). Under torchrun / deepspeed every
+rank samples its share of the examples (data-parallel) and rank 0 writes the files in input order.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ..parsing import ParseStatus, parse_scores
 from ..protocol import SCORE_RANGE, build_prompt, encode_text
 from ..voting import is_correct
 from .config import ConfigError
-from .engine import barrier, is_main, resolve_device
+from .engine import barrier, init_distributed, rank, resolve_device, world_size
 from .loop import TrainResult
 from .run_dir import check_model_dir, load_causal_lm, load_tokenizer, prepare_output_dir
 from .sft import mix_general, read_prompt_completion, tokenize_rows, train_sft_rows
@@ -137,47 +138,75 @@ def _write_jsonl_atomic(path: str, rows) -> None:
     os.replace(tmp, path)
 
 
-def run_sampling(config, examples, tokenizer, device, log=print) -> dict:
-    """Sample, reject, write rft_samples.jsonl / rft_trajectories.jsonl / rft_counts.json -> counts."""
+def run_sampling(config, examples, tokenizer, device, log=print) -> dict | None:
+    """Sample, reject, write rft_samples.jsonl / rft_trajectories.jsonl / rft_counts.json -> counts (rank 0; None
+    on the other ranks). Under a launcher every rank samples every world_size-th example from its own copy of the
+    model, and rank 0 writes the files in input order: the same rows as one process, since a sample's permutation
+    and noise are keyed by (seed, example id), not by where the example runs."""
     from ..decode import Decoder
 
-    model = load_causal_lm(config.model, config, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = model.to(device).eval()
-    decoder = Decoder.from_pretrained(model, tokenizer=tokenizer, kv_cache_memory_fraction=config.kv_cache_memory_fraction)
-    grm = GRM(decoder, tokenizer, template=config.template)
+    shard_rank, shard_count = (rank(), world_size()) if distributed() else (0, 1)
+    mine = list(range(shard_rank, len(examples), shard_count))  # this rank's example indices
+    records = []  # per example: (index, sample rows, kept rows, counts)
+    tic = time.perf_counter()
+    if mine:
+        model = load_causal_lm(config.model, config, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = model.to(device).eval()
+        decoder = Decoder.from_pretrained(model, tokenizer=tokenizer,
+                                          kv_cache_memory_fraction=config.kv_cache_memory_fraction)
+        grm = GRM(decoder, tokenizer, template=config.template)
+        for start in range(0, len(mine), config.rollout_batch_examples):
+            indices = mine[start:start + config.rollout_batch_examples]
+            chunk = [examples[i] for i in indices]
+            unhinted = sample_unhinted(grm, chunk, config, config.seed)
+            hinted = sample_hinted(grm, chunk, config, config.seed) if config.hinted else [None] * len(chunk)
+            for index, example, rows, hint in zip(indices, chunk, unhinted, hinted):
+                records.append(_example_record(index, example, rows + ([hint] if hint is not None else []), config,
+                                               tokenizer))
+            kept = sum(len(record[2]) for record in records)
+            where = f" (rank {shard_rank} of {shard_count})" if shard_count > 1 else ""
+            log(f"rft sampling{where}: {start + len(chunk)}/{len(mine)} examples, {kept} trajectories kept")
+        del grm, decoder, model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if shard_count > 1:
+        gathered = [None] * shard_count if shard_rank == 0 else None
+        torch.distributed.gather_object(records, gathered, dst=0)
+        if shard_rank != 0:
+            return None
+        records = sorted((record for part in gathered for record in part), key=lambda record: record[0])
     totals = {"examples": len(examples), "samples": 0}
     all_samples, kept_rows = [], []
-    tic = time.perf_counter()
-    for start in range(0, len(examples), config.rollout_batch_examples):
-        chunk = examples[start:start + config.rollout_batch_examples]
-        unhinted = sample_unhinted(grm, chunk, config, config.seed)
-        hinted = sample_hinted(grm, chunk, config, config.seed) if config.hinted else [None] * len(chunk)
-        for example, rows, hint in zip(chunk, unhinted, hinted):
-            samples = rows + ([hint] if hint is not None else [])
-            kept, counts = select_trajectories(samples)
-            for key, value in counts.items():
-                totals[key] = totals.get(key, 0) + value
-            totals["samples"] += len(samples)
-            shown = lambda s: [example.responses[i] for i in s["permutation"]]  # noqa: E731
-            for s in samples:
-                all_samples.append({"id": example.id, "query": example.query, "responses": shown(s),
-                                    "label": _label(example), **s})
-            for s in kept:
-                prompt = build_prompt(example.query, shown(s), template=config.template, tokenizer=tokenizer)
-                kept_rows.append({"id": example.id, "prompt": prompt, "completion": s["text"], "hinted": s["hinted"]})
-        log(f"rft sampling: {min(start + len(chunk), len(examples))}/{len(examples)} examples, "
-            f"{totals.get('kept', 0) + totals.get('kept_hinted', 0)} trajectories kept")
+    for _, samples, kept, counts in records:
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0) + value
+        all_samples.extend(samples)
+        kept_rows.extend(kept)
     totals["seconds"] = time.perf_counter() - tic
     totals["trajectories_per_s"] = totals["samples"] / max(totals["seconds"], 1e-9)
     _write_jsonl_atomic(os.path.join(config.output_dir, "rft_samples.jsonl"), all_samples)
     _write_jsonl_atomic(trajectories_path(config), kept_rows)
     with open(os.path.join(config.output_dir, "rft_counts.json"), "w") as f:
         json.dump(totals, f, indent=1)
-    del grm, decoder, model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return totals
+
+
+def _example_record(index: int, example, samples: list[dict], config, tokenizer) -> tuple:
+    """One example's sampled rows (as rft_samples.jsonl holds them), kept trajectories and counts."""
+    kept, counts = select_trajectories(samples)
+    counts = dict(counts, samples=len(samples))
+    shown = lambda s: [example.responses[i] for i in s["permutation"]]  # noqa: E731
+    sample_rows = [{"id": example.id, "query": example.query, "responses": shown(s), "label": _label(example), **s}
+                   for s in samples]
+    kept_rows = [{"id": example.id, "prompt": build_prompt(example.query, shown(s), template=config.template,
+                                                           tokenizer=tokenizer),
+                  "completion": s["text"], "hinted": s["hinted"]} for s in kept]
+    return index, sample_rows, kept_rows, counts
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and world_size() > 1
 
 
 def trajectories_path(config) -> str:
@@ -202,8 +231,8 @@ def run_rft(config, log=print) -> TrainResult:
         log(f"rft: reusing the sampled trajectories in {trajectories_path(config)}")
         counts = json.load(open(counts_file)) if os.path.isfile(counts_file) else {}
     else:
-        if is_main():  # sampling runs once, on rank 0; the other ranks wait for its files
-            counts = run_sampling(config, examples, tokenizer, device, log=log)
+        init_distributed(config)  # under a launcher the ranks share the sampling; rank 0 writes the files
+        run_sampling(config, examples, tokenizer, device, log=log)
         barrier()
         counts = json.load(open(counts_file))
     log("rft: " + ", ".join(f"{k} {v}" for k, v in counts.items() if isinstance(v, int)))
