@@ -119,6 +119,7 @@ def load_safetensors_dir(path: str, device, dtype, keep_float32=None) -> dict[st
             raise ValueError(f"{shard}: its tensors cannot be read ({_first_line(e)})") from None
     return weights
 
+
 def _shards_from_index(path: str, index: str) -> list[str]:
     """The shard files an index names; each must be a file name inside the checkpoint folder."""
     try:
