@@ -152,3 +152,23 @@ def test_cli_exits_2_before_loading_anything(base, data, tmp_path):
 def test_unknown_stage(capsys):
     code, err = run_main(["tune"], capsys)
     assert code == 2 and "'tune'" in err
+
+
+def test_template_file_for_rft_and_grpo(base, data, tmp_path):
+    """template: 'default', 'single', a template file or single:FILE (the one rule of grm_engine/templates.py);
+    a missing file or one with an unknown placeholder is a ConfigError naming the key, before any model loads."""
+    from grm_engine.templates import BUILTIN_DIR
+
+    good = tmp_path / "mine.txt"
+    good.write_text(open(os.path.join(BUILTIN_DIR, "default.txt"), encoding="utf-8").read())
+    settings = sft_settings(base, data, tmp_path / "out")
+    settings.pop("gradient_accumulation_steps")
+    for stage in ("rft", "grpo"):
+        for template in ("default", "single", str(good), f"single:{good}"):
+            assert load_config(stage, None, dict(settings, template=template)).template == template
+        with pytest.raises(ConfigError, match="template: .*no such file"):
+            load_config(stage, None, dict(settings, template=str(tmp_path / "missing.txt")))
+    bad = tmp_path / "bad.txt"
+    bad.write_text(good.read_text().replace("{{responses}}", "{{responses}} {{nonsense}}", 1))
+    with pytest.raises(ConfigError, match="template: .*nonsense"):
+        load_config("grpo", None, dict(settings, template=str(bad)))

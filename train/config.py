@@ -151,7 +151,6 @@ CHOICES = {
     "loss_type": ("grpo", "bnpo", "dr_grpo"),
     "scale_rewards": ("group", "batch", "none"),
     "reference": ("copy", "none"),
-    "template": ("default", "single"),
 }
 # keys that may change between a run and its resume (everything else must match the saved config)
 RESUME_MAY_CHANGE = {"resume", "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit",
@@ -205,6 +204,13 @@ def _validate(config: TrainConfig, where: str) -> None:
     for key, allowed in CHOICES.items():
         if hasattr(config, key):
             need(getattr(config, key) in allowed, f"{key} = {getattr(config, key)!r} is not one of {allowed}")
+    if hasattr(config, "template"):  # 'default', 'single', a template file or single:FILE (grm_engine/templates.py)
+        from grm_engine.templates import TemplateError, resolve_template
+
+        try:
+            resolve_template(config.template)
+        except TemplateError as e:
+            raise ConfigError(f"{where}: template: {e}") from None
     need(config.model, "model is required (a Hugging Face checkpoint directory)")
     need(config.data, "data is required (a jsonl file)")
     need(config.output_dir, "output_dir is required")

@@ -26,7 +26,8 @@ import torch
 from ..data import DataError, load_examples
 from ..grm import GRM, _stable_int, sample_permutation
 from ..parsing import ParseStatus, parse_scores
-from ..protocol import SCORE_RANGE, build_prompt, encode_text
+from ..protocol import build_prompt, encode_text
+from ..templates import resolve_template
 from ..voting import is_correct
 from .config import ConfigError
 from .engine import barrier, init_distributed, rank, resolve_device, world_size
@@ -94,7 +95,7 @@ def sample_hinted(grm: GRM, examples, config, seed: int) -> list[dict | None]:
     """One sample per multi-response example with the hint line naming the best response's shown position."""
     from ..decode import SamplingParams
 
-    lo, hi = SCORE_RANGE[config.template]
+    lo, hi = resolve_template(config.template).score_range
     prompts, params, owners = [], [], []
     for g, example in enumerate(examples):
         if example.num_responses < 2:
@@ -220,7 +221,7 @@ def run_rft(config, log=print) -> TrainResult:
     except DataError as e:
         raise ConfigError(f"bad data: {e}") from None
     for example in examples:
-        if example.num_responses == 1 and config.template != "single":
+        if example.num_responses == 1 and resolve_template(config.template).variant != "single":
             raise ConfigError(f"{example.source}, line {example.line}: example {example.id!r} has one response; "
                               "RFT with template 'default' needs n >= 2 (use template single for labelled singles)")
     resume_from = prepare_output_dir(config, "rft")

@@ -22,7 +22,7 @@ import torch
 from ..gpu_scoring import parse_scores_from_tokens
 from ..grm import GRM, _stable_int
 from ..parsing import ParseStatus
-from ..protocol import SCORE_RANGE, TEMPLATES
+from ..templates import resolve_template
 from ..voting import rule_reward
 
 
@@ -76,7 +76,7 @@ def rewards_from_tokens(completion_ids: torch.Tensor, lengths: torch.Tensor, voc
 
     completion_ids [N, T] (ids past lengths[i] ignored), lengths [N], permutation [N, n_max] (shown position ->
     original index; identity past n), targets [N] (best index for n >= 2, label for n = 1), num_responses
-    [N] or int, lo / hi the template's score range (protocol.SCORE_RANGE)."""
+    [N] or int, lo / hi the template's score range (PromptTemplate.score_range)."""
     device = completion_ids.device
     rows, n_max = permutation.shape
     counts = torch.as_tensor(num_responses, device=device).reshape(-1).expand(rows).long()
@@ -98,12 +98,11 @@ def _check_inputs(examples, num_generations: int, template: str, max_completion_
         raise ValueError(f"num_generations = {num_generations!r} must be an int >= 1")
     if not isinstance(max_completion_length, int) or max_completion_length < 1:
         raise ValueError(f"max_completion_length = {max_completion_length!r} must be an int >= 1")
-    if template not in TEMPLATES:
-        raise ValueError(f"template {template!r} is not one of {TEMPLATES}")
+    single = resolve_template(template).variant == "single"  # TemplateError (a ValueError) names a bad template
     for example in examples:
         n = example.num_responses
-        if template == "single" and n != 1:
-            raise ValueError(f"example {example.id!r}: template 'single' scores one response, this one has {n}")
+        if single and n != 1:
+            raise ValueError(f"example {example.id!r}: template {template!r} scores one response, this one has {n}")
         if (example.best if n >= 2 else example.label) is None:
             raise ValueError(f"example {example.id!r}: no {'best' if n >= 2 else 'label'} to reward against")
 
@@ -126,7 +125,7 @@ def generate_rollouts(decoder, tokenizer, vocab_bytes, examples, *, num_generati
     """
     examples = list(examples)
     _check_inputs(examples, num_generations, template, max_completion_length)
-    lo, hi = SCORE_RANGE[template]
+    lo, hi = resolve_template(template).score_range
     G, B = num_generations, len(examples)
     step_seed = rollout_seed(seed, step)
     sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_completion_length, ignore_eos=ignore_eos,
