@@ -145,8 +145,9 @@ def run_meta_rm(config, log=print) -> TrainResult:
     resume_from = prepare_output_dir(config, "meta-rm")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    to_rows = lambda rs: [Row(encode_meta_input(tokenizer, r["query"], r["responses"], r["critique"], config.max_seq_length), [], float(r["label"]), key=r["id"])  # noqa: E731
-                          for r in rs]
+    def to_rows(records):  # the meta RM's inputs with the template the GRM scored with (config.template)
+        return [Row(encode_meta_input(tokenizer, r["query"], r["responses"], r["critique"], config.max_seq_length,
+                                      template=config.template), [], float(r["label"]), key=r["id"]) for r in records]
     train_rows, eval_rows = to_rows(train_records), to_rows(eval_records)
     positives = sum(r["label"] for r in train_records)
     log(f"meta-rm: {len(train_rows)} training critiques ({positives} correct, {len(train_rows) - positives} wrong: "
