@@ -68,8 +68,13 @@ def kill_when(command, condition, *, sig=signal.SIGKILL, env=None, timeout: floa
               preexec_fn=None) -> subprocess.CompletedProcess:
     """Start command, send sig once condition() holds (checked every poll seconds), wait for the end. Fails the test
     if the process ends first or the condition never holds within timeout."""
+    def setup():  # a test run from a background job inherits SIGINT ignored, and the child would keep ignoring it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec_fn is not None:
+            preexec_fn()
+
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=preexec_fn)
+                               preexec_fn=setup)
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:

@@ -199,7 +199,8 @@ def test_multi_step_rounds_match_single_steps_on_cpu(monkeypatch):
     prompts = make_prompts()[:2]
     params = [SamplingParams(n=3, temperature=1.0, max_tokens=7 + 4 * i, seed=13, logprobs=True,
                              stop_token_ids=[7, 40, 41, 42]) for i in range(len(prompts))]
-    for blocks, seats in ((128, 16), (20, 16), (128, 4)):  # seats 4: requests wait for seats while rounds run
+    for blocks, seats in ((20, 16), (128, 4)):  # 20 blocks: rounds fall back to steps that preempt; 4 seats: a
+        # request waits for seats while rounds run
         runs = {}
         for steps in (1, 5):
             decoder = Decoder.from_pretrained(model, num_kv_blocks=blocks, block_size=4, max_num_seqs=seats,
