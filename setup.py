@@ -22,6 +22,13 @@ if os.path.isdir(os.path.join(ROOT, "train")):
     PACKAGE_DIR["grm_engine.train"] = "train"
 
 
+# folders that hold only data files, installed beside the modules that read them (named as packages so setuptools
+# does not warn that an importable-looking folder is missing from `packages`)
+DATA_PACKAGES = {"grm_engine.prompt_templates": os.path.join("grm_engine", "prompt_templates")}
+if "grm_engine.train" in PACKAGE_DIR:
+    DATA_PACKAGES["grm_engine.train.presets"] = os.path.join("train", "presets")
+
+
 def _packages():
     found = []
     for package, folder in PACKAGE_DIR.items():
@@ -90,9 +97,9 @@ if cuda_sources and _want_cuda():
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(
-    packages=_packages(),
-    package_dir=_package_dir(),
-    package_data={"grm_engine.train": ["presets/*.json"], "grm_engine": ["prompt_templates/*.txt"]},
+    packages=_packages() + sorted(DATA_PACKAGES),
+    package_dir={**_package_dir(), **DATA_PACKAGES},
+    package_data={"grm_engine.train.presets": ["*.json"], "grm_engine.prompt_templates": ["*.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
