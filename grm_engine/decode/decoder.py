@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -12,6 +11,7 @@ from .block_manager import BlockManager
 from .config import DecoderConfig, SamplingParams
 from .model_runner import ModelRunner
 from .models import model_class
+from .outputs import DecoderStats, RequestOutput, SampleOutput  # noqa: F401 (importable from here too)
 from .sampler import sample
 from .scheduler import ScheduledBatch, Scheduler
 from .request_checks import check_sampling_params, tokenize_prompts
@@ -20,39 +20,6 @@ from .step_state import PendingStep, SamplingArrays
 
 
 MERGE_COPY_LIMIT_BYTES = 1 << 30  # a live model's merged q/k/v + gate/up copy is made up to this size
-
-
-@dataclass
-class SampleOutput:
-    index: int
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length" (max_tokens or context end)
-    logprobs: list[float] | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_index: int
-    prompt_token_ids: list[int]
-    outputs: list[SampleOutput]
-
-
-@dataclass
-class DecoderStats:
-    """Counters of the last generate() call."""
-
-    prefill_tokens: int = 0  # tokens whose K/V was computed in prefill steps (recompute included)
-    prefix_cache_hit_tokens: int = 0  # prompt tokens served from cached blocks
-    peak_blocks_in_use: int = 0
-    preemptions: int = 0
-    prefill_steps: int = 0
-    decode_steps: int = 0
-    generated_tokens: int = 0
-    seconds: float = 0.0
-    prefill_seconds: float = 0.0  # wall time of prefill steps (sampling included; each step ends in a sync)
-    decode_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _default_device_dtype(device, dtype, config):
