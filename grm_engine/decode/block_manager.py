@@ -152,21 +152,12 @@ class BlockManager:
 
     def register_last_block_if_full(self, seq: Sequence) -> None:
         """After a decode step: register the block that the step just filled (O(1) per sequence)."""
-        bs = self.block_size
-        if not self.enable_prefix_caching or seq.num_computed_tokens % bs or seq.num_computed_tokens == 0:
-            return
-        index = seq.num_computed_tokens // bs - 1
-        block = self.blocks[seq.block_table[index]]
-        parent_hash = self.blocks[seq.block_table[index - 1]].hash if index > 0 else None
-        if block.hash is not None or block.ref_count > 1 or (index > 0 and parent_hash is None):
-            return
-        block.parent_hash, block.token_ids = parent_hash, tuple(seq.token_ids[index * bs:(index + 1) * bs])
-        block.hash = chained_hash(parent_hash, block.token_ids)
-        self.hash_to_block[block.hash] = block.block_id
+        filled = seq.num_computed_tokens
+        self.register_block_range(seq, max(filled - 1, 0), filled)
 
     def register_block_range(self, seq: Sequence, start: int, end: int) -> None:
         """After a round of decode steps wrote K/V for positions start..end-1 (their tokens now known): register
-        the blocks that got full in it (register_last_block_if_full, for several steps at once)."""
+        the blocks that got full in it (their last position is in the range), each chained to the one before."""
         bs = self.block_size
         if not self.enable_prefix_caching:
             return

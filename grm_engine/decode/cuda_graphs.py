@@ -59,10 +59,6 @@ class StepBuffers:
             self.device_views[name] = typed_view(self.device_buffer, offset, dtype, shape)
 
     @property
-    def host(self) -> torch.Tensor:
-        return self.hosts[self.slot]
-
-    @property
     def host_views(self) -> dict[str, np.ndarray]:
         return self.ring_views[self.slot]
 

@@ -75,6 +75,12 @@ class Decoder:
         at most 1 GiB (a copy, refreshed at every generate call); False: never; True: always.
         trust_remote_code: let transformers run code from the checkpoint folder (config, tokenizer); off by default,
         and transformers never prompts."""
+        # the engine settings are checked before anything loads (ValueError naming the setting)
+        dconfig = DecoderConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory_fraction=kv_cache_memory_fraction,
+                                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+                                cuda_graphs=cuda_graphs, cascade_attention=cascade_attention,
+                                num_scheduler_steps=num_scheduler_steps)
         live = isinstance(path_or_module, torch.nn.Module)
         if live:
             config = path_or_module.config
@@ -106,11 +112,7 @@ class Decoder:
             merge_projections = not live or model.merged_bytes() <= MERGE_COPY_LIMIT_BYTES
         if merge_projections:
             model.merge_projections(owns_weights=not live)
-        dconfig = DecoderConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory_fraction=kv_cache_memory_fraction,
-                                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
-                                cuda_graphs=cuda_graphs, cascade_attention=cascade_attention,
-                                num_scheduler_steps=num_scheduler_steps)
+        dconfig.max_model_len = max_model_len  # the context actually used (capped by the model's)
         decoder = cls(model, tokenizer, dconfig, loader.generation_eos_ids(path_or_module, config), max_model_len, live)
         if warmup and decoder.model.device.type == "cuda":
             decoder.warmup()
@@ -211,23 +213,26 @@ class Decoder:
     def _run_loop(self, scheduler, seeds, results, stats, bar, start) -> None:
         """Schedule, run, sample and append until every request is finished.
 
-        On the CUDA graph path, decode steps run one step ahead of the bookkeeping: step t is launched before
-        the host reads step t-1's tokens (their copy overlaps step t); a sequence's pending token is a PENDING
-        placeholder that the step reads on the device. A sequence that stops at a pending token runs one wasted
-        step whose token is dropped. Before a prefill step or a possible preemption the pipeline drains (both
+        On the CUDA graph path, decode steps run in rounds ahead of the bookkeeping: round r is launched before
+        the host reads round r-1's tokens (their copy overlaps round r); a sequence's pending tokens are PENDING
+        placeholders that the steps read on the device. A sequence that stops at a pending token runs wasted
+        steps whose tokens are dropped. Before a prefill step or a possible preemption the pipeline drains (both
         need every token on the host)."""
-        pending = None  # the decode step in flight whose tokens the host has not processed
+        pending = None  # the decode round in flight whose tokens the host has not processed
+        graphs = self.runner.graphs is not None
         while scheduler.has_work():
             step_start = time.perf_counter()
-            if pending is not None and not self._can_run_ahead(scheduler):
+            steps = self._round_steps(scheduler) if graphs else 0
+            if pending is not None and not steps:
                 self._finish_pending(pending, scheduler, results, stats, bar, start)
                 pending = None
                 stats.decode_seconds += time.perf_counter() - step_start  # waiting for the round: decode time
                 step_start = time.perf_counter()
                 if not scheduler.has_work():
                     break
-            if pending is not None or (self.runner.graphs is not None and self._can_run_ahead(scheduler)):
-                pending = self._decode_ahead(pending, scheduler, seeds, results, stats, bar, start)
+                steps = self._round_steps(scheduler)  # the finished sequences left: seats or blocks may be free
+            if steps:
+                pending = self._decode_ahead(pending, steps, scheduler, seeds, results, stats, bar, start)
                 stats.decode_seconds += time.perf_counter() - step_start
                 continue
             batch = scheduler.schedule()
@@ -269,13 +274,9 @@ class Decoder:
             steps = 1  # a stop string is checked on text after every token: keep the waste at one step
         return steps if self.block_manager.num_free_blocks >= scheduler.round_blocks_needed(steps) else 0
 
-    def _can_run_ahead(self, scheduler) -> bool:
-        return self._round_steps(scheduler) > 0
-
-    def _decode_ahead(self, pending, scheduler, seeds, results, stats, bar, start):
-        """Launch a round of decode steps, then process the previous round's tokens while it runs.
-        -> the new pending round."""
-        steps = self._round_steps(scheduler)
+    def _decode_ahead(self, pending, steps: int, scheduler, seeds, results, stats, bar, start):
+        """Launch a round of `steps` decode steps (_round_steps), then process the previous round's tokens while it
+        runs. -> the new pending round."""
         batch = scheduler.schedule_decode_round(steps, self.max_model_len)
         host = SamplingArrays.build(batch.seqs, seeds)
         previous_rows = {seq.seq_id: row for row, seq in enumerate(pending.seqs)} if pending is not None else None

@@ -25,11 +25,10 @@ class PendingStep:
 
     @classmethod
     def copy_to_host(cls, batch: ScheduledBatch, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> "PendingStep":
-        """tokens, logprobs [steps, B] (or [B]: one step) on the device; batch.num_new_tokens: steps per row."""
+        """tokens, logprobs [steps, B] on the device (ModelRunner.decode_round); batch.num_new_tokens: steps per row."""
         cuda = tokens.device.type == "cuda"
 
         def to_host(t):
-            t = t if t.dim() == 2 else t[None]
             return torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda).copy_(t, non_blocking=cuda)
 
         event = None
