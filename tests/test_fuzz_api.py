@@ -55,6 +55,52 @@ def test_sampling_params_fields(name, value):
     COUNTS["correct results"] += 1
 
 
+DECODER_SETTINGS = ["block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len",
+                    "num_scheduler_steps", "kv_cache_memory_fraction"]
+
+
+def _setting_ok(name, value) -> bool:
+    """The plain rule for one Decoder.from_pretrained engine setting (the others at their defaults)."""
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    is_num = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    return {"block_size": is_int and value >= 1 and value & (value - 1) == 0,
+            "max_num_seqs": is_int and value >= 1, "max_num_batched_tokens": is_int and value >= 1,
+            "num_kv_blocks": value is None or (is_int and value >= 1),
+            "max_model_len": value is None or (is_int and value >= 1),
+            "num_scheduler_steps": is_int and 1 <= value <= 64,
+            "kv_cache_memory_fraction": is_num and 0 < value <= 1}[name]
+
+
+class Loading(BaseException):
+    """Raised instead of reading the model's weights: every setting passed its check."""
+
+
+@FUZZ
+@given(name=st.sampled_from(DECODER_SETTINGS), value=ANY_VALUE)
+def test_decoder_settings_checked_before_loading(name, value):
+    """A bad engine setting is a TypeError/ValueError naming it before the weights are read; a good one gets there."""
+    import grm_engine.decode.loader as loader
+
+    COUNTS["inputs"] += 1
+
+    def loading(*args, **kwargs):
+        raise Loading
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loader, "weights_from_module", loading)
+        try:
+            Decoder.from_pretrained(tiny_model("llama"), **{name: value})
+        except (TypeError, ValueError) as e:
+            assert name in str(e), e
+            assert not _setting_ok(name, value), f"{name}={value!r} is valid but was refused: {e}"
+            COUNTS["clear errors"] += 1
+            return
+        except Loading:
+            assert _setting_ok(name, value), f"{name}={value!r} reached the weights"
+            COUNTS["correct results"] += 1
+            return
+    raise AssertionError("from_pretrained returned without reading the weights")
+
+
 @pytest.fixture(scope="module")
 def decoder():
     return Decoder.from_pretrained(tiny_model("llama"), num_kv_blocks=64, block_size=4, max_num_seqs=4)

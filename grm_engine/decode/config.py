@@ -1,6 +1,7 @@
 """User-facing settings of the decoder: what to sample (SamplingParams) and how to run (DecoderConfig)."""
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -60,13 +61,29 @@ class DecoderConfig:
         return self.cuda_graphs and os.environ.get("GRM_ENGINE_CUDA_GRAPHS", "1").strip() not in ("0", "false", "off")
 
     def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_cuda_graphs", "num_scheduler_steps"):
+            _check_int(name, getattr(self, name))
+        for name in ("num_kv_blocks", "max_model_len"):  # None: sized from memory / the model's context
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name))
+        fraction = self.kv_cache_memory_fraction
+        if not isinstance(fraction, numbers.Real) or isinstance(fraction, bool):
+            raise TypeError(f"DecoderConfig: kv_cache_memory_fraction must be a number, got {fraction!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"DecoderConfig: block_size must be a power of two, got {self.block_size}")
-        if not 0 < self.kv_cache_memory_fraction <= 1:
-            raise ValueError(f"DecoderConfig: kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"DecoderConfig: kv_cache_memory_fraction must be in (0, 1], got {fraction}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("DecoderConfig: max_num_seqs and max_num_batched_tokens must be >= 1")
-        if not isinstance(self.num_scheduler_steps, int) or not 1 <= self.num_scheduler_steps <= 64:
-            raise ValueError(f"DecoderConfig: num_scheduler_steps must be an int in 1..64, got {self.num_scheduler_steps!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"DecoderConfig: max_model_len must be None (the model's context) or >= 1, "
+                             f"got {self.max_model_len}")
+        if not 1 <= self.num_scheduler_steps <= 64:
+            raise ValueError(f"DecoderConfig: num_scheduler_steps must be in 1..64, got {self.num_scheduler_steps}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"DecoderConfig: num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+
+def _check_int(name: str, value) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # True is not a count
+        raise TypeError(f"DecoderConfig: {name} must be an int, got {value!r}")
