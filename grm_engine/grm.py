@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .parsing import ParseStatus, parse_scores
-from .protocol import build_prompt, encode_text, encode_texts
+from .protocol import build_prompt, encode_texts
 from .templates import resolve_template
 from .voting import VoteResult, vote
 
@@ -227,9 +227,6 @@ class GRM:
     def _prompt_text(self, example, perm: Sequence[int]) -> str:
         return build_prompt(example.query, [example.responses[i] for i in perm], template=self.template,
                             tokenizer=self.tokenizer)
-
-    def _encode(self, example, perm: Sequence[int]) -> list[int]:
-        return encode_text(self.tokenizer, self._prompt_text(example, perm))
 
     def _requests(self, examples, k: int, seed: int, shuffle: bool, sampling: dict):
         """One request per distinct permutation of each example, n = the samples that share it.

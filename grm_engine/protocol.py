@@ -103,8 +103,7 @@ def build_prompt(query: Query, responses: Sequence[str], *, template="default",
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of a prompt built above: a chat template writes its own BOS, plain text gets the tokenizer's
     special tokens. Scoring, the meta RM and training all encode through here, so they see the same tokens."""
-    special = not getattr(tokenizer, "chat_template", None)
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
+    return encode_texts(tokenizer, [text])[0]
 
 
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
