@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grm_engine.loss import LOG_RATIO_MAX, GRPOStats, check_finite_inputs, nonfinite_flag
+from grm_engine.loss import LOG_RATIO_MAX, GRPOStats, check_finite_inputs
 
 from .token_id_check import FlagReader, check_sequences, raise_bad_token_ids
 
@@ -373,11 +373,7 @@ def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=N
     finite_inputs = dict(advantages=advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp)
     # ids, counts and the NaN/Inf check of the per-token and per-sequence inputs in one prologue kernel, flag on the
     # device before the loss kernels read it (no host sync, a handful of host ops before the first kernel)
-    per_token_advantages = advantages is not None and advantages.dim() == 2
-    counts, flag = check_sequences(completion_ids, mask, vocab, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp,
-                                   advantages=None if per_token_advantages else advantages)
-    if per_token_advantages:  # [B, T] advantages: the tensor ops' check (rare; the prologue handles [B])
-        flag |= nonfinite_flag(mask != 0, advantages=advantages)
+    counts, flag = check_sequences(completion_ids, mask, vocab, **finite_inputs)
     pending = FlagReader(flag)
     count_view, weight_factor = reduction_counts(counts, loss_type, batch, length, max_completion_length)
     options = dict(group_size=group_size, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from grm_engine.loss import GRPOStats, check_finite_inputs, group_advantages, nonfinite_flag
+from grm_engine.loss import GRPOStats, check_finite_inputs, group_advantages
 
 from .grpo_loss import NUM_STATS, launch_rows
 from .token_id_check import check_sequences, raise_bad_token_ids
@@ -128,9 +128,8 @@ def fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, *, bias=
     Returns (loss, GRPOStats)."""
     batch, length, _ = hidden.shape
     valid = mask != 0
-    counts, flag = check_sequences(completion_ids, mask, weight.shape[0])  # [B] completion tokens, bad-id flag
     finite_inputs = dict(advantages=advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp)
-    flag |= nonfinite_flag(valid, **finite_inputs)
+    counts, flag = check_sequences(completion_ids, mask, weight.shape[0], **finite_inputs)  # [B] tokens; flag bits
     token_index = valid.reshape(-1).nonzero().squeeze(1)  # [N] unmasked flat positions (a sync, before any GEMM)
     if flag.item():
         check_finite_inputs(valid, **finite_inputs)

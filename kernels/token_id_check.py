@@ -1,7 +1,9 @@
 """The completion-id range check on the GPU, without a host sync before the loss kernels: one program per
-sequence counts its completion tokens and raises a flag when an unmasked id is outside [0, V); the flag goes to
-pinned memory right behind the kernel and is read once the big kernels are queued (FlagReader). Traffic: the
-ids and the mask, read once. Reference: grm_engine.loss.check_token_ids (which also names the bad position).
+sequence counts its completion tokens and raises a flag when an unmasked id is outside [0, V) or a given
+old/ref log-prob, advantage or reward that would reach the loss is NaN/Inf; the flag goes to pinned memory right
+behind the kernel and is read once the big kernels are queued (FlagReader). Traffic: the ids, the mask and those
+inputs, read once. References: grm_engine.loss.check_token_ids and nonfinite_flag (check_finite_inputs names the
+bad position).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grm_engine.loss import check_token_ids
+from grm_engine.loss import NONFINITE_FLAG, check_token_ids, nonfinite_flag
 
 
 @triton.jit
@@ -63,8 +65,11 @@ def _check_sequences_kernel(ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, 
 
 def check_sequences(completion_ids, mask, vocab, *, old_logp=None, ref_logp=None, advantages=None, rewards=None):
     """Queue the per-sequence prologue: (counts [B] int32 completion tokens, flag [1] int32: bit 1 an id outside
-    [0, V), bit NONFINITE_FLAG a NaN/Inf in the given old/ref log-probs [B, T], advantages [B] or rewards [B])."""
-    from grm_engine.loss import NONFINITE_FLAG
+    [0, V), bit NONFINITE_FLAG a NaN/Inf in the given old/ref log-probs [B, T], advantages [B] (or [B, T]: checked
+    by tensor ops after the kernel) or rewards [B])."""
+    per_token_advantages = advantages if advantages is not None and advantages.dim() == 2 else None
+    if per_token_advantages is not None:
+        advantages = None
 
     batch, length = completion_ids.shape
     buffer = torch.zeros(batch + 1, device=completion_ids.device, dtype=torch.int32)  # counts, then the flag
@@ -81,6 +86,9 @@ def check_sequences(completion_ids, mask, vocab, *, old_logp=None, ref_logp=None
             *tensor_args(rewards, 1), length, vocab, NONFINITE=NONFINITE_FLAG, HAS_MASK=mask is not None,
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None, HAS_ADV=advantages is not None,
             HAS_REWARDS=rewards is not None, BLOCK_T=min(1024, triton.next_power_of_2(length)), num_warps=4)
+    if per_token_advantages is not None:  # rare: the prologue reads [B] advantages only
+        valid = torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0
+        flag |= nonfinite_flag(valid, advantages=per_token_advantages)
     return counts, flag
 
 
