@@ -46,6 +46,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def distributed() -> bool:
+    """Several processes in a joined process group (init_distributed ran under a launcher)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and world_size() > 1
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -53,7 +58,7 @@ def barrier() -> None:
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
     """Sum a few scalars over ranks (global token / sequence counts, metrics)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or world_size() == 1:
+    if not distributed():
         return [float(v) for v in values]
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
@@ -62,7 +67,7 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 
 def all_reduce_max(values: list[float], device) -> list[float]:
     """The largest of a few scalars over ranks (wall times: ranks run at once)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or world_size() == 1:
+    if not distributed():
         return [float(v) for v in values]
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)

@@ -30,7 +30,7 @@ from ..protocol import build_prompt, encode_text
 from ..templates import resolve_template
 from ..voting import is_correct
 from .config import ConfigError
-from .engine import barrier, init_distributed, rank, resolve_device, world_size
+from .engine import barrier, distributed, init_distributed, rank, resolve_device, world_size
 from .loop import TrainResult
 from .run_dir import check_model_dir, load_causal_lm, load_tokenizer, prepare_output_dir
 from .sft import mix_general, read_prompt_completion, tokenize_rows, train_sft_rows
@@ -206,10 +206,6 @@ def _example_record(index: int, example, samples: list[dict], config, tokenizer)
     return index, sample_rows, kept_rows, counts
 
 
-def distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and world_size() > 1
-
-
 def trajectories_path(config) -> str:
     return config.trajectories or os.path.join(config.output_dir, "rft_trajectories.jsonl")
 
@@ -220,10 +216,12 @@ def run_rft(config, log=print) -> TrainResult:
         examples = list(load_examples(config.data))
     except DataError as e:
         raise ConfigError(f"bad data: {e}") from None
+    single = resolve_template(config.template).variant == "single"
     for example in examples:
-        if example.num_responses == 1 and resolve_template(config.template).variant != "single":
+        if example.num_responses == 1 and not single:
             raise ConfigError(f"{example.source}, line {example.line}: example {example.id!r} has one response; "
-                              "RFT with template 'default' needs n >= 2 (use template single for labelled singles)")
+                              f"RFT with template {config.template!r} needs n >= 2 (use template single for "
+                              "labelled singles)")
     resume_from = prepare_output_dir(config, "rft")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     device = resolve_device(config)
