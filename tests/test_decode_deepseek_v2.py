@@ -9,7 +9,7 @@ import torch
 import grm_engine.decode.models.deepseek_v2 as deepseek_v2
 from grm_engine.decode import Decoder, SamplingParams
 from grm_engine.decode.model_runner import ModelRunner
-from test_decode_models import EOS, hf_greedy, make_prompts
+from test_decode_models import EOS, check_greedy_matches_transformers, hf_greedy, make_prompts
 
 NEW_TOKENS = 16
 
@@ -58,16 +58,7 @@ def routing_probe(monkeypatch):
 @pytest.mark.parametrize("variant", ["lite", "yarn-grouped"])
 def test_greedy_matches_transformers(variant, routing_probe):
     model = tiny_model(variant)
-    prompts = make_prompts()
-    decoder = Decoder.from_pretrained(model, num_kv_blocks=96, block_size=4, max_num_batched_tokens=24)
-    outputs = decoder.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=True), use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        expected, expected_logprobs = hf_greedy(model, prompt, NEW_TOKENS, with_logprobs=True)
-        sample = output.outputs[0]
-        assert sample.token_ids == expected, f"{variant}: prompt of {len(prompt)} tokens diverges"
-        torch.testing.assert_close(torch.tensor(sample.logprobs), torch.tensor(expected_logprobs), atol=2e-5, rtol=1e-5)
-    assert decoder.stats.prefix_cache_hit_tokens >= 20
-    assert decoder.block_manager.num_blocks_in_use == 0
+    check_greedy_matches_transformers(model, variant, NEW_TOKENS)
     # the routed steps include one where several tokens share an expert while another expert has no token
     num_experts = model.config.n_routed_experts
     counts = [torch.bincount(ids.flatten(), minlength=num_experts) for ids in routing_probe]

@@ -75,21 +75,26 @@ def make_prompts(seed: int = 1) -> list[list[int]]:
     ]
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3-rope", "qwen2", "qwen2-yarn", "qwen3", "mistral", "gemma2"])
-def test_greedy_matches_transformers(family):
-    model = tiny_model(family)
+def check_greedy_matches_transformers(model, label: str, new_tokens: int = NEW_TOKENS) -> None:
+    """Our greedy decode of make_prompts() (chunked prefill, prefix hits) equals transformers' token for token, with
+    its log-probs; the pool is empty afterwards."""
     prompts = make_prompts()
     decoder = Decoder.from_pretrained(model, num_kv_blocks=96, block_size=4, max_num_batched_tokens=24)
-    outputs = decoder.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=True), use_tqdm=False)
+    outputs = decoder.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, logprobs=True), use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
-        expected, expected_logprobs = hf_greedy(model, prompt, NEW_TOKENS, with_logprobs=True)
+        expected, expected_logprobs = hf_greedy(model, prompt, new_tokens, with_logprobs=True)
         sample = output.outputs[0]
-        assert sample.token_ids == expected, f"{family}: prompt of {len(prompt)} tokens diverges"
+        assert sample.token_ids == expected, f"{label}: prompt of {len(prompt)} tokens diverges"
         # log-probs check what greedy tokens cannot: monotone changes of the logits (final soft-capping)
         torch.testing.assert_close(torch.tensor(sample.logprobs), torch.tensor(expected_logprobs), atol=2e-5, rtol=1e-5)
         assert sample.finish_reason == ("stop" if expected[-1:] == [EOS] else "length")
     assert decoder.stats.prefix_cache_hit_tokens >= 20  # the two prompts sharing 21 tokens share 5 blocks of 4
     assert decoder.block_manager.num_blocks_in_use == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3-rope", "qwen2", "qwen2-yarn", "qwen3", "mistral", "gemma2"])
+def test_greedy_matches_transformers(family):
+    check_greedy_matches_transformers(tiny_model(family), family)
 
 
 def test_ignore_eos_runs_to_max_tokens():

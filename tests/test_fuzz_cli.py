@@ -111,6 +111,20 @@ class Loaded(BaseException):
     """Raised instead of loading the model: the run got past every check."""
 
 
+def run_until_load(argv, capsys):
+    """The CLI with GRM.from_pretrained replaced by a stop -> (the load's keyword arguments, None, None) when the run
+    got past every check, else (None, exit status, stderr)."""
+    def loaded(*args, **kwargs):
+        raise Loaded(kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GRM, "from_pretrained", loaded)
+        try:
+            code, err = cli_outcome(argv, capsys, passthrough=Loaded)
+        except Loaded as reached:
+            return reached.args[0], None, None
+    return None, code, err
+
+
 NUMBERS = st.sampled_from(["nan", "-nan", "inf", "-inf", "1e309", "-1", "0", "0.0", "1", "0.5", "1.5", "2", "3", "300",
                            "abc", "", "1e-300", "4", "8", "0x10", "1_0"])
 FLAGS = {"--temperature": NUMBERS, "--kv-cache-memory-fraction": NUMBERS, "--max-num-seqs": NUMBERS, "--k": NUMBERS,
@@ -154,19 +168,12 @@ def test_fuzzed_flags(model, tmp_path_factory, capsys, options):
         argv += ["--device", "cpu"]
     for flag, value in options.items():
         argv += [f"{flag}={value}"]
-
-    def loaded(*args, **kwargs):
-        raise Loaded(kwargs)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(GRM, "from_pretrained", loaded)
-        try:
-            code, err = cli_outcome(argv, capsys, passthrough=Loaded)
-        except Loaded as reached:
-            assert _allowed(options), f"{options} reached the model load"
-            kwargs = reached.args[0]
-            assert kwargs["max_num_seqs"] >= int(options.get("--k", 8)) >= 1
-            COUNTS["correct results"] += 1
-            return
+    kwargs, code, err = run_until_load(argv, capsys)
+    if kwargs is not None:
+        assert _allowed(options), f"{options} reached the model load"
+        assert kwargs["max_num_seqs"] >= int(options.get("--k", 8)) >= 1
+        COUNTS["correct results"] += 1
+        return
     assert code == 2, (options, code, err)
     assert "error:" in err, err
     assert not _allowed(options), f"{options} is valid but was refused: {err}"
@@ -189,18 +196,12 @@ def test_fuzzed_eval_k(model, tmp_path_factory, capsys, parts, seqs):
             f"--k={k_text}", *(["--max-num-seqs", seqs] if seqs else [])]
     ks = [_number(p.strip(), int) for p in parts if p.strip()]
     allowed = bool(ks) and None not in ks and min(ks) >= 1 and (seqs is None or max(ks) <= int(seqs))
-
-    def loaded(*args, **kwargs):
-        raise Loaded(kwargs)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(GRM, "from_pretrained", loaded)
-        try:
-            code, err = cli_outcome(argv, capsys, passthrough=Loaded)
-        except Loaded as reached:
-            assert allowed, f"--k {k_text!r} --max-num-seqs {seqs} reached the model load"
-            assert reached.args[0]["max_num_seqs"] >= max(ks)
-            COUNTS["correct results"] += 1
-            return
+    kwargs, code, err = run_until_load(argv, capsys)
+    if kwargs is not None:
+        assert allowed, f"--k {k_text!r} --max-num-seqs {seqs} reached the model load"
+        assert kwargs["max_num_seqs"] >= max(ks)
+        COUNTS["correct results"] += 1
+        return
     assert code == 2 and "error:" in err, (k_text, code, err)
     assert not allowed, f"--k {k_text!r} --max-num-seqs {seqs} is valid but was refused: {err}"
     assert not (folder / "eval" / "results.json").exists()
@@ -254,6 +255,48 @@ def test_fuzzed_train_config(model, tmp_path_factory, key, text):
     assert getattr(config, key) == expected
     assert not (folder / "out").exists()  # loading a config writes nothing
     COUNTS["correct results"] += 1
+
+
+TEMPLATE_CHOICES = ["default", "single", "", "Default", "grm", "single:", "good", "single:good", "bad", "single:bad",
+                    "empty", "missing", "single:missing", "folder"]
+
+
+@FUZZ
+@given(choice=st.sampled_from(TEMPLATE_CHOICES))
+def test_fuzzed_train_template(model, tmp_path_factory, choice):
+    """template (rft, grpo, meta-rm): 'default', 'single', a valid template file or single:FILE; anything else
+    (a file with an unknown placeholder, an empty or missing file, a folder, another word) a ConfigError naming the
+    key, and nothing written."""
+    from grm_engine.templates import BUILTIN_DIR
+    from grm_engine.train.config import ConfigError, load_config
+
+    COUNTS["inputs"] += 1
+    folder = tmp_path_factory.mktemp("fuzz_template")
+    data = write_jsonl(folder / "data.jsonl", make_examples(2))
+    with open(f"{BUILTIN_DIR}/default.txt", encoding="utf-8") as f:
+        default_text = f.read()
+    files = {"good": default_text, "bad": default_text.replace("{{responses}}", "{{responses}} {{nonsense}}", 1),
+             "empty": ""}
+    for name, text in files.items():
+        (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+    (folder / "folder.txt").mkdir()
+    paths = {name: str(folder / f"{name}.txt") for name in (*files, "missing", "folder")}
+    prefix, _, rest = choice.rpartition(":") if choice.startswith("single:") else ("", "", choice)
+    value = f"{prefix}:{paths[rest]}" if prefix and rest in paths else paths.get(choice, choice)
+    allowed = choice in ("default", "single", "good", "single:good")
+    before = fingerprint(folder)
+    try:
+        config = load_config("grpo", None, ["--model", model, "--data", data, "--output_dir", str(folder / "out"),
+                                            f"--template={value}"])
+    except ConfigError as e:
+        assert "template" in str(e), e
+        assert not allowed, f"template {choice!r} is valid but was refused: {e}"
+        COUNTS["clear errors"] += 1
+    else:
+        assert allowed, f"template {choice!r} was accepted"
+        assert config.template == value
+        COUNTS["correct results"] += 1
+    assert fingerprint(folder) == before  # nothing written, nothing changed
 
 
 def test_report_counts():
