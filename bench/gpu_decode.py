@@ -121,6 +121,22 @@ def _sync():
         torch.cuda.empty_cache()
 
 
+def timed_generate(decoder, prompts, n: int, new_tokens: int, name: str):
+    """A 4-token warm-up call (compiles the Triton kernels for this shape), then the timed call: n samples of every
+    prompt, new_tokens each (ignore_eos). -> (seconds, outputs); checks every token was generated."""
+    from grm_engine.decode import SamplingParams
+
+    decoder.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=4, ignore_eos=True, seed=1), use_tqdm=False)
+    params = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=0)
+    _sync()
+    start = time.perf_counter()
+    outputs = decoder.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    generated = sum(len(s.token_ids) for r in outputs for s in r.outputs)
+    assert generated == len(prompts) * n * new_tokens, f"{name}: {generated} tokens generated"
+    return seconds, outputs
+
+
 def run_case(args, section_start, name, model_type, shape, num_prompts, prompt_len, n, new_tokens, hf_prompts,
              hf_new_tokens) -> dict:
     from grm_engine.decode import Decoder, SamplingParams
@@ -130,16 +146,9 @@ def run_case(args, section_start, name, model_type, shape, num_prompts, prompt_l
     prompts = [torch.randint(10, shape["vocab_size"], (prompt_len,), generator=g).tolist() for _ in range(num_prompts)]
     decoder = Decoder.from_pretrained(model, kv_cache_memory_fraction=0.85, max_num_seqs=256, block_size=16,
                                       num_kv_blocks=None if DEVICE == "cuda" else 4096)
-    warm = SamplingParams(n=n, temperature=1.0, max_tokens=4, ignore_eos=True, seed=1)
-    decoder.generate(prompts, warm, use_tqdm=False)  # compiles the Triton kernels for this shape
-    params = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=0)
-    _sync()
-    start = time.perf_counter()
-    outputs = decoder.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
+    seconds, outputs = timed_generate(decoder, prompts, n, new_tokens, name)
     stats = decoder.stats
-    generated = sum(len(s.token_ids) for r in outputs for s in r.outputs)
-    assert generated == num_prompts * n * new_tokens, f"{name}: {generated} tokens generated"
+    generated = num_prompts * n * new_tokens
     step_ms = 1e3 * stats.decode_seconds / max(stats.decode_steps, 1)
     unique_kv = (num_prompts * prompt_len + num_prompts * n * new_tokens / 2) * kv_bytes_per_token(model)  # mid-run
     bandwidth = args.ceilings.get("bandwidth", 4.2e12)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from gpu_decode import profile_decode
+from gpu_decode import profile_decode, timed_generate
 
 LITE = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hidden_layers=27, num_attention_heads=16,
             num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128,
@@ -183,15 +183,9 @@ def model_rows(args) -> list[dict]:
     prompts = [torch.randint(10, config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(num_prompts)]
     decoder = Decoder.from_pretrained(model, kv_cache_memory_fraction=0.5, max_num_seqs=256, block_size=16,
                                       merge_projections=True, num_kv_blocks=None if DEVICE == "cuda" else 2048)
-    decoder.generate(prompts, SamplingParams(n=N, max_tokens=4, ignore_eos=True, seed=1), use_tqdm=False)  # compile
-    params = SamplingParams(n=N, temperature=1.0, max_tokens=NEW_TOKENS, ignore_eos=True, seed=0)
-    _sync()
-    start = time.perf_counter()
-    outputs = decoder.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
+    seconds, outputs = timed_generate(decoder, prompts, N, NEW_TOKENS, "deepseek_v2")
     stats = decoder.stats
-    generated = sum(len(s.token_ids) for r in outputs for s in r.outputs)
-    assert generated == num_prompts * N * NEW_TOKENS, f"deepseek_v2: {generated} tokens generated"
+    generated = num_prompts * N * NEW_TOKENS
     counts = byte_counts(config)
     batch = num_prompts * N
     experts = config.n_routed_experts
