@@ -11,7 +11,9 @@ the tight plan, and its graph replay.
 """
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -152,6 +154,83 @@ def padded_case(prefix_len, num_samples, num_groups, bandwidth) -> dict:
     return row
 
 
+PREFIX_SWEEP = [(bm, split, bn, warps, stages) for bm in (64, 128) for split in (512, 1024) for bn in (32, 64, 128)
+                for warps in (4, 8) for stages in (1, 2, 3)] + [(256, 1024, bn, warps, 2) for bn in (32, 64) for warps in (8, 16)]
+SUFFIX_SWEEP = [(bn, warps, stages) for bn in (16, 32, 64) for warps in (2, 4) for stages in (1, 2, 3)]
+
+
+def tuning_rows(bandwidth, budget_s: float = 300.0) -> list[dict]:
+    """Each kernel of the call timed alone at CONFIG_CASE over launch parameters (prefix: block_m, split, block_n,
+    warps, stages; suffix: block_n, warps, stages), then the whole call with the best of each, fused merge vs the
+    merge kernel. Stops sweeping after budget_s (compiles dominate)."""
+    from grm_engine.kernels.cascade_attention import (CascadePlan, CascadeTuning, cascade_decode_attention,
+                                                      cascade_launches, plan_cascade_host, workspace_numel)
+
+    q, k_cache, v_cache, tables, lens, starts, prefix = build_batch(*CONFIG_CASE)
+    scale, max_len = HEAD_DIM ** -0.5, int(lens.max())
+    batch = q.shape[0]
+    out = torch.empty_like(q)
+    plans = {}
+
+    def plan_for(block_m, split):
+        if (block_m, split) not in plans:
+            host = plan_cascade_host(starts, prefix, BLOCK_SIZE, NUM_HEADS, KV_HEADS, max_len, split, block_m)
+            plans[block_m, split] = CascadePlan.from_host(host, torch.from_numpy(host.items).to(DEVICE),
+                                                          torch.from_numpy(host.prefix_tokens).to(DEVICE))
+        return plans[block_m, split]
+
+    def part_ms(plan, tuning, name):
+        workspace = torch.empty(workspace_numel(plan, batch, NUM_HEADS, HEAD_DIM), device=DEVICE)
+        launches = dict(cascade_launches(q, k_cache, v_cache, tables, lens, scale, plan, out, workspace, tuning))
+        return bench_ms(launches[name])
+
+    rows, deadline = [], time.perf_counter() + budget_s
+    shared_bytes = CONFIG_CASE[2] * CONFIG_CASE[0] * KV_HEADS * HEAD_DIM * 2 * DTYPE.itemsize
+    best_prefix = (float("inf"), None)
+    for block_m, split, block_n, warps, stages in PREFIX_SWEEP:
+        if time.perf_counter() > deadline:
+            rows.append({"section": "cascade", "case": "tuning prefix: budget spent", "left": "rest of the sweep"})
+            break
+        tuning = CascadeTuning(prefix_block_n=block_n, prefix_warps=warps, prefix_stages=stages)
+        row = {"section": "cascade", "case": f"tuning prefix bm={block_m} split={split} bn={block_n} w={warps} s={stages}"}
+        try:
+            row["ours_ms"] = part_ms(plan_for(block_m, split), tuning, "prefix")
+            row["shared_GB/s"] = shared_bytes / (row["ours_ms"] * 1e-3) / 1e9
+            if row["ours_ms"] < best_prefix[0]:
+                best_prefix = (row["ours_ms"], (block_m, split, tuning))
+        except Exception as error:  # e.g. out of shared memory / registers: record it, keep sweeping
+            row["error"] = str(error)[:80]
+        rows.append(row)
+    block_m, split, best = best_prefix[1] or (64, 1024, CascadeTuning())
+    plan = plan_for(block_m, split)
+    best_suffix = (float("inf"), best)
+    for block_n, warps, stages in SUFFIX_SWEEP:
+        if time.perf_counter() > deadline + 60:
+            break
+        tuning = replace(best, suffix_block_n=block_n, suffix_warps=warps, suffix_stages=stages)
+        row = {"section": "cascade", "case": f"tuning suffix (fused) bn={block_n} w={warps} s={stages}"}
+        try:
+            row["ours_ms"] = part_ms(plan, tuning, "suffix")
+            if row["ours_ms"] < best_suffix[0]:
+                best_suffix = (row["ours_ms"], tuning)
+        except Exception as error:
+            row["error"] = str(error)[:80]
+        rows.append(row)
+    best = best_suffix[1]
+    reference = cascade_decode_attention(q, k_cache, v_cache, tables, lens, starts, prefix, scale)  # defaults
+    for fuse in (False, True):
+        tuning = replace(best, fuse_merge=fuse)
+        call = lambda: cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, scale, plan=plan,  # noqa: E731
+                                                tuning=tuning)
+        rows.append({"section": "cascade", "case": f"tuning best bm={block_m} split={split} fused={fuse}",
+                     "ours_ms": bench_ms(call), "tuning": str(tuning),
+                     "max_diff_vs_default": (call().float() - reference.float()).abs().max().item()})
+    default_call = lambda: cascade_decode_attention(q, k_cache, v_cache, tables, lens, starts, prefix, scale)  # noqa: E731
+    rows.append({"section": "cascade", "case": "tuning current defaults (plan built per call)",
+                 "ours_ms": bench_ms(default_call)})
+    return rows
+
+
 def crossover(rows: list[dict], prefix_lens, samples) -> list[dict]:
     """Per prefix length, the fewest samples from which cascade wins at every larger sample count too."""
     out = []
@@ -166,6 +245,9 @@ def crossover(rows: list[dict], prefix_lens, samples) -> list[dict]:
 
 def run(args) -> list[dict]:
     quick = getattr(args, "quick", False)
+    if os.environ.get("GRM_BENCH_CASCADE_TUNING_ONLY") == "1":  # the launch-parameter sweep alone
+        bandwidth = getattr(args, "ceilings", {}).get("bandwidth") or device_bandwidth()
+        return [one_case(*CONFIG_CASE, bandwidth)] + tuning_rows(bandwidth, float(os.environ.get("GRM_BENCH_CASCADE_SWEEP_S", "300")))
     prefix_lens = [256, 2048] if quick else PREFIX_LENS
     samples = [4, 32] if quick else SAMPLES
     total = 64 if quick else TOTAL_SEQS
@@ -186,6 +268,8 @@ def run(args) -> list[dict]:
             table.append({"section": "cascade", "case": f"config block_m={block_m} split={split_tokens}",
                           "error": str(error)[:80]})
     table.append(padded_case(*CONFIG_CASE, bandwidth))
+    if not quick:
+        table += tuning_rows(bandwidth, float(os.environ.get("GRM_BENCH_CASCADE_SWEEP_S", "300")))
     return table + crossover(rows, prefix_lens, samples)
 
 
@@ -193,6 +277,7 @@ if __name__ == "__main__":  # CPU smoke run of the code path: TRITON_INTERPRET=1
     import types
 
     DEVICE, DTYPE, PREFIX_LENS, SAMPLES, TOTAL_SEQS, CONFIGS = "cpu", torch.float32, [32, 64], [2, 4], 4, [(16, 32)]
+    PREFIX_SWEEP, SUFFIX_SWEEP = [(16, 32, 16, 4, 1), (32, 32, 16, 4, 2)], [(16, 2, 1)]
     CONFIG_CASE = (32, 2, 2)
     NUM_HEADS, KV_HEADS, HEAD_DIM, SUFFIX_RANGE = 14, 2, 32, (1, 20)
     for r in run(types.SimpleNamespace(quick=False, ceilings={"bandwidth": 1e10})):

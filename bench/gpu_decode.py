@@ -193,7 +193,10 @@ def run_case(args, section_start, name, model_type, shape, num_prompts, prompt_l
 def run(args) -> list[dict]:
     rows = []
     section_start = time.time()
+    only = [c for c in os.environ.get("GRM_BENCH_DECODE_CASES", "").split(",") if c]  # e.g. qwen2.5-7B
     for name, model_type, shape, *sizes in CASES:
+        if only and name not in only:
+            continue
         if getattr(args, "quick", False):
             sizes = QUICK[name]
         start = time.time()

@@ -115,10 +115,12 @@ def run(args) -> list[dict]:
     kv_per_token = 2 * SHAPE["num_hidden_layers"] * SHAPE["num_key_value_heads"] * (
         SHAPE["hidden_size"] // SHAPE["num_attention_heads"]) * 2  # K and V, bf16
     rows = []
-    for num_examples, k in ([(128, K)] if quick else CASES if NUM_EXAMPLES == 512 else [(NUM_EXAMPLES, K)]):
+    cases = [(128, K)] if quick else CASES if NUM_EXAMPLES == 512 else [(NUM_EXAMPLES, K)]
+    seat_counts = [int(x) for x in os.environ.get("GRM_BENCH_SCORE_SEATS", "512").split(",")]  # decode batch sizes
+    for (num_examples, k), seats in [(case, seats) for case in cases for seats in seat_counts]:
         hf_examples = 4 if quick else HF_EXAMPLES
         examples = synthetic_examples(num_examples)
-        decoder = Decoder.from_pretrained(model, tokenizer=tokenizer, kv_cache_memory_fraction=0.85, max_num_seqs=512,
+        decoder = Decoder.from_pretrained(model, tokenizer=tokenizer, kv_cache_memory_fraction=0.85, max_num_seqs=seats,
                                           num_kv_blocks=None if DEVICE == "cuda" else 4096)
         grm = GRM(decoder, tokenizer)
         # compiles kernels for these shapes; other examples, so the timed run gets no prefix-cache hits from it
@@ -141,17 +143,17 @@ def run(args) -> list[dict]:
         hf_ms = 1e3 * hf["per_example_s"] * num_examples  # extrapolated to the whole set
         critiques = num_examples * k
         # Floor: prefill FLOPs (2 x parameters per prompt token computed) at the measured matmul rate, plus decode
-        # bytes at the measured bandwidth: the weights once per step of a full 512-sequence batch, and each prompt
+        # bytes at the measured bandwidth: the weights once per step of a full batch (seats), and each prompt
         # variant's KV once per step while its samples decode (the cascade's shared read), each sample's own KV.
         params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
         prefill_ms = 1e3 * 2 * params * stats.prefill_tokens / matmul
-        steps = -(-critiques // 512) * NEW_TOKENS
+        steps = -(-critiques // seats) * NEW_TOKENS
         prompt_kv = stats.prefill_tokens * kv_per_token * NEW_TOKENS  # each variant's KV read at each of its steps
         own_kv = critiques * (NEW_TOKENS ** 2 / 2) * kv_per_token
         decode_ms = 1e3 * (steps * weight_bytes + prompt_kv + own_kv) / bandwidth
         floor_ms = prefill_ms + decode_ms
         rows.append({
-            "section": "score", "case": f"{num_examples} ex x k={k} x {NEW_TOKENS} tok, qwen2.5-0.5B shape",
+            "section": "score", "case": f"{num_examples} ex x k={k} x {NEW_TOKENS} tok, qwen2.5-0.5B shape, {seats} seats",
             "ours_ms": 1e3 * seconds, "ref_ms": hf_ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / (1e3 * seconds),
             "speedup": hf_ms / (1e3 * seconds),
             "critiques/s": critiques / seconds, "tok/s": generated / seconds,

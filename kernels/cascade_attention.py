@@ -19,7 +19,7 @@ sequence's own lengths say it filled, so padded plans give bitwise the same outp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -113,10 +113,12 @@ def _stacked_rows_attention_kernel(
     scale, split_tokens, num_slots,
     HEADS_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_SUFFIX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSE_MERGE: tl.constexpr = False, out_ptr=None,
 ):
     """One program: BLOCK_M stacked query rows (sample-major, then the query heads of kv_head) against keys
-    [token_start, token_end) of the first sample's block table; writes unnormalized partials + (max, sum)."""
+    [token_start, token_end) of the first sample's block table; writes unnormalized partials + (max, sum).
+    FUSE_MERGE (suffix grid of one split, launched after the prefix kernel): merges the prefix slots with its own
+    registers in the merge kernel's order and writes the output instead of a partial."""
     kv_head = tl.program_id(1)
     if IS_SUFFIX:  # grid (B, kv_heads, num_suffix_splits): one sample's private pages
         first_sample = tl.program_id(0)
@@ -139,7 +141,8 @@ def _stacked_rows_attention_kernel(
     r = first_row + tl.arange(0, BLOCK_M)
     # A program with no rows (a no-op item padding a graph's work list; a suffix split past the sequence's
     # suffix, the grid being an upper bound) loads nothing, loops over its (empty) key range and stores nothing.
-    row_mask = r < num_samples * HEADS_PER_KV
+    # Fused, every row of the sample writes its output (from the prefix slots alone when its suffix is empty).
+    row_mask = r < (HEADS_PER_KV if FUSE_MERGE else num_samples * HEADS_PER_KV)
     sample = (first_sample + r // HEADS_PER_KV).to(tl.int64)  # [BLOCK_M]
     head = kv_head * HEADS_PER_KV + r % HEADS_PER_KV
     d = tl.arange(0, BLOCK_D)
@@ -158,9 +161,31 @@ def _stacked_rows_attention_kernel(
 
     # partial [B, H, num_slots, D], stats [B, H, num_slots, 2]; the merge reads only the slots whose range is not empty
     out_row = (sample * NUM_HEADS + head) * num_slots + slot  # [BLOCK_M]
-    tl.store(partial_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(stats_ptr + out_row * 2, m, mask=row_mask)
-    tl.store(stats_ptr + out_row * 2 + 1, l, mask=row_mask)
+    if FUSE_MERGE:
+        first = (sample * NUM_HEADS + head) * num_slots  # [BLOCK_M]: the prefix slots 0 .. prefix_slots - 1
+        prefix_slots = (prefix_len + split_tokens - 1) // split_tokens
+        has_keys = num_samples > 0
+        m_all = tl.where(has_keys, m, float("-inf"))
+        for s in range(0, prefix_slots):
+            m_all = tl.maximum(m_all, tl.load(stats_ptr + (first + s) * 2, mask=row_mask, other=0.0))
+        merged = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        denominator = tl.zeros([BLOCK_M], tl.float32)
+        for s in range(0, prefix_slots):  # the merge kernel's order: prefix slots, then the suffix
+            weight = tl.exp(tl.load(stats_ptr + (first + s) * 2, mask=row_mask, other=0.0) - m_all)
+            denominator += weight * tl.load(stats_ptr + (first + s) * 2 + 1, mask=row_mask, other=0.0)
+            merged += weight[:, None] * tl.load(partial_ptr + (first + s)[:, None] * HEAD_DIM + d[None, :],
+                                                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        if has_keys:
+            weight = tl.exp(m - m_all)
+            denominator += weight * l
+            merged += weight[:, None] * acc
+        out = merged / denominator[:, None]
+        tl.store(out_ptr + (sample * NUM_HEADS + head)[:, None] * HEAD_DIM + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    else:
+        tl.store(partial_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_mask[:, None] & d_mask[None, :])
+        tl.store(stats_ptr + out_row * 2, m, mask=row_mask)
+        tl.store(stats_ptr + out_row * 2 + 1, l, mask=row_mask)
 
 
 @triton.jit
@@ -307,18 +332,72 @@ def workspace_numel(plan: CascadePlan | HostCascadePlan, batch: int, num_heads: 
     return batch * num_heads * (plan.num_prefix_slots + plan.num_suffix_splits) * (head_dim + 2)
 
 
+@dataclass(frozen=True)
+class CascadeTuning:
+    """Launch parameters of the three kernels (None: Triton's default). Defaults: the fastest measured at the
+    Qwen2.5-7B case (bench/gpu_cascade.py, the tuning rows). fuse_merge: when the suffix grid has one split, the
+    suffix kernel merges and writes the output itself (no merge kernel, no suffix partial in the scratch)."""
+
+    prefix_block_n: int = 64
+    prefix_warps: int | None = None  # None: 4 for block_m * block_d <= 64 * 128, else 8
+    prefix_stages: int | None = None
+    suffix_block_n: int = 64
+    suffix_warps: int = 4
+    suffix_stages: int | None = None
+    fuse_merge: bool = True
+
+
+def cascade_launches(q, k_cache, v_cache, block_tables, context_lens, scale, plan: CascadePlan, out: torch.Tensor,
+                     workspace: torch.Tensor, tuning: CascadeTuning) -> list[tuple[str, Callable[[], None]]]:
+    """The kernel launches of one call, in order, as (name, launch) pairs (the benchmark times them one by one)."""
+    batch, num_heads, head_dim = q.shape
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    num_slots = plan.num_prefix_slots + plan.num_suffix_splits
+    partial_numel, need = batch * num_heads * num_slots * head_dim, workspace_numel(plan, batch, num_heads, head_dim)
+    partial = workspace[:partial_numel].view(batch, num_heads, num_slots, head_dim)
+    stats = workspace[partial_numel:need].view(batch, num_heads, num_slots, 2)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    common = dict(HEADS_PER_KV=plan.heads_per_kv, HEAD_DIM=head_dim, NUM_HEADS=num_heads, BLOCK_SIZE=block_size,
+                  BLOCK_D=block_d, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    args = (q, k_cache, v_cache, block_tables, context_lens, plan.prefix_tokens, plan.prefix_items, partial, stats,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            float(scale), plan.split_tokens, num_slots)
+    fuse = tuning.fuse_merge and plan.num_suffix_splits == 1
+    prefix_warps = tuning.prefix_warps or (4 if plan.block_m * block_d <= 64 * 128 else 8)
+    stages = lambda n: {} if n is None else {"num_stages": n}  # noqa: E731
+    launches = []
+    if plan.prefix_items.shape[0]:
+        launches.append(("prefix", lambda: _stacked_rows_attention_kernel[(plan.prefix_items.shape[0], kv_heads)](
+            *args, BLOCK_M=plan.block_m, BLOCK_N=tuning.prefix_block_n, IS_SUFFIX=False, num_warps=prefix_warps,
+            **stages(tuning.prefix_stages), **common)))
+    launches.append(("suffix", lambda: _stacked_rows_attention_kernel[(batch, kv_heads, plan.num_suffix_splits)](
+        *args, BLOCK_M=max(16, triton.next_power_of_2(plan.heads_per_kv)), BLOCK_N=tuning.suffix_block_n,
+        IS_SUFFIX=True, FUSE_MERGE=fuse, out_ptr=out if fuse else None, num_warps=tuning.suffix_warps,
+        **stages(tuning.suffix_stages), **common)))
+    if not fuse:
+        launches.append(("merge", lambda: _merge_slots_kernel[(batch * num_heads,)](
+            partial, stats, context_lens, plan.prefix_tokens, out, num_slots, plan.split_tokens, NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d)))
+    return launches
+
+
+DEFAULT_TUNING = CascadeTuning()
+
+
 def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                              context_lens: torch.Tensor, group_starts, prefix_blocks, scale: float, *,
                              max_context_len: int | None = None, plan: CascadePlan | None = None,
-                             split_tokens: int = 1024, block_m: int = 64, block_n: int = 64,
-                             workspace: torch.Tensor | None = None) -> torch.Tensor:
+                             split_tokens: int = 1024, block_m: int = 64, block_n: int | None = None,
+                             workspace: torch.Tensor | None = None, tuning: CascadeTuning = DEFAULT_TUNING) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, kv_heads, D]; block_tables [B, max_blocks] int32; context_lens
     [B] int32; group_starts [G + 1] and prefix_blocks [G] on the host (samples of group g are rows
     group_starts[g]:group_starts[g+1] and share their first prefix_blocks[g] blocks; a group of one or with no
     shared block is the plain path). Pass `plan` (plan_cascade or CascadePlan.from_host) to reuse the work lists
     across layers: then the host reads no device value (CUDA-graph capturable). workspace: an optional fp32 buffer
     of >= workspace_numel(...) elements reused for the scratch (every slot the merge reads is written by this call,
-    so stale contents never leak). Returns [B, H, D] in q's dtype. Full attention only: no window, no soft-capping."""
+    so stale contents never leak). block_n: keys per tile of both kernels (overrides tuning's). Returns [B, H, D]
+    in q's dtype. Full attention only: no window, no soft-capping."""
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
@@ -330,28 +409,16 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                             split_tokens, block_m)
     if plan.prefix_tokens.shape[0] != batch:
         raise ValueError(f"group_starts / the plan cover {plan.prefix_tokens.shape[0]} sequences but q holds {batch}")
-    num_slots = plan.num_prefix_slots + plan.num_suffix_splits
-    partial_numel, need = batch * num_heads * num_slots * head_dim, workspace_numel(plan, batch, num_heads, head_dim)
+    need = workspace_numel(plan, batch, num_heads, head_dim)
     if workspace is None:
         workspace = torch.empty(need, device=q.device, dtype=torch.float32)
     elif workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.numel() < need:
         raise ValueError(f"workspace: need a contiguous fp32 buffer of >= {need} elements, got {workspace.dtype} "
                          f"{workspace.numel()}")
-    partial = workspace[:partial_numel].view(batch, num_heads, num_slots, head_dim)
-    stats = workspace[partial_numel:need].view(batch, num_heads, num_slots, 2)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    common = dict(HEADS_PER_KV=plan.heads_per_kv, HEAD_DIM=head_dim, NUM_HEADS=num_heads, BLOCK_SIZE=block_size,
-                  BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    args = (q, k_cache, v_cache, block_tables, context_lens, plan.prefix_tokens, plan.prefix_items, partial, stats,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-            float(scale), plan.split_tokens, num_slots)
-    if plan.prefix_items.shape[0]:
-        _stacked_rows_attention_kernel[(plan.prefix_items.shape[0], kv_heads)](
-            *args, BLOCK_M=plan.block_m, IS_SUFFIX=False, num_warps=4 if plan.block_m * block_d <= 64 * 128 else 8, **common)
-    _stacked_rows_attention_kernel[(batch, kv_heads, plan.num_suffix_splits)](
-        *args, BLOCK_M=max(16, triton.next_power_of_2(plan.heads_per_kv)), IS_SUFFIX=True, num_warps=4, **common)
+    if block_n is not None:
+        tuning = replace(tuning, prefix_block_n=block_n, suffix_block_n=block_n)
     out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=q.dtype)
-    _merge_slots_kernel[(batch * num_heads,)](partial, stats, context_lens, plan.prefix_tokens, out, num_slots,
-                                              plan.split_tokens, NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    for _, launch in cascade_launches(q, k_cache, v_cache, block_tables, context_lens, scale, plan, out, workspace,
+                                      tuning):
+        launch()
     return out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grm_engine.decode.attention import decode_attention_reference
-from grm_engine.kernels.cascade_attention import (NO_OP_ITEM, CascadePlan, cascade_decode_attention,
+from grm_engine.kernels.cascade_attention import (NO_OP_ITEM, CascadePlan, CascadeTuning, cascade_decode_attention,
                                                   cascade_decode_attention_reference, check_shared_prefix,
                                                   item_capacity_for, plan_cascade, plan_cascade_host, workspace_numel)
 
@@ -71,6 +71,24 @@ def test_cascade_matches_references(kv_heads, heads_per_kv, head_dim, block_size
         ours = cascade_decode_attention(q, k_cache, v_cache, tables, lens, starts, prefix, scale,
                                         split_tokens=split_tokens, block_m=block_m, block_n=16)
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[1], CPU_CASES[2], CPU_CASES[5]])
+def test_fused_merge_is_bitwise_the_merge_kernel(case):
+    """The suffix kernel's fused merge (one suffix split) adds the slots in the merge kernel's order: bitwise equal
+    outputs (same tiles), with and without shared prefixes, empty and multi-page suffixes."""
+    kv_heads, heads_per_kv, head_dim, block_size, groups = case
+    q, k_cache, v_cache, tables, lens, starts, prefix = _case(kv_heads, heads_per_kv, head_dim, block_size, groups)
+    plan = plan_cascade(starts, prefix, block_size, q.shape[1], kv_heads, int(lens.max()), "cpu", split_tokens=128,
+                        block_m=16)
+    assert plan.num_suffix_splits == 1
+    separate = cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, 0.3, plan=plan,
+                                        tuning=CascadeTuning(fuse_merge=False, prefix_block_n=16, suffix_block_n=16))
+    fused = cascade_decode_attention(q, k_cache, v_cache, tables, lens, None, None, 0.3, plan=plan,
+                                     tuning=CascadeTuning(prefix_block_n=16, suffix_block_n=16, suffix_stages=2))
+    assert torch.equal(fused, separate)
+    reference = cascade_decode_attention_reference(q, k_cache, v_cache, tables, lens, starts, prefix, 0.3)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_peaked_scores_stay_finite():
