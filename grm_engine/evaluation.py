@@ -22,10 +22,10 @@ import math
 import os
 from pathlib import Path
 
+from .data import FORMATS
 from .metrics import (PAPER_BENCHMARKS, REWARDBENCH_EXAMPLE_COUNTS, REWARDBENCH_LEADERBOARD_COUNTS, example_credits,
                       overall_score, ppe_correctness_score, rewardbench_scores, rmb_score, roc_auc, top_is_tied)
 
-FORMATS = ("jsonl", "rewardbench", "ppe", "rmb", "realmistake")
 REWARDBENCH_COUNTS = {"leaderboard": REWARDBENCH_LEADERBOARD_COUNTS, "dataset": REWARDBENCH_EXAMPLE_COUNTS}
 REWARDBENCH_COUNTS_NAMES = {"leaderboard": "allenai leaderboard constants (xstest-should-refuse 250, -respond 154)",
                             "dataset": "the dataset's row counts (xstest-should-refuse 154, -respond 250)"}
