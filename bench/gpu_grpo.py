@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -24,14 +23,11 @@ import time
 
 import torch
 
-SHAPES = {
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=4096, tie_word_embeddings=False),
-}
+from grm_engine.train.bench_hooks import SHAPES as QWEN2_SHAPES
+from grm_engine.train.bench_hooks import qwen2_config, random_model
+
+# this benchmark's tiny shape has a larger, untied vocabulary than the shared one
+SHAPES = {**QWEN2_SHAPES, "tiny": {**QWEN2_SHAPES["tiny"], "vocab_size": 4096, "tie_word_embeddings": False}}
 WORDS = [f"w{i}" for i in range(3000)]
 
 
@@ -79,22 +75,6 @@ def make_examples(tokenizer, count: int, prompt_tokens: int, seed: int):
     return examples
 
 
-def random_model(shape: dict, device, dtype, seed: int):
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(**shape, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                         use_cache=False)
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    finally:
-        torch.set_default_dtype(previous)
-    return model
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="0.5b", choices=sorted(SHAPES))
@@ -132,8 +112,9 @@ def main() -> int:
                         gradient_checkpointing=args.gradient_checkpointing, lr_scheduler_type="constant")
     dtype = torch.bfloat16 if (cuda and deepspeed) else torch.float32
     tic = time.perf_counter()
-    model = random_model(shape, device, dtype, seed=0)
-    reference = random_model(shape, device, torch.bfloat16 if cuda else torch.float32, seed=0) if args.beta else None
+    model = random_model(qwen2_config(shape), device, dtype, seed=0)
+    reference = (random_model(qwen2_config(shape), device, torch.bfloat16 if cuda else torch.float32, seed=0)
+                 if args.beta else None)
     run = prepare_grpo(config, examples, model=model, reference=reference, log=lambda m: None)
     setup_s = time.perf_counter() - tic
     if cuda:

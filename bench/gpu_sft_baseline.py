@@ -41,45 +41,13 @@ import sys
 import tempfile
 import time
 
-SHAPES = {
-    # Qwen2.5-0.5B
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    # Qwen2.5-7B
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=True),
-}
+from grm_engine.train.bench_hooks import SHAPES, qwen2_config, random_model
+
 DEFAULT_BATCH = {"0.5b": (8, 8), "7b": (4, 2), "tiny": (2, 1)}  # (rows per step, rows per micro-batch)
 VARIANTS = ["hf", "hf_causal", "ours"]
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def model_config(shape: str):
-    from transformers import Qwen2Config
-
-    return Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                       hidden_act="silu", use_cache=False, attn_implementation="sdpa")
-
-
-def build_model(config, device, dtype):
-    """Random init directly on the device in `dtype` (a 7B model built on the CPU in fp32 takes minutes)."""
-    import torch
-    from transformers import Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.config.use_cache = False
-    return model.train()
-
-
 def make_batches(args, vocab_size: int, count: int, device) -> list[dict]:
     """`count` steps of packed rows: dict(input_ids, position_ids, labels, target_ids, loss_mask, doc_lens).
 
@@ -139,7 +107,7 @@ def hf_init(args, config, device):
 
     amp = args.precision == "amp"
     dtype = torch.float32 if (amp or device.type == "cpu") else torch.bfloat16
-    model = build_model(config, device, dtype)
+    model = random_model(config, device, dtype).train()
     assert not getattr(model, "is_gradient_checkpointing", False)  # off: a fresh model has it off
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, foreach=device.type == "cuda")
     return {"model": model, "optimizer": optimizer, "amp": amp and device.type == "cuda",
@@ -206,7 +174,7 @@ def run_variant(args) -> dict:
 
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
-    config = model_config(args.shape)
+    config = qwen2_config(SHAPES[args.shape])
     init, step = STEPS[args.variant]
     row = {"section": "sft", "case": args.variant, "shape": args.shape, "seq": args.seq, "batch": args.batch,
            "micro_batch": args.micro_batch, "precision": args.precision if cuda else "fp32-cpu",

@@ -1,5 +1,6 @@
 """The training steps as the GPU benchmarks drive them (bench/gpu_sft_baseline.py): the same engine, loss and
-packing as `grm-engine train sft`, on batches the benchmark builds (random-init model, packed rows)."""
+packing as `grm-engine train sft`, on batches the benchmark builds (random-init model, packed rows). Also the one
+definition of the benchmarks' Qwen2.5 shapes and random-init model (bench/gpu_grpo.py, bench/gpu_sft_baseline.py)."""
 from __future__ import annotations
 
 import torch
@@ -10,21 +11,43 @@ from .engine import Engine
 from .sft import sft_micro_loss
 
 
-def sft_bench_init(model_config, args, device) -> dict:
-    """model_config: a transformers config; args: the benchmark's (ours_deepspeed, precision, micro_batch)."""
+SHAPES = {
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,  # Qwen2.5-0.5B
+                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,  # Qwen2.5-7B
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,  # CPU smoke tests
+                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=True),
+}
+
+
+def qwen2_config(shape: dict):
+    """A Qwen2.5 config of `shape` (one of SHAPES): Qwen2.5's rope base and norm epsilon, no KV cache (training)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**shape, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                       hidden_act="silu", use_cache=False, attn_implementation="sdpa")
+
+
+def random_model(model_config, device, dtype, seed: int = 0):
+    """Random init directly on the device in `dtype` (a 7B model built on the CPU in fp32 takes minutes)."""
     from transformers import AutoModelForCausalLM
 
-    deepspeed = getattr(args, "ours_deepspeed", None) or ""
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if (deepspeed and cuda) else torch.float32
+    torch.manual_seed(seed)
     previous = torch.get_default_dtype()
-    torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa")
+            return AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(previous)
+
+
+def sft_bench_init(model_config, args, device) -> dict:
+    """model_config: a transformers config; args: the benchmark's (ours_deepspeed, precision, micro_batch)."""
+    deepspeed = getattr(args, "ours_deepspeed", None) or ""
+    cuda = device.type == "cuda"
+    model = random_model(model_config, device, torch.bfloat16 if (deepspeed and cuda) else torch.float32)
     micro = getattr(args, "micro_batch", None) or args.batch
     config = SFTConfig(model="bench", data="bench", output_dir="bench", learning_rate=1e-5, device=str(device),
                        dtype="bfloat16" if cuda else "float32", deepspeed=deepspeed,
