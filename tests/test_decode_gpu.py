@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-import grm_engine.decode.decoder as decoder_module
+from decode_helpers import check_bf16_first_step_and_greedy
+from decode_helpers import medium_prompts
 from grm_engine.decode import Decoder, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -27,42 +28,11 @@ def medium_model(family: str):
     return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").cuda().eval()
 
 
-def prompts():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(4, 4096, (n,), generator=g).tolist() for n in (100, 517, 1300)]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_first_step_logits_and_greedy_bf16(family, monkeypatch):
     model32 = medium_model(family)
-    model16 = copy.deepcopy(model32).to(torch.bfloat16)
-    captured = []
-
-    def capture(logits, *args, **kwargs):
-        if not captured:
-            captured.append(logits.clone())
-        return sample(logits, *args, **kwargs)
-
-    sample = decoder_module.sample
-    decoder = Decoder.from_pretrained(model16, num_kv_blocks=2048, block_size=16)  # (its warm-up call samples too)
-    monkeypatch.setattr(decoder_module, "sample", capture)
-    outputs = decoder.generate(prompts(), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    ours = captured[0]  # [3, V]: the first step samples every prompt's first token
-    for i, prompt in enumerate(prompts()):
-        ids = torch.tensor([prompt], device="cuda")
-        with torch.no_grad():
-            exact = model32(ids).logits[0, -1].double()
-            hf_bf16 = model16(ids).logits[0, -1].double()
-        hf_error = (hf_bf16 - exact).abs().max().item()
-        our_error = (ours[i].double() - exact).abs().max().item()
-        assert our_error <= 2 * hf_error + 1e-3, f"{family} prompt {i}: error {our_error:.4g} vs transformers bf16 {hf_error:.4g}"
-        # Greedy: wherever our token differs from fp32 greedy, the fp32 logits must call it a near tie.
-        tokens = outputs[i].outputs[0].token_ids
-        with torch.no_grad():
-            forced = model32(torch.tensor([prompt + tokens], device="cuda")).logits[0, len(prompt) - 1:-1].float()
-        for step, token in enumerate(tokens):
-            margin = (forced[step].max() - forced[step, token]).item()
-            assert margin <= 4 * hf_error + 1e-3, f"{family} prompt {i} step {step}: token {token} is {margin:.3g} below the best"
+    check_bf16_first_step_and_greedy(model32, copy.deepcopy(model32).to(torch.bfloat16), medium_prompts(), monkeypatch,
+                                     label=family)
 
 
 def test_sampling_noise_identical_on_cpu_and_gpu():
@@ -81,11 +51,12 @@ def test_seeded_sampling_same_on_gpu_alone_and_batched():
     decoder = Decoder.from_pretrained(model, num_kv_blocks=1024, block_size=16)
     params = SamplingParams(n=8, temperature=0.8, top_p=0.95, max_tokens=48, seed=5, ignore_eos=True)
     g = torch.Generator().manual_seed(3)
-    companions = [torch.randint(4, 4096, (len(p),), generator=g).tolist() for p in (prompts()[0], prompts()[2])]
-    other = decoder.generate([prompts()[1], *companions], params, use_tqdm=False)[0]
-    alone = decoder.generate([prompts()[1]], params, use_tqdm=False)[0]
-    batched = decoder.generate([prompts()[1], prompts()[0], prompts()[2]], params, use_tqdm=False)[0]
+    prompts = medium_prompts()
+    companions = [torch.randint(4, 4096, (len(p),), generator=g).tolist() for p in (prompts[0], prompts[2])]
+    other = decoder.generate([prompts[1], *companions], params, use_tqdm=False)[0]
+    alone = decoder.generate([prompts[1]], params, use_tqdm=False)[0]
+    batched = decoder.generate([prompts[1], prompts[0], prompts[2]], params, use_tqdm=False)[0]
     assert [s.token_ids for s in other.outputs] == [s.token_ids for s in batched.outputs]
     same = sum(a.token_ids == b.token_ids for a, b in zip(alone.outputs, batched.outputs))
     assert same >= 4, f"only {same}/8 samples agree"
-    assert decoder.stats.prefill_tokens == sum(len(p) for p in prompts())
+    assert decoder.stats.prefill_tokens == sum(len(p) for p in prompts)
