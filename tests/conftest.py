@@ -18,3 +18,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The training tests' tiny base model directory (tests/train_helpers.py build_base: built once per process)."""
+    from train_helpers import build_base
+
+    return build_base(tmp_path_factory.mktemp("train_models"))

@@ -15,15 +15,10 @@ import torch
 from grm_engine.train import train
 from grm_engine.train.checkpoint import MARKER, checkpoint_problem, complete_checkpoints, latest_checkpoint
 from reliability_helpers import kill_when, slow_cli
-from train_helpers import build_base, few_threads, flags, load_weights, logged_steps, read_metrics  # noqa: F401
+from train_helpers import few_threads, flags, load_weights, logged_steps, read_metrics  # noqa: F401
 from train_helpers import sft_settings, subprocess_env, write_sft_data
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return build_base(tmp_path_factory.mktemp("train_models"))
 
 
 @pytest.fixture(scope="module")

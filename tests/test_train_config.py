@@ -9,12 +9,7 @@ import yaml
 from grm_engine.train import ConfigError, load_config
 from grm_engine.train.cli import main
 from grm_engine.train.config import check_resume_config, save_config
-from train_helpers import build_base, flags, run_cli, sft_settings, write_sft_data
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return build_base(tmp_path_factory.mktemp("train_models"))
+from train_helpers import flags, run_cli, sft_settings, write_sft_data
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from train_helpers import build_base, flags, load_weights, losses_by_step, run_cli, sft_settings, subprocess_env
+from train_helpers import flags, load_weights, losses_by_step, run_cli, sft_settings, subprocess_env
 from train_helpers import write_sft_data
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
@@ -33,11 +33,6 @@ train("sft", runs["zero3"], log=print)
 
 def ds_env():
     return subprocess_env(DS_ACCELERATOR="cpu")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return build_base(tmp_path_factory.mktemp("train_models"))
 
 
 @pytest.fixture(scope="module")

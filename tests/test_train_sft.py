@@ -14,12 +14,7 @@ from grm_engine.train.batches import Row, collate
 from grm_engine.train.engine import Engine
 from grm_engine.train.losses import plain_completion_nll_sum
 from grm_engine.train.sft import read_prompt_completion, sft_micro_loss, tokenize_rows
-from train_helpers import build_base, few_threads, read_metrics, sft_settings, write_sft_data  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return build_base(tmp_path_factory.mktemp("train_models"))
+from train_helpers import few_threads, read_metrics, sft_settings, write_sft_data  # noqa: F401
 
 
 @pytest.fixture(scope="module")
