@@ -154,8 +154,13 @@ def padded_case(prefix_len, num_samples, num_groups, bandwidth) -> dict:
     return row
 
 
-PREFIX_SWEEP = [(bm, split, bn, warps, stages) for bm in (64, 128) for split in (512, 1024) for bn in (32, 64, 128)
+FULL_PREFIX_SWEEP = [(bm, split, bn, warps, stages) for bm in (64, 128) for split in (512, 1024) for bn in (32, 64, 128)
                 for warps in (4, 8) for stages in (1, 2, 3)] + [(256, 1024, bn, warps, 2) for bn in (32, 64) for warps in (8, 16)]
+# the wide sweep's (FULL_PREFIX_SWEEP, GRM_BENCH_CASCADE_SWEEP=full) fastest ten, run A of session 5, and the old default
+SHORT_PREFIX_SWEEP = [(64, 512, 32, 4, 2), (64, 512, 32, 4, 1), (128, 512, 32, 8, 2), (64, 1024, 128, 4, 1),
+                      (128, 512, 64, 4, 2), (64, 512, 128, 4, 1), (128, 1024, 128, 8, 1), (128, 512, 32, 8, 3),
+                      (64, 1024, 64, 4, 2), (64, 1024, 64, 4, 3)]
+PREFIX_SWEEP = FULL_PREFIX_SWEEP if os.environ.get("GRM_BENCH_CASCADE_SWEEP") == "full" else SHORT_PREFIX_SWEEP
 SUFFIX_SWEEP = [(bn, warps, stages) for bn in (16, 32, 64) for warps in (2, 4) for stages in (1, 2, 3)]
 
 
@@ -277,7 +282,12 @@ if __name__ == "__main__":  # CPU smoke run of the code path: TRITON_INTERPRET=1
     import types
 
     DEVICE, DTYPE, PREFIX_LENS, SAMPLES, TOTAL_SEQS, CONFIGS = "cpu", torch.float32, [32, 64], [2, 4], 4, [(16, 32)]
-    PREFIX_SWEEP, SUFFIX_SWEEP = [(16, 32, 16, 4, 1), (32, 32, 16, 4, 2)], [(16, 2, 1)]
+    PREFIX_SWEEP, # the wide sweep's (FULL_PREFIX_SWEEP, GRM_BENCH_CASCADE_SWEEP=full) fastest ten, run A of session 5, and the old default
+SHORT_PREFIX_SWEEP = [(64, 512, 32, 4, 2), (64, 512, 32, 4, 1), (128, 512, 32, 8, 2), (64, 1024, 128, 4, 1),
+                      (128, 512, 64, 4, 2), (64, 512, 128, 4, 1), (128, 1024, 128, 8, 1), (128, 512, 32, 8, 3),
+                      (64, 1024, 64, 4, 2), (64, 1024, 64, 4, 3)]
+PREFIX_SWEEP = FULL_PREFIX_SWEEP if os.environ.get("GRM_BENCH_CASCADE_SWEEP") == "full" else SHORT_PREFIX_SWEEP
+SUFFIX_SWEEP = [(16, 32, 16, 4, 1), (32, 32, 16, 4, 2)], [(16, 2, 1)]
     CONFIG_CASE = (32, 2, 2)
     NUM_HEADS, KV_HEADS, HEAD_DIM, SUFFIX_RANGE = 14, 2, 32, (1, 20)
     for r in run(types.SimpleNamespace(quick=False, ceilings={"bandwidth": 1e10})):

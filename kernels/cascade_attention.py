@@ -254,7 +254,7 @@ def _group_arrays(group_starts, prefix_blocks) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plan_cascade_host(group_starts, prefix_blocks, block_size: int, num_heads: int, kv_heads: int,
-                      max_context_len: int, split_tokens: int = 1024, block_m: int = 64,
+                      max_context_len: int, split_tokens: int = 512, block_m: int = 64,
                       item_capacity: int | Callable[[int], int] | None = None) -> HostCascadePlan:
     """Host lists in, numpy work lists out (vectorized; runs once per decode step). One item per (row tile of
     block_m stacked query rows, split of split_tokens prefix keys) of each group with a shared prefix.
@@ -287,7 +287,8 @@ def plan_cascade_host(group_starts, prefix_blocks, block_size: int, num_heads: i
     items[:num_items] = np.stack([starts[group], num_samples[group], local // np.maximum(splits[group], 1) * block_m,
                                   token_start, np.minimum(prefix_len[group], token_start + split_tokens), split], axis=1)
     num_prefix_slots = -(-int(prefix_tokens.max(initial=0)) // split_tokens)
-    max_suffix = max(1, int(max_context_len) - int(prefix_tokens.min(initial=0)))
+    min_prefix = int(prefix_tokens.min()) if len(prefix_tokens) else 0  # (min(initial=0) would always give 0)
+    max_suffix = max(1, int(max_context_len) - min_prefix)
     return HostCascadePlan(items, prefix_tokens, num_items, num_prefix_slots, -(-max_suffix // split_tokens),
                            split_tokens, block_m, heads_per_kv)
 
@@ -319,7 +320,7 @@ class CascadePlan:
 
 def plan_cascade(group_starts: Sequence[int] | torch.Tensor, prefix_blocks: Sequence[int] | torch.Tensor,
                  block_size: int, num_heads: int, kv_heads: int, max_context_len: int, device,
-                 split_tokens: int = 1024, block_m: int = 64, item_capacity: int | None = None) -> CascadePlan:
+                 split_tokens: int = 512, block_m: int = 64, item_capacity: int | None = None) -> CascadePlan:
     """plan_cascade_host, then its arrays copied to `device` (two small copies; the decoder packs them itself)."""
     host = plan_cascade_host(group_starts, prefix_blocks, block_size, num_heads, kv_heads, max_context_len, split_tokens,
                              block_m, item_capacity)
@@ -338,12 +339,12 @@ class CascadeTuning:
     Qwen2.5-7B case (bench/gpu_cascade.py, the tuning rows). fuse_merge: when the suffix grid has one split, the
     suffix kernel merges and writes the output itself (no merge kernel, no suffix partial in the scratch)."""
 
-    prefix_block_n: int = 64
-    prefix_warps: int | None = None  # None: 4 for block_m * block_d <= 64 * 128, else 8
-    prefix_stages: int | None = None
+    prefix_block_n: int = 32
+    prefix_warps: int | None = 4  # None: 4 for block_m * block_d <= 64 * 128, else 8
+    prefix_stages: int | None = 2
     suffix_block_n: int = 64
     suffix_warps: int = 4
-    suffix_stages: int | None = None
+    suffix_stages: int | None = 1
     fuse_merge: bool = True
 
 
@@ -388,7 +389,7 @@ DEFAULT_TUNING = CascadeTuning()
 def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                              context_lens: torch.Tensor, group_starts, prefix_blocks, scale: float, *,
                              max_context_len: int | None = None, plan: CascadePlan | None = None,
-                             split_tokens: int = 1024, block_m: int = 64, block_n: int | None = None,
+                             split_tokens: int = 512, block_m: int = 64, block_n: int | None = None,
                              workspace: torch.Tensor | None = None, tuning: CascadeTuning = DEFAULT_TUNING) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, kv_heads, D]; block_tables [B, max_blocks] int32; context_lens
     [B] int32; group_starts [G + 1] and prefix_blocks [G] on the host (samples of group g are rows

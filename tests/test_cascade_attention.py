@@ -91,6 +91,15 @@ def test_fused_merge_is_bitwise_the_merge_kernel(case):
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_suffix_grid_counts_from_the_shortest_prefix():
+    """The suffix grid covers max_context_len minus the shortest shared prefix in the batch (one split when every
+    row shares a long prompt and its suffix fits a split, so the merge fuses), the whole context with a plain row."""
+    shared = plan_cascade_host([0, 4, 8], [8, 6], 4, 8, 2, 40, split_tokens=16, block_m=16)  # prefixes 32 and 24
+    assert shared.num_suffix_splits == 1 and shared.num_prefix_slots == 2
+    with_plain = plan_cascade_host([0, 4, 5], [8, 0], 4, 8, 2, 40, split_tokens=16, block_m=16)
+    assert with_plain.num_suffix_splits == 3
+
+
 def test_peaked_scores_stay_finite():
     """Scores spread over hundreds (a near one-hot softmax): no overflow in the online softmax or the merge."""
     q, k_cache, v_cache, tables, lens, starts, prefix = _case(1, 4, 16, 4, [(12, [5, 1, 30]), (0, [40])])
