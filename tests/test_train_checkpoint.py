@@ -5,8 +5,6 @@ thread count the resumed losses, gradient norms and final weights must equal it 
 """
 import os
 import shutil
-import signal
-import subprocess
 import warnings
 
 import pytest
@@ -14,9 +12,8 @@ import torch
 
 from grm_engine.train import train
 from grm_engine.train.checkpoint import MARKER, checkpoint_problem, complete_checkpoints, latest_checkpoint
-from reliability_helpers import kill_when, slow_cli
-from train_helpers import few_threads, flags, load_weights, logged_steps, read_metrics  # noqa: F401
-from train_helpers import sft_settings, subprocess_env, write_sft_data
+from train_helpers import few_threads, kill_during_step_4_then_rerun, load_weights, read_metrics  # noqa: F401
+from train_helpers import sft_settings, write_sft_data
 
 STEPS = 6
 
@@ -72,22 +69,7 @@ def test_uninterrupted_run_layout(uninterrupted):
 
 def test_sigkill_then_rerun_continues_bit_for_bit(base, data, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    # every optimizer step sleeps 0.4 s first, so the kill lands inside a step
-    command = slow_cli("grm_engine.train.engine:Engine.step", 0.4, "train", "sft",
-                       *flags(sft_settings(base, data, out, max_steps=STEPS)))
-    # kill once checkpoint-2 exists and step 3 is logged: during step 4, so the metrics line of step 3 lies past
-    # the checkpoint and the rerun must replace it, not repeat it
-    killed = kill_when(command, lambda: (out / "checkpoint-2").exists() and 3 in logged_steps(out),
-                       env=subprocess_env(), timeout=180)
-    assert killed.returncode == -signal.SIGKILL
-    assert not (out / "final").exists()
-    killed_at = int(os.path.basename(latest_checkpoint(str(out))).split("-")[1])
-    assert 2 <= killed_at < STEPS
-    assert max(logged_steps(out)) > killed_at
-
-    rerun = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {out / f'checkpoint-{killed_at}'} at step {killed_at}" in rerun.stdout
+    kill_during_step_4_then_rerun("sft", sft_settings(base, data, out, max_steps=STEPS))
     assert sorted(metrics_by_step(out)) == list(range(1, STEPS + 1))  # each step once
     assert_same_steps(out, uninterrupted, range(1, STEPS + 1))
     assert_same_weights(out / "final", uninterrupted / "final")

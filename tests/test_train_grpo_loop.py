@@ -15,9 +15,6 @@ gradient from the first step.
 """
 import copy
 import json
-import os
-import signal
-import subprocess
 
 import pytest
 import torch
@@ -25,8 +22,7 @@ import torch
 from grm_engine.demo_task import build_task_tokenizer, make_task_examples, write_examples_jsonl
 from grm_engine.protocol import build_prompt
 from grm_engine.train import train
-from reliability_helpers import kill_when, slow_cli
-from train_helpers import few_threads, flags, load_weights, logged_steps, read_metrics, subprocess_env  # noqa: F401
+from train_helpers import few_threads, kill_during_step_4_then_rerun, load_weights, read_metrics  # noqa: F401
 
 VERDICTS = ("\\boxed{9, 2}", "\\boxed{2, 9}")
 QUIET = dict(report_plot=False)
@@ -110,20 +106,7 @@ def test_sigkill_then_rerun_continues_bit_for_bit(warm_model, resume_data, tmp_p
     train("grpo", resume_settings(warm_model, resume_data, peer), log=lambda *a: None)
 
     out = tmp_path / "run"
-    # every optimizer step sleeps 0.4 s first, so the kill lands inside a step
-    command = slow_cli("grm_engine.train.engine:Engine.step", 0.4, "train", "grpo",
-                       *flags(resume_settings(warm_model, resume_data, out)))
-    # killed during step 4: step 3 (past checkpoint-2) is logged, so the rerun must replace it, not repeat it
-    killed = kill_when(command, lambda: (out / "checkpoint-2").exists() and 3 in logged_steps(out),
-                       env=subprocess_env(), timeout=120)
-    assert killed.returncode == -signal.SIGKILL
-    assert not (out / "final").exists()
-    killed_at = max(int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-"))
-    assert SAVE <= killed_at < STEPS and max(logged_steps(out)) > killed_at
-
-    rerun = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=180)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {out / f'checkpoint-{killed_at}'} at step {killed_at}" in rerun.stdout
+    kill_during_step_4_then_rerun("grpo", resume_settings(warm_model, resume_data, out))
 
     got = {r["step"]: r for r in read_metrics(out)}
     want = {r["step"]: r for r in read_metrics(peer)}

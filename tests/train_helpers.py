@@ -1,5 +1,5 @@
 """Shared pieces of the training tests (tests/test_train_*.py): a tiny base model directory, small data files,
-the CLI in a subprocess, and metrics.jsonl readers.
+the CLI in a subprocess, a run killed mid-step and resumed, and metrics.jsonl readers.
 
 The base model is a random-init 2-layer Qwen2 with hidden size 32 over the demo's 512-token BPE tokenizer
 (grm_engine.demo.build_tokenizer), built once per process. Prompts are a few words, not build_prompt's template,
@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from reliability_helpers import kill_when, slow_cli
 
 _CACHE: dict = {}
 THREADS = 1
@@ -105,6 +108,29 @@ def logged_steps(output_dir) -> list[int]:
             return [json.loads(line)["step"] for line in f if line.endswith("\n")]
     except FileNotFoundError:
         return []
+
+
+def kill_during_step_4_then_rerun(stage: str, settings: dict) -> int:
+    """`grm-engine train STAGE` with settings (save_steps 2, max_steps > 4) in a subprocess, every optimizer step
+    slowed by 0.4 s so that the kill lands inside a step: SIGKILL once checkpoint-2 exists and step 3 is logged
+    (during step 4, so the metrics line of step 3 lies past the checkpoint and the rerun must replace it, not repeat
+    it). Checks the killed run left no final model and logged past its last checkpoint, reruns the same command and
+    checks it resumed from that checkpoint. Returns the step of that checkpoint."""
+    from grm_engine.train.checkpoint import latest_checkpoint
+
+    out, max_steps = settings["output_dir"], settings["max_steps"]
+    command = slow_cli("grm_engine.train.engine:Engine.step", 0.4, "train", stage, *flags(settings))
+    killed = kill_when(command, lambda: os.path.exists(os.path.join(out, "checkpoint-2")) and 3 in logged_steps(out),
+                       env=subprocess_env(), timeout=180)
+    assert killed.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(out, "final"))
+    killed_at = int(os.path.basename(latest_checkpoint(out)).split("-")[1])
+    assert 2 <= killed_at < max_steps and max(logged_steps(out)) > killed_at
+
+    rerun = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {os.path.join(out, f'checkpoint-{killed_at}')} at step {killed_at}" in rerun.stdout
+    return killed_at
 
 
 def losses_by_step(output_dir) -> dict[int, float]:
