@@ -75,10 +75,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
 def _check_bt(name, tensor, batch, length, device, allow_1d=False):
     if tensor is None:
         return
-    shapes = [(batch, length)] + ([(batch,)] if allow_1d else [])
-    if tuple(tensor.shape) not in shapes:
-        want = " or ".join(str(list(s)) for s in shapes)
-        raise ValueError(f"{name} must have shape {want}, got {list(tensor.shape)}")
+    shape = tensor.shape  # compared with tuples directly: this runs on every call, before the first kernel
+    if shape != (batch, length) and not (allow_1d and shape == (batch,)):
+        want = " or ".join(str(list(s)) for s in [(batch, length)] + ([(batch,)] if allow_1d else []))
+        raise ValueError(f"{name} must have shape {want}, got {list(shape)}")
     if tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device} but logits are on {device}")
     if not tensor.is_floating_point():
@@ -88,15 +88,16 @@ def _check_bt(name, tensor, batch, length, device, allow_1d=False):
 def check_loss_inputs(batch, length, device, completion_ids, mask, *, advantages, rewards, group_size,
                       old_logp, ref_logp, loss_type, temperature, max_completion_length):
     """Validate everything except the logits/hidden tensor; raises with the offending argument's name."""
-    if tuple(completion_ids.shape) != (batch, length):
+    if completion_ids.shape != (batch, length):
         raise ValueError(f"completion_ids must have shape [{batch}, {length}], got {list(completion_ids.shape)}")
     if completion_ids.dtype.is_floating_point or completion_ids.dtype == torch.bool:
         raise TypeError(f"completion_ids must be an integer tensor, got {completion_ids.dtype}")
-    if tuple(mask.shape) != (batch, length):
+    if mask.shape != (batch, length):
         raise ValueError(f"mask must have shape [{batch}, {length}], got {list(mask.shape)}")
-    for name, tensor in (("completion_ids", completion_ids), ("mask", mask)):
-        if tensor.device != device:
-            raise ValueError(f"{name} is on {tensor.device} but logits are on {device}")
+    if completion_ids.device != device:
+        raise ValueError(f"completion_ids is on {completion_ids.device} but logits are on {device}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but logits are on {device}")
     if (advantages is None) == (rewards is None):
         raise ValueError("pass exactly one of advantages= ([B] or [B, T]) or rewards= (with group_size=)")
     _check_bt("advantages", advantages, batch, length, device, allow_1d=True)
@@ -307,19 +308,32 @@ def grpo_loss(logits, completion_ids, mask, *, advantages=None, rewards=None, gr
     """
     _check_logits(logits)
     batch, length, vocab = logits.shape
+    check_loss_inputs(batch, length, logits.device, completion_ids, mask, advantages=advantages, rewards=rewards,
+                      group_size=group_size, old_logp=old_logp, ref_logp=ref_logp, loss_type=loss_type,
+                      temperature=temperature, max_completion_length=max_completion_length)
+    check_scalars(beta, eps_low, eps_high, temperature)
     options = dict(advantages=advantages, rewards=rewards, group_size=group_size, old_logp=old_logp,
                    ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
                    loss_type=loss_type, max_completion_length=max_completion_length)
-    check_loss_inputs(batch, length, logits.device, completion_ids, mask,
-                      **{k: v for k, v in options.items() if k not in ("beta", "eps_low", "eps_high")})
-    check_scalars(beta, eps_low, eps_high, temperature)
     if not _use_triton(logits):
         check_token_ids(completion_ids, mask != 0, vocab)
         check_finite_inputs(mask != 0, advantages=advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp)
         return grpo_loss_reference(logits, completion_ids, mask, **options)
-    from .kernels.grpo_loss import grpo_loss_triton
+    return _triton_paths().grpo_loss_triton(logits, completion_ids, mask, inplace=inplace, **options)
 
-    return grpo_loss_triton(logits, completion_ids, mask, inplace=inplace, **options)
+
+def _triton_paths():
+    """grm_engine.kernels.grpo_loss, imported on first use (Triton loads only when a Triton path runs); kept in a
+    global afterwards, as a `from ... import` statement on every call costs microseconds before the first kernel."""
+    global _TRITON_MODULE
+    if _TRITON_MODULE is None:
+        from .kernels import grpo_loss as module
+
+        _TRITON_MODULE = module
+    return _TRITON_MODULE
+
+
+_TRITON_MODULE = None
 
 
 def token_logprobs(logits, completion_ids, *, mask=None, temperature=1.0, return_entropy=False):
@@ -335,9 +349,7 @@ def token_logprobs(logits, completion_ids, *, mask=None, temperature=1.0, return
                         vocab)
         return token_logprobs_reference(logits, completion_ids, mask=mask, temperature=temperature,
                                         return_entropy=return_entropy)
-    from .kernels.grpo_loss import token_logprobs_triton
-
-    return token_logprobs_triton(logits, completion_ids, mask=mask, temperature=temperature,
+    return _triton_paths().token_logprobs_triton(logits, completion_ids, mask=mask, temperature=temperature,
                                  return_entropy=return_entropy)
 
 

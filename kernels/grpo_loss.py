@@ -3,11 +3,14 @@ fp32 log-sum-exp and TRL's per-token loss; a second kernel writes dlogits = c * 
 the logits by default. Traffic: an unmasked row is read, then read and written; a masked row is only zero-filled;
 a per-sequence prologue reads the ids and the mask once. Reference: grm_engine.loss.grpo_loss_reference.
 
-No host sync stands before the big kernels: the token-id range check runs on the GPU (token_id_check.py),
-its flag is copied to pinned memory right behind it, and the host waits for that copy only after the big kernels
-are queued. Every gather index is clamped into [0, V), so a bad id never reads out of bounds, and the gradient is
-not written when the flag is set, so a failed call leaves the logits as they were. Non-finite advantages, rewards or
-old/ref log-probs (at completion positions) set the same flag (bit 2, in the same prologue kernel: token_id_check.py).
+No host sync and no other kernel stands before the loss kernel: with a gradient to write, the loss kernel runs
+first with unweighted per-row results, the per-sequence check (token_id_check.py: counts, the id range, NaN/Inf in
+the inputs, one flag) runs behind it, the flag is copied to pinned memory, and the gradient kernel applies the
+reduction weight from the counts and writes nothing when the flag is set, so a failed call leaves the logits as
+they were. The host waits for the flag once everything is queued. Every gather index is clamped into [0, V), so a
+bad id never reads out of bounds. Without a gradient (or with fused_grad) the check runs first, as the weights and
+the in-kernel gradient need it. Host work per call is kept small (bench/loss_host.py counts it): one output buffer,
+few arguments, no torch op before the loss kernel's launch.
 """
 from __future__ import annotations
 
@@ -17,13 +20,22 @@ import triton.language as tl
 
 from grm_engine.loss import LOG_RATIO_MAX, GRPOStats, check_finite_inputs
 
-from .token_id_check import FlagReader, check_sequences, raise_bad_token_ids
+from .token_id_check import (COUNTS_OFFSET, FlagReader, check_sequences, new_flag_buffer, next_power_of_2,
+                             queue_check, raise_bad_token_ids)
 
 LOG2E = 1.4426950408889634  # host side: folded into the scale argument
 LN2 = tl.constexpr(0.6931471805599453)  # used inside kernels: Triton needs constexpr globals
 NUM_STATS = 4  # per-row stats: weighted loss, kl, clipped, completion token
 STATS_WIDTH = tl.constexpr(NUM_STATS)  # the same, for kernels (a jit function reads constexpr globals only)
 SCALE_PROGRAMS = 2048  # _scale_rows_kernel's grid: returns at once when the upstream gradient is 1
+REWARD_EPS = tl.constexpr(1e-4)  # group_advantages' eps
+LOG_RATIO_CAP = tl.constexpr(LOG_RATIO_MAX)
+# The loss kernel's output: one fp32 buffer of planes of B*T values (one allocation, one pointer):
+# logp; with the loss: base-2 LSE, coef (d loss / d logit scale), stats [B*T, NUM_STATS]; then entropy if asked.
+LSE_PLANE, COEF_PLANE, STATS_PLANE = 1, 2, 3
+LOSS_PLANES = STATS_PLANE + NUM_STATS
+GRAD_OPTIONS = ("grad_block_v", "grad_num_warps", "grad_num_stages")  # queue_grad_rows' keyword arguments
+LSE_AT, COEF_AT, STATS_AT = tl.constexpr(LSE_PLANE), tl.constexpr(COEF_PLANE), tl.constexpr(STATS_PLANE)
 
 
 @triton.jit
@@ -38,19 +50,26 @@ def _grpo_row(
     rewards_ptr,  # [B] fp32, when the advantage is computed here from group rewards
     old_ptr, stride_ob, stride_ot,
     ref_ptr, stride_rb, stride_rt,
-    flag_ptr,  # int32, 1 when a completion id is outside [0, V): the gradient is then not written
-    logp_out, entropy_out,  # [B*T] fp32
-    stats_out,  # [B*T, STATS_WIDTH] fp32: weight * loss, kl, clipped, 1 (0 everywhere for a masked token)
-    lse_out, coef_out,  # [B*T] fp32: base-2 LSE of x / T and d loss / d logit scale, for _grad_rows_kernel
-    T, V, weight_factor, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
+    flag_ptr,  # int32, nonzero when a completion id or input is bad: the gradient is then not written (WRITE_GRAD)
+    out_ptr,  # fp32 planes of B*T (LSE_PLANE...): logp, lse, coef, stats [weight * loss, kl, clipped, 1], entropy
+    num_rows, T, V, weight_factor, scale2, inv_temp, beta, eps_low, eps_high,
     GROUP_SIZE: tl.constexpr, GROUP_BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COUNT: tl.constexpr,
     HAS_REWARDS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    WEIGHT_LATER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.cast(program_row, tl.int64)  # int64: B*T*V exceeds 2**31 at real sizes
     b = row // T
     t = row % T
+    rows = tl.cast(num_rows, tl.int64)
+    logp_out = out_ptr
+    lse_out = out_ptr + LSE_AT * rows
+    coef_out = out_ptr + COEF_AT * rows
+    stats_out = out_ptr + STATS_AT * rows  # [B*T, STATS_WIDTH]
+    if COMPUTE_LOSS:
+        entropy_out = out_ptr + (STATS_AT + STATS_WIDTH) * rows
+    else:
+        entropy_out = out_ptr + rows
     offs = tl.arange(0, BLOCK_V)
     num_chunks = tl.cdiv(V, BLOCK_V)
     valid = tl.full([], 1, tl.int1)
@@ -95,13 +114,13 @@ def _grpo_row(
                 rewards = tl.load(rewards_ptr + group_start + goffs, mask=gmask, other=0.0)
                 mean = tl.sum(rewards, axis=0) / GROUP_SIZE
                 var = tl.sum(tl.where(gmask, (rewards - mean) * (rewards - mean), 0.0), axis=0) / (GROUP_SIZE - 1)
-                adv = (tl.load(rewards_ptr + b) - mean) / (tl.sqrt(var) + reward_eps)
+                adv = (tl.load(rewards_ptr + b) - mean) / (tl.sqrt(var) + REWARD_EPS)
             else:
                 adv = tl.load(adv_ptr + b * stride_ab + t * stride_at).to(tl.float32)
             if HAS_OLD:
                 log_ratio = logp - tl.load(old_ptr + b * stride_ob + t * stride_ot).to(tl.float32)
-                ratio = tl.exp(tl.minimum(log_ratio, log_ratio_max))
-                dratio = tl.where(log_ratio <= log_ratio_max, ratio, 0.0)  # clamp passes no gradient beyond
+                ratio = tl.exp(tl.minimum(log_ratio, LOG_RATIO_CAP))
+                dratio = tl.where(log_ratio <= LOG_RATIO_CAP, ratio, 0.0)  # clamp passes no gradient beyond
             else:  # ratio exp(logp - logp.detach()) = 1 with gradient 1 (none for a -inf logp)
                 ratio = tl.full([], 1.0, tl.float32)
                 dratio = tl.where(logp > float("-inf"), 1.0, 0.0)
@@ -112,17 +131,21 @@ def _grpo_row(
             kl = tl.zeros([], tl.float32)
             if HAS_REF:
                 ref_gap = tl.load(ref_ptr + b * stride_rb + t * stride_rt).to(tl.float32) - logp
-                gap = tl.minimum(ref_gap, log_ratio_max)
+                gap = tl.minimum(ref_gap, LOG_RATIO_CAP)
                 exp_gap = tl.exp(gap)
                 kl = exp_gap - gap - 1
                 loss_tok += beta * kl
-                dloss += beta * tl.where(ref_gap <= log_ratio_max, 1 - exp_gap, 0.0)
+                dloss += beta * tl.where(ref_gap <= LOG_RATIO_CAP, 1 - exp_gap, 0.0)
             stats_row = stats_out + row * STATS_WIDTH
-            tl.store(stats_row, w * loss_tok)
+            if WEIGHT_LATER:  # the weight needs the counts: _grad_rows_kernel applies it (the same arithmetic)
+                tl.store(stats_row, loss_tok)
+                coef = dloss
+            else:
+                tl.store(stats_row, w * loss_tok)
+                coef = w * dloss * inv_temp  # d loss / d logit_v = coef * (onehot_v - softmax_v)
             tl.store(stats_row + 1, kl)
             tl.store(stats_row + 2, is_clipped.to(tl.float32))
             tl.store(stats_row + 3, 1.0)
-            coef = w * dloss * inv_temp  # d loss / d logit_v = coef * (onehot_v - softmax_v)
             tl.store(lse_out + row, lse2)
             tl.store(coef_out + row, coef)
             if WRITE_GRAD:
@@ -158,12 +181,11 @@ def _grpo_rows_kernel(
     logits_ptr, stride_lb, stride_lt, STRIDE_LV: tl.constexpr, grad_ptr, stride_gb, stride_gt,
     STRIDE_GV: tl.constexpr, ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, stride_mt, count_ptr, stride_cb,
     stride_ct, adv_ptr, stride_ab, stride_at, rewards_ptr, old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb,
-    stride_rt, flag_ptr, logp_out, entropy_out, stats_out, lse_out, coef_out,
-    num_rows, T, V, weight_factor, scale2, inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max,
+    stride_rt, flag_ptr, out_ptr, num_rows, T, V, weight_factor, scale2, inv_temp, beta, eps_low, eps_high,
     GROUP_SIZE: tl.constexpr, GROUP_BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COUNT: tl.constexpr,
     HAS_REWARDS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
-    BLOCK_V: tl.constexpr, PERSISTENT: tl.constexpr,
+    WEIGHT_LATER: tl.constexpr, BLOCK_V: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     # Arguments as in _grpo_row. The vocabulary strides are constexpr, so a contiguous last dimension is known to
     # be contiguous (other strides compile their own variant). PERSISTENT: fewer programs than rows, each striding
@@ -174,18 +196,18 @@ def _grpo_rows_kernel(
                 program_row, logits_ptr, stride_lb, stride_lt, STRIDE_LV, grad_ptr, stride_gb, stride_gt, STRIDE_GV,
                 ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, stride_mt, count_ptr, stride_cb, stride_ct,
                 adv_ptr, stride_ab, stride_at, rewards_ptr, old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb,
-                stride_rt, flag_ptr, logp_out, entropy_out, stats_out, lse_out, coef_out, T, V, weight_factor, scale2,
-                inv_temp, beta, eps_low, eps_high, reward_eps, log_ratio_max, GROUP_SIZE, GROUP_BLOCK, HAS_MASK,
-                HAS_COUNT, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS, WRITE_GRAD, COMPUTE_ENTROPY, BLOCK_V
+                stride_rt, flag_ptr, out_ptr, num_rows, T, V, weight_factor, scale2, inv_temp, beta, eps_low,
+                eps_high, GROUP_SIZE, GROUP_BLOCK, HAS_MASK, HAS_COUNT, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS,
+                WRITE_GRAD, COMPUTE_ENTROPY, WEIGHT_LATER, BLOCK_V
             )
     else:  # one row per program: no outer loop, so the sweeps over the row pipeline their loads
         _grpo_row(
             tl.program_id(0), logits_ptr, stride_lb, stride_lt, STRIDE_LV, grad_ptr, stride_gb, stride_gt, STRIDE_GV,
             ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, stride_mt, count_ptr, stride_cb, stride_ct, adv_ptr,
             stride_ab, stride_at, rewards_ptr, old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt,
-            flag_ptr, logp_out, entropy_out, stats_out, lse_out, coef_out, T, V, weight_factor, scale2, inv_temp,
-            beta, eps_low, eps_high, reward_eps, log_ratio_max, GROUP_SIZE, GROUP_BLOCK, HAS_MASK, HAS_COUNT,
-            HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS, WRITE_GRAD, COMPUTE_ENTROPY, BLOCK_V
+            flag_ptr, out_ptr, num_rows, T, V, weight_factor, scale2, inv_temp, beta, eps_low, eps_high, GROUP_SIZE,
+            GROUP_BLOCK, HAS_MASK, HAS_COUNT, HAS_REWARDS, HAS_OLD, HAS_REF, COMPUTE_LOSS, WRITE_GRAD,
+            COMPUTE_ENTROPY, WEIGHT_LATER, BLOCK_V
         )
 
 
@@ -194,23 +216,37 @@ def _grad_rows_kernel(
     logits_ptr, stride_lb, stride_lt, STRIDE_LV: tl.constexpr,  # [B, T, V]
     grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr,  # [B, T, V] (may alias logits)
     ids_ptr, stride_ib, stride_it,  # [B, T]
-    lse_ptr, coef_ptr,  # [B*T] fp32, from the loss kernel
-    flag_ptr,  # int32: 1 when a completion id is outside [0, V): nothing is written
-    T, V: tl.constexpr, scale2,  # V constexpr: the sweep's trip count and tail mask are known when compiling
-    BLOCK_V: tl.constexpr,
+    out_ptr,  # the loss kernel's fp32 planes (lse, coef, stats)
+    flag_ptr,  # int32: nonzero when a completion id or input is bad: nothing is written
+    count_ptr, stride_cb, stride_ct,  # WEIGHT_LATER and HAS_COUNT: [B, T] view of the count in the token's weight
+    num_rows, T, V: tl.constexpr, scale2, weight_factor, inv_temp,  # V constexpr: the sweep's trip count is known
+    WEIGHT_LATER: tl.constexpr, HAS_COUNT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """dlogits = coef * (onehot - softmax) for one row; a row with coef 0 (masked, or no gradient) is only
-    zero-filled. The split (loss kernel, then this one) lets each sweep run at its own best shape."""
+    zero-filled. The split (loss kernel, then this one) lets each sweep run at its own best shape.
+    WEIGHT_LATER: the loss kernel stored the unweighted loss and d loss / d logp; the reduction weight
+    1 / (max(count, 1) * factor) (the counts come from the check kernel queued in between) is applied here, with the
+    loss kernel's own arithmetic, and the weighted loss written back into the stats."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
-    coef = tl.load(coef_ptr + row)
+    rows = tl.cast(num_rows, tl.int64)
+    coef = tl.load(out_ptr + COEF_AT * rows + row)
+    if WEIGHT_LATER:
+        w = tl.math.div_rn(1.0, weight_factor)
+        if HAS_COUNT:
+            count = tl.load(count_ptr + b * stride_cb + t * stride_ct).to(tl.float32)
+            w = tl.math.div_rn(1.0, tl.maximum(count, 1.0) * weight_factor)
+        stats_row = out_ptr + STATS_AT * rows + row * STATS_WIDTH
+        tl.store(stats_row, w * tl.load(stats_row))
+        coef = w * coef * inv_temp
     g_row = grad_ptr + b * stride_gb + t * stride_gt
     offs = tl.arange(0, BLOCK_V)
     if tl.load(flag_ptr) == 0:
         if coef != 0:
-            lse2 = tl.load(lse_ptr + row)
-            token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int32)  # int32: compared with int32 cols
+            lse2 = tl.load(out_ptr + LSE_AT * rows + row)
+            token = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
+            token = tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int32)  # int32: compared with int32 cols
             x_row = logits_ptr + b * stride_lb + t * stride_lt
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
@@ -244,14 +280,92 @@ def _scale_rows_kernel(grad_ptr, stride_gb, stride_gt, STRIDE_GV: tl.constexpr, 
 
 # ----------------------------------------------------------------------------- host side
 
-def reduction_counts(counts, loss_type, batch, length, max_completion_length):
+def reduction_counts(ints, loss_type, batch, length, max_completion_length):
     """(count view [B, T] or None, factor) such that a token's weight is 1 / (max(count, 1) * factor): the
-    kernel form of grm_engine.loss.token_weights, from the per-sequence counts [B]."""
+    kernel form of grm_engine.loss.token_weights, from the check kernel's buffer (token_id_check.new_flag_buffer)."""
     if loss_type == "grpo":
-        return counts[:, None].expand(batch, length), float(batch)
+        return ints[COUNTS_OFFSET:, None].expand(batch, length), float(batch)
     if loss_type == "bnpo":
-        return counts.sum().expand(batch, length), 1.0
+        return ints[1:2].expand(batch, length), 1.0  # the batch total
     return None, float(batch * (max_completion_length or length))
+
+
+def queue_loss_rows(logits, completion_ids, flag, *, mask=None, counts=None, weight_factor=1.0, advantages=None,
+                    rewards=None, group_size=None, old_logp=None, ref_logp=None, beta=0.0, eps_low=0.2,
+                    eps_high=0.2, temperature=1.0, grad=None, compute_loss=True, compute_entropy=False,
+                    weight_later=False, block_v=None, num_warps=None, num_stages=None, programs=None,
+                    fused_grad=False):
+    """Launch the loss kernel; returns its output planes (unpack_rows names them). Nothing but one allocation
+    precedes the launch: this is the first kernel of a grpo_loss call. Arguments as in launch_rows; flag may be
+    None unless the gradient is written here (fused_grad)."""
+    batch, length, vocab = logits.shape
+    rows = batch * length
+    planes = 1 + (LOSS_PLANES if compute_loss else 0) + (1 if compute_entropy else 0)
+    out = torch.empty(planes * rows, device=logits.device, dtype=torch.float32)
+    if rows == 0:
+        return out
+    write_grad = compute_loss and fused_grad and grad is not None
+    has_ref = compute_loss and ref_logp is not None and beta != 0
+    has_old = compute_loss and old_logp is not None
+    has_count = compute_loss and counts is not None
+    has_rewards = compute_loss and rewards is not None
+    if has_rewards and (rewards.dtype != torch.float32 or not rewards.is_contiguous()):
+        rewards = rewards.float().contiguous()
+    if not compute_loss or has_rewards:
+        advantages = None
+    grad_view = grad if write_grad else logits
+    if block_v is None:
+        block_v = min(4096 if fused_grad else 2048, next_power_of_2(vocab))
+    if num_stages is None and not fused_grad:
+        num_stages = 3
+    group_size = group_size or 1
+    _grpo_rows_kernel[(min(rows, programs or rows),)](
+        logits, *logits.stride(), grad_view, *grad_view.stride(), completion_ids, *completion_ids.stride(),
+        out if mask is None else mask, *((0, 0) if mask is None else mask.stride()),
+        counts if has_count else out, *(counts.stride() if has_count else (0, 0)),
+        # [B] advantages get a zero time stride (no expand op before the launch)
+        out if advantages is None else advantages, *((0, 0) if advantages is None else (*advantages.stride(), 0)[:2]),
+        rewards if has_rewards else out,
+        old_logp if has_old else out, *(old_logp.stride() if has_old else (0, 0)),
+        ref_logp if has_ref else out, *(ref_logp.stride() if has_ref else (0, 0)),
+        flag if write_grad else out, out, rows, length, vocab, float(weight_factor), LOG2E / temperature,
+        1.0 / temperature, float(beta), float(eps_low), float(eps_high),
+        GROUP_SIZE=group_size, GROUP_BLOCK=next_power_of_2(group_size), HAS_MASK=mask is not None,
+        HAS_COUNT=has_count, HAS_REWARDS=has_rewards, HAS_OLD=has_old, HAS_REF=has_ref, COMPUTE_LOSS=compute_loss,
+        WRITE_GRAD=write_grad, COMPUTE_ENTROPY=compute_entropy, WEIGHT_LATER=weight_later, BLOCK_V=block_v,
+        PERSISTENT=programs is not None and programs < rows, num_warps=num_warps or (8 if fused_grad else 2),
+        **({} if num_stages is None else {"num_stages": num_stages}),
+    )
+    return out
+
+
+def queue_grad_rows(logits, grad, completion_ids, out, flag, *, counts=None, weight_factor=1.0, temperature=1.0,
+                    weight_later=False, grad_block_v=8192, grad_num_warps=16, grad_num_stages=1):
+    """Launch _grad_rows_kernel: grad [B, T, V] from the loss kernel's planes `out` (weighted here when
+    weight_later, with counts / weight_factor as in launch_rows)."""
+    batch, length, vocab = logits.shape
+    rows = batch * length
+    if rows == 0:
+        return
+    has_count = weight_later and counts is not None
+    _grad_rows_kernel[(rows,)](
+        logits, *logits.stride(), grad, *grad.stride(), completion_ids, *completion_ids.stride(), out, flag,
+        counts if has_count else out, *(counts.stride() if has_count else (0, 0)), rows, length, vocab,
+        LOG2E / temperature, float(weight_factor), 1.0 / temperature, WEIGHT_LATER=weight_later, HAS_COUNT=has_count,
+        BLOCK_V=min(grad_block_v, next_power_of_2(vocab)), num_warps=grad_num_warps, num_stages=grad_num_stages,
+    )
+
+
+def unpack_rows(out, batch, length, compute_loss=True, compute_entropy=False):
+    """The loss kernel's planes as a dict: logp and entropy [B, T] fp32, stats [B*T, NUM_STATS] fp32."""
+    rows = batch * length
+    result = {"logp": out[:rows].view(batch, length)}
+    if compute_loss:
+        result["stats"] = out[STATS_PLANE * rows: LOSS_PLANES * rows].view(rows, NUM_STATS)
+    if compute_entropy:
+        start = (LOSS_PLANES if compute_loss else 1) * rows
+        result["entropy"] = out[start: start + rows].view(batch, length)
+    return result
 
 
 def launch_rows(logits, completion_ids, flag, *, mask=None, counts=None, weight_factor=1.0, advantages=None,
@@ -259,70 +373,24 @@ def launch_rows(logits, completion_ids, flag, *, mask=None, counts=None, weight_
                 temperature=1.0, grad=None, compute_loss=True, compute_entropy=False, block_v=None, num_warps=None,
                 num_stages=None, programs=None, fused_grad=False, grad_block_v=8192, grad_num_warps=16,
                 grad_num_stages=1):
-    """Run the row kernel. logits/grad [B, T, V]; completion_ids, mask (None: every token counts), counts (None:
-    weight 1 / factor), advantages (or None with rewards [B]), old_logp, ref_logp: [B, T] (any strides); flag
-    from check_sequences. Returns a dict: logp and entropy [B, T] fp32, stats [B*T, NUM_STATS] fp32.
+    """Run the row kernels with the flag already computed (check_sequences first). logits/grad [B, T, V];
+    completion_ids, mask (None: every token counts), counts (None: weight 1 / factor), advantages (or None with
+    rewards [B]), old_logp, ref_logp: [B, T] (any strides; advantages may be [B]). Returns a dict: logp and entropy
+    [B, T] fp32, stats [B*T, NUM_STATS] fp32.
 
     With grad, the gradient is written by a second kernel (_grad_rows_kernel; its own block shape) unless
     fused_grad, where the loss kernel's program sweeps its row a second time (measured slower on an H200:
     bench/RESULTS.md). The defaults (loss kernel 2048 / 2 warps / 3 stages, gradient kernel 8192 / 16 warps)
     were the fastest of the shapes swept on an H200."""
-    batch, length, vocab = logits.shape
-    device = logits.device
-    rows = batch * length
-    out = {"logp": torch.empty(batch, length, device=device, dtype=torch.float32)}
-    if compute_entropy:
-        out["entropy"] = torch.empty(batch, length, device=device, dtype=torch.float32)
-    if compute_loss:
-        out["stats"] = torch.empty(rows, NUM_STATS, device=device, dtype=torch.float32)
-    if rows == 0:
-        return out
-    dummy = out["logp"]
-    has_rewards = compute_loss and rewards is not None
-    has_ref = compute_loss and ref_logp is not None and beta != 0
-    has_old = compute_loss and old_logp is not None
-    has_count = compute_loss and counts is not None
-    if compute_loss and not has_rewards:
-        advantages = advantages if advantages.dim() == 2 else advantages[:, None].expand(batch, length)
-    else:
-        advantages = dummy
-    grad_view = grad if grad is not None else logits
-    if block_v is None:
-        block_v = min(2048 if not fused_grad else 4096, triton.next_power_of_2(vocab))
-    if num_warps is None:
-        num_warps = 8 if fused_grad else 2
-    if num_stages is None and not fused_grad:
-        num_stages = 3
-    group_size = group_size or 1
-    lse = torch.empty(rows, device=device, dtype=torch.float32) if compute_loss else dummy
-    coef = torch.empty(rows, device=device, dtype=torch.float32) if compute_loss else dummy
-    _grpo_rows_kernel[(min(rows, programs or rows),)](
-        logits, *logits.stride(),
-        grad_view, *grad_view.stride(),
-        completion_ids, *completion_ids.stride(),
-        mask if mask is not None else dummy, *(mask.stride() if mask is not None else (0, 0)),
-        counts if has_count else dummy, *(counts.stride() if has_count else (0, 0)),
-        advantages, *advantages.stride(),
-        rewards.float().contiguous() if has_rewards else dummy,
-        old_logp if has_old else dummy, *(old_logp.stride() if has_old else (0, 0)),
-        ref_logp if has_ref else dummy, *(ref_logp.stride() if has_ref else (0, 0)),
-        flag, out["logp"], out.get("entropy", dummy), out.get("stats", dummy), lse, coef,
-        rows, length, vocab, float(weight_factor), LOG2E / temperature, 1.0 / temperature, float(beta),
-        float(eps_low), float(eps_high), 1e-4, LOG_RATIO_MAX,
-        GROUP_SIZE=group_size, GROUP_BLOCK=triton.next_power_of_2(group_size), HAS_MASK=mask is not None,
-        HAS_COUNT=has_count, HAS_REWARDS=has_rewards, HAS_OLD=has_old, HAS_REF=has_ref,
-        COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None and compute_loss and fused_grad,
-        COMPUTE_ENTROPY=compute_entropy, BLOCK_V=block_v, PERSISTENT=programs is not None and programs < rows,
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
-    )
+    out = queue_loss_rows(logits, completion_ids, flag, mask=mask, counts=counts, weight_factor=weight_factor,
+                          advantages=advantages, rewards=rewards, group_size=group_size, old_logp=old_logp,
+                          ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
+                          grad=grad, compute_loss=compute_loss, compute_entropy=compute_entropy, block_v=block_v,
+                          num_warps=num_warps, num_stages=num_stages, programs=programs, fused_grad=fused_grad)
     if grad is not None and compute_loss and not fused_grad:
-        _grad_rows_kernel[(rows,)](
-            logits, *logits.stride(), grad_view, *grad_view.stride(), completion_ids, *completion_ids.stride(),
-            lse, coef, flag, length, vocab, LOG2E / temperature,
-            BLOCK_V=min(grad_block_v, triton.next_power_of_2(vocab)), num_warps=grad_num_warps,
-            num_stages=grad_num_stages,
-        )
-    return out
+        queue_grad_rows(logits, grad, completion_ids, out, flag, temperature=temperature, grad_block_v=grad_block_v,
+                        grad_num_warps=grad_num_warps, grad_num_stages=grad_num_stages)
+    return unpack_rows(out, *logits.shape[:2], compute_loss, compute_entropy)
 
 
 def scale_rows(grad, scale):
@@ -331,36 +399,25 @@ def scale_rows(grad, scale):
     rows = batch * length
     if rows:
         _scale_rows_kernel[(min(rows, SCALE_PROGRAMS),)](
-            grad, *grad.stride(), scale, rows, length, vocab, BLOCK_V=min(4096, triton.next_power_of_2(vocab)),
-            num_warps=8)
+            grad, *grad.stride(), scale, rows, length, vocab,
+            BLOCK_V=min(4096, next_power_of_2(vocab)), num_warps=8)
 
 
 class _GRPOLossFunction(torch.autograd.Function):
-    """Forward computes the loss and, when logits need a gradient, dlogits for an upstream gradient of 1;
-    backward rescales on the device (no host sync; a no-op when the upstream gradient is 1)."""
+    """Connects the loss to the logits. The kernels ran before apply (its host cost is not in front of them) and
+    wrote dlogits for an upstream gradient of 1; backward rescales on the device (no host sync; a no-op when the
+    upstream gradient is 1)."""
 
     @staticmethod
-    def forward(ctx, logits, completion_ids, mask, counts, weight_factor, flag, advantages, rewards, old_logp,
-                ref_logp, options, inplace, needs_grad):
-        grad = None
-        if needs_grad:  # not ctx.needs_input_grad: that is True under torch.no_grad() too
-            grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        out = launch_rows(logits, completion_ids, flag, mask=mask, counts=counts, weight_factor=weight_factor,
-                          advantages=advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp, grad=grad,
-                          **options)
+    def forward(ctx, logits, loss, grad):
         ctx.grad = grad
-        stats = out["stats"]  # [B*T, 4]
-        loss = stats[:, 0].sum()
-        stat_sums = stats[:, 1:].sum(dim=0)  # [3]: kl sum, clipped tokens, completion tokens
-        ctx.mark_non_differentiable(out["logp"], stat_sums)
-        return loss, out["logp"], stat_sums
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
+    def backward(ctx, grad_loss):
         grad, ctx.grad = ctx.grad, None
-        if grad is not None:
-            scale_rows(grad, grad_loss)
-        return grad, None, None, None, None, None, None, None, None, None, None, None, None
+        scale_rows(grad, grad_loss)
+        return grad, None, None
 
 
 def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=None, group_size=None, old_logp=None,
@@ -368,34 +425,54 @@ def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=N
                      max_completion_length=None, inplace=True, **kernel_options):
     """Inputs other than the ids' range already checked by grm_engine.loss.grpo_loss. Returns (loss, GRPOStats).
     kernel_options: launch_rows' block shapes and variants (block_v, num_warps, num_stages, programs,
-    fused_grad, grad_block_v, grad_num_warps, grad_num_stages), for tuning and tests."""
+    fused_grad, grad_block_v, grad_num_warps, grad_num_stages), for tuning and tests.
+
+    With a gradient to write (and not fused_grad), the loss kernel is the first thing launched; the check kernel
+    (counts, flag) and the gradient kernel (which applies the weights) follow. Otherwise the check runs first."""
     batch, length, vocab = logits.shape
+    needs_grad = logits.requires_grad and torch.is_grad_enabled()
+    weight_later = needs_grad and not kernel_options.get("fused_grad")
+    grad_options = {k: kernel_options.pop(k) for k in GRAD_OPTIONS if k in kernel_options}
+    if weight_later:  # first, with nothing but the output allocation before it
+        out = queue_loss_rows(logits, completion_ids, None, mask=mask, advantages=advantages, rewards=rewards,
+                              group_size=group_size, old_logp=old_logp, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
+                              eps_high=eps_high, temperature=temperature, weight_later=True, **kernel_options)
     finite_inputs = dict(advantages=advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp)
-    # ids, counts and the NaN/Inf check of the per-token and per-sequence inputs in one prologue kernel, flag on the
-    # device before the loss kernels read it (no host sync, a handful of host ops before the first kernel)
-    counts, flag = check_sequences(completion_ids, mask, vocab, **finite_inputs)
-    pending = FlagReader(flag)
-    count_view, weight_factor = reduction_counts(counts, loss_type, batch, length, max_completion_length)
-    options = dict(group_size=group_size, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
-                   **kernel_options)
-    loss, logp, stat_sums = _GRPOLossFunction.apply(
-        logits, completion_ids, mask, count_view, weight_factor, flag, advantages, rewards, old_logp, ref_logp,
-        options, inplace, torch.is_grad_enabled() and logits.requires_grad)
-    means = stat_sums[:2] / stat_sums[2].clamp(min=1.0)  # [2]: kl mean, clip fraction over completion tokens
-    if pending.is_set():  # the kernels are queued: this waits for the prologue only
+    ints = new_flag_buffer(batch, logits.device)  # flag, batch total, counts
+    queue_check(ints, completion_ids, mask, vocab, **finite_inputs)
+    pending = FlagReader(ints[:1])
+    count_view, weight_factor = reduction_counts(ints, loss_type, batch, length, max_completion_length)
+    grad = None
+    if needs_grad:
+        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if weight_later:
+        queue_grad_rows(logits, grad, completion_ids, out, ints, counts=count_view, weight_factor=weight_factor,
+                        temperature=temperature, weight_later=True, **grad_options)
+    else:  # the check first: the loss kernel weights its rows itself (and writes the gradient when fused)
+        out = queue_loss_rows(logits, completion_ids, ints, mask=mask, counts=count_view, weight_factor=weight_factor,
+                              advantages=advantages, rewards=rewards, group_size=group_size, old_logp=old_logp,
+                              ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high,
+                              temperature=temperature, grad=grad, **kernel_options)
+    totals = unpack_rows(out, batch, length)["stats"].sum(dim=0)  # [4]: loss, kl sum, clipped, completion tokens
+    means = totals[1:3] / totals[3].clamp(min=1.0)  # [2]: kl mean, clip fraction over completion tokens
+    loss = _GRPOLossFunction.apply(logits, totals[0], grad) if needs_grad else totals[0]
+    if pending.is_set():  # the kernels are queued: this waits for the check kernel only
         check_finite_inputs(mask != 0, **finite_inputs)
         raise_bad_token_ids(completion_ids, mask, vocab)
-    return loss, GRPOStats(kl=means[0], clip_frac=means[1], logp=logp)
+    return loss, GRPOStats(kl=means[0], clip_frac=means[1], logp=out[:batch * length].view(batch, length))
 
 
 def token_logprobs_triton(logits, completion_ids, *, mask=None, temperature=1.0, return_entropy=False,
                           block_v=None, num_warps=None, num_stages=None, programs=None):
-    """Forward-only log_softmax(logits / T)[id] [B, T] fp32 (0 where masked), optionally the entropy."""
-    _, flag = check_sequences(completion_ids, mask, logits.shape[-1])
+    """Forward-only log_softmax(logits / T)[id] [B, T] fp32 (0 where masked), optionally the entropy. The check
+    first: the host then waits for it alone and may queue more work while the log-prob kernel runs."""
+    batch, length, vocab = logits.shape
+    _, flag = check_sequences(completion_ids, mask, vocab)
     pending = FlagReader(flag)
-    out = launch_rows(logits, completion_ids, flag, mask=mask, temperature=temperature, compute_loss=False,
-                      compute_entropy=return_entropy, block_v=block_v, num_warps=num_warps,
-                      num_stages=num_stages, programs=programs)
+    out = queue_loss_rows(logits, completion_ids, None, mask=mask, temperature=temperature, compute_loss=False,
+                          compute_entropy=return_entropy, block_v=block_v, num_warps=num_warps,
+                          num_stages=num_stages, programs=programs)
     if pending.is_set():
-        raise_bad_token_ids(completion_ids, mask, logits.shape[-1])
-    return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
+        raise_bad_token_ids(completion_ids, mask, vocab)
+    result = unpack_rows(out, batch, length, compute_loss=False, compute_entropy=return_entropy)
+    return (result["logp"], result["entropy"]) if return_entropy else result["logp"]

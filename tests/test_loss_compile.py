@@ -13,8 +13,8 @@ from grm_engine.kernels import token_id_check  # noqa: E402
 
 FLOAT_ARGS = {"weight_factor", "scale2", "inv_temp", "beta", "eps_low", "eps_high", "reward_eps", "log_ratio_max"}
 INT32_ARGS = {"T", "V", "num_rows"}
-POINTERS = {"logits_ptr": "*bf16", "grad_ptr": "*bf16", "ids_ptr": "*i64", "mask_ptr": "*fp32", "count_ptr": "*i64",
-            "counts_ptr": "*i32", "flag_ptr": "*i32", "scale_ptr": "*fp32"}
+POINTERS = {"logits_ptr": "*bf16", "grad_ptr": "*bf16", "ids_ptr": "*i64", "mask_ptr": "*fp32", "count_ptr": "*i32",
+            "ints_ptr": "*i32", "flag_ptr": "*i32", "scale_ptr": "*fp32"}
 
 
 def signature(fn, constexprs, pointers):
@@ -34,7 +34,7 @@ def signature(fn, constexprs, pointers):
 
 ROW_BASE = dict(STRIDE_LV=1, STRIDE_GV=1, GROUP_SIZE=4, GROUP_BLOCK=4, BLOCK_V=2048)
 ROW_FLAGS = ("HAS_MASK", "HAS_COUNT", "HAS_REWARDS", "HAS_OLD", "HAS_REF", "COMPUTE_LOSS", "WRITE_GRAD",
-             "COMPUTE_ENTROPY", "PERSISTENT")
+             "COMPUTE_ENTROPY", "WEIGHT_LATER", "PERSISTENT")
 
 
 def row_kernel(*enabled):
@@ -48,9 +48,13 @@ CASES = [
     ("_check_sequences_kernel", dict(NONFINITE=2, HAS_MASK=False, HAS_OLD=False, HAS_REF=False, HAS_ADV=False,
                                      HAS_REWARDS=True, BLOCK_T=256), {}, 4, 3),
     ("_grpo_rows_kernel", row_kernel("HAS_MASK", "HAS_COUNT", "HAS_OLD", "HAS_REF", "COMPUTE_LOSS"), {}, 2, 3),
-    ("_grpo_rows_kernel", row_kernel(*(f for f in ROW_FLAGS if f != "HAS_OLD")), {}, 8, 2),  # fused grad, rewards
+    ("_grpo_rows_kernel", row_kernel("HAS_MASK", "HAS_OLD", "HAS_REF", "COMPUTE_LOSS", "WEIGHT_LATER"), {}, 2, 3),
+    ("_grpo_rows_kernel", row_kernel(*(f for f in ROW_FLAGS if f not in ("HAS_OLD", "WEIGHT_LATER"))), {}, 8, 2),
     ("_grpo_rows_kernel", row_kernel("COMPUTE_ENTROPY"), {}, 2, 3),  # token_logprobs
-    ("_grad_rows_kernel", dict(STRIDE_LV=1, STRIDE_GV=1, V=152064, BLOCK_V=8192), {}, 16, 1),
+    ("_grad_rows_kernel", dict(STRIDE_LV=1, STRIDE_GV=1, V=152064, WEIGHT_LATER=False, HAS_COUNT=False,
+                               BLOCK_V=8192), {}, 16, 1),
+    ("_grad_rows_kernel", dict(STRIDE_LV=1, STRIDE_GV=1, V=152064, WEIGHT_LATER=True, HAS_COUNT=True,
+                               BLOCK_V=8192), {}, 16, 1),  # grpo_loss's default: weights applied here
     ("_scale_rows_kernel", dict(STRIDE_GV=1, BLOCK_V=4096), {}, 8, 3),
 ]
 
