@@ -46,15 +46,14 @@ def measure_ceilings(args) -> list[dict]:
 def _fmt(value):
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return "" if value is None else str(value)
 
 
-def print_table(rows: list[dict]) -> None:
-    columns = []
-    for row in rows:
-        for key in row:
-            if key not in columns:
-                columns.append(key)
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """One line per row; columns: the given ones that some row has (default: every key, in first-seen order)."""
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns = [c for c in columns if any(c in r for r in rows)]
     widths = {c: max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in columns}
     print(" | ".join(c.ljust(widths[c]) for c in columns))
     print("-+-".join("-" * widths[c] for c in columns))

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 
+from gpu import print_table  # bench/gpu.py (this script's folder is on sys.path)
 from grm_engine.train.bench_hooks import SHAPES, qwen2_config, random_model
 
 DEFAULT_BATCH = {"0.5b": (8, 8), "7b": (4, 2), "tiny": (2, 1)}  # (rows per step, rows per micro-batch)
@@ -216,16 +217,8 @@ def run_variant(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def print_table(rows: list[dict]) -> None:
-    cols = ["case", "shape", "precision", "tokens_per_step", "step_s", "tok_s", "x_hf", "peak_alloc_GB",
-            "mem_vs_hf", "skipped", "error"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    width = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols}
-    print(" | ".join(c.ljust(width[c]) for c in cols))
-    print("-+-".join("-" * width[c] for c in cols))
-    for r in rows:
-        print(" | ".join(fmt(r.get(c)).ljust(width[c]) for c in cols))
+TABLE_COLUMNS = ["case", "shape", "precision", "tokens_per_step", "step_s", "tok_s", "x_hf", "peak_alloc_GB",
+                 "mem_vs_hf", "skipped", "error"]  # the JSON holds every field
 
 
 def main() -> int:
@@ -301,7 +294,7 @@ def main() -> int:
         with open(args.out, "w") as f:  # after every variant, so a later crash keeps what ran
             json.dump({"bench": "sft_baseline", "rows": rows}, f, indent=1)
     print()
-    print_table(rows)
+    print_table(rows, TABLE_COLUMNS)
     print(json.dumps({"out": args.out, "failed": [r["case"] for r in rows if "error" in r],
                       "skipped": [r["case"] for r in rows if "skipped" in r]}))
     return 1 if any("error" in r for r in rows) else 0

@@ -40,13 +40,10 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
 
-SHAPES = {
-    # Qwen2.5-0.5B
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=True),
-}
+from gpu import print_table  # noqa: E402 (bench/gpu.py; this script's folder is on sys.path)
+from grm_engine.train.bench_hooks import SHAPES as QWEN2_SHAPES  # noqa: E402 (our GRPO benchmark's shapes)
+
+SHAPES = {name: QWEN2_SHAPES[name] for name in ("0.5b", "tiny")}
 VARIANTS = {"gc": {"gradient_checkpointing": True}, "nogc": {"gradient_checkpointing": False}}
 
 
@@ -248,16 +245,8 @@ def run_variant(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def print_table(rows: list[dict]) -> None:
-    cols = ["case", "step_s", "generate_s", "ref_s", "rest_s", "rollout_tok_s", "peak_alloc_GB", "peak_reserved_GB",
-            "completion_len_min", "completion_len_max", "error"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    width = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols}
-    print(" | ".join(c.ljust(width[c]) for c in cols))
-    print("-+-".join("-" * width[c] for c in cols))
-    for r in rows:
-        print(" | ".join(fmt(r.get(c)).ljust(width[c]) for c in cols))
+TABLE_COLUMNS = ["case", "step_s", "generate_s", "ref_s", "rest_s", "rollout_tok_s", "peak_alloc_GB",
+                 "peak_reserved_GB", "completion_len_min", "completion_len_max", "error"]  # the JSON holds every field
 
 
 def main() -> int:
@@ -323,7 +312,7 @@ def main() -> int:
         with open(args.out, "w") as f:  # after every variant, so a later crash keeps what ran
             json.dump({"bench": "trl_grpo", "rows": rows}, f, indent=1)
     print()
-    print_table(rows)
+    print_table(rows, TABLE_COLUMNS)
     print(json.dumps({"out": args.out, "failed": [r["case"] for r in rows if "error" in r]}))
     return 1 if any("error" in r for r in rows) else 0
 
