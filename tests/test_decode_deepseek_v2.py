@@ -236,38 +236,15 @@ def test_bf16_first_step_logits_and_greedy_against_transformers(monkeypatch):
     the MLA kernel, the fused MoE) is fp32's best or a near tie."""
     import copy
 
-    import grm_engine.decode.decoder as decoder_module
+    from decode_helpers import check_bf16_first_step_and_greedy, medium_prompts
 
     model32 = medium_model()
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
     for name, param in model16.named_parameters():  # the router stays fp32, as from_pretrained keeps it
         if name.endswith("mlp.gate.weight"):
             param.data = param.data.float()
-    captured, sample = [], decoder_module.sample
-
-    def capture(logits, *args, **kwargs):
-        if not captured:
-            captured.append(logits.clone())
-        return sample(logits, *args, **kwargs)
-
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(4, 4096, (n,), generator=g).tolist() for n in (100, 517, 1300)]
-    decoder = Decoder.from_pretrained(model16, num_kv_blocks=2048, block_size=16)  # (its warm-up call samples too)
-    monkeypatch.setattr(decoder_module, "sample", capture)
-    outputs = decoder.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    for i, prompt in enumerate(prompts):
-        ids = torch.tensor([prompt], device="cuda")
-        with torch.no_grad():
-            exact = model32(ids).logits[0, -1].double()
-            hf_error = (model16(ids).logits[0, -1].double() - exact).abs().max().item()
-        our_error = (captured[0][i].double() - exact).abs().max().item()
-        assert our_error <= 2 * hf_error + 1e-3, f"prompt {i}: error {our_error:.4g} vs transformers bf16 {hf_error:.4g}"
-        tokens = outputs[i].outputs[0].token_ids
-        with torch.no_grad():
-            forced = model32(torch.tensor([prompt + tokens], device="cuda")).logits[0, len(prompt) - 1:-1].float()
-        for step, token in enumerate(tokens):
-            margin = (forced[step].max() - forced[step, token]).item()
-            assert margin <= 4 * hf_error + 1e-3, f"prompt {i} step {step}: token {token} is {margin:.3g} below the best"
+    prompts = medium_prompts()
+    outputs = check_bf16_first_step_and_greedy(model32, model16, prompts, monkeypatch)
     # the same padded steps without CUDA graphs: the same tokens, bit for bit
     eager = Decoder.from_pretrained(model16, num_kv_blocks=2048, block_size=16, cuda_graphs=False)
     eager_outputs = eager.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
