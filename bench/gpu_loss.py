@@ -144,6 +144,23 @@ def synchronized_call_ms(fn, calls=50):
         return "n/a", "", f"{type(exc).__name__}: {str(exc)[:120]}"
 
 
+def host_before_loss_kernel(ours, peer):
+    """Host microseconds from the start of a synchronized call to the return of its first Triton launch (the
+    loss kernel, ours and Liger's): GPU idle time the host causes (bench/loss_host.py has the per-phase split)."""
+    from loss_host import first_launch_us
+
+    result = {}
+    try:
+        result["ours_host_us"] = first_launch_us(ours)
+        if peer is not None:
+            import liger_kernel.ops.grpo_loss as liger_ops
+
+            result["peer_host_us"] = first_launch_us(peer, modules=(liger_ops,))
+    except Exception as exc:  # a Triton or Liger internals change must not end the section
+        result["host_note"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+    return result
+
+
 def liger_logits_loss():
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -223,7 +240,8 @@ def logits_cases(args, bandwidth):
                         two_pass_floor_ms=two_pass_ms))
         summary_row = len(rows) - 1
         sync_ours, sync_peer = synchronized_call_ms(ours), synchronized_call_ms(peer)
-        rows.append(row("  one call, synchronized (host time counts)", sync_ours, ("", "", ""), sync_peer, floor_ms))
+        rows.append(row("  one call, synchronized (host time counts)", sync_ours, ("", "", ""), sync_peer, floor_ms,
+                        **host_before_loss_kernel(ours, peer if liger is not None else None)))
         rows.append(profile_row("  profile ours, 3 calls queued back to back (per call)", ours, calls=3))
         if padding == 0:
             rows.append(profile_row("  profile ours, 1 isolated call", ours))

@@ -24,26 +24,23 @@ import sys
 import time
 from collections import Counter
 
-if "--device" not in sys.argv or "cpu" in sys.argv[sys.argv.index("--device") + 1:][:1]:
-    # the CPU run goes through the Triton path (its launches become no-ops); Triton reads this at import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("GRM_ENGINE_BACKEND", "triton")
-
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-def loss_kernels():
-    """{name: kernel object} of every Triton kernel the loss path may launch (found, not listed by hand)."""
+def loss_kernels(modules=None):
+    """{name: kernel object} of every Triton kernel in `modules` (default: the ones grpo_loss launches)."""
     from triton.runtime.jit import KernelInterface
 
-    from grm_engine.kernels import grpo_loss, token_id_check
+    if modules is None:
+        from grm_engine.kernels import grpo_grad, grpo_loss, token_id_check
 
+        modules = (grpo_loss, grpo_grad, token_id_check)
     found = {}
-    for module in (grpo_loss, token_id_check):
+    for module in modules:
         for name, value in vars(module).items():
             if isinstance(value, KernelInterface) and hasattr(value, "run"):
                 found[name] = value
@@ -51,10 +48,10 @@ def loss_kernels():
 
 
 @contextlib.contextmanager
-def launch_hook(events: list, launch: bool):
-    """Test-only: every loss kernel launch appends (name, t_enter, t_exit, args, kwargs) to events; with
-    launch=False the kernel does not run (CPU timing of the host path alone)."""
-    kernels = loss_kernels()
+def launch_hook(events: list, launch: bool, modules=None):
+    """Test-only: every launch of a kernel in `modules` (default: grpo_loss's) appends (name, t_enter, t_exit,
+    args, kwargs) to events; with launch=False the kernel does not run (CPU timing of the host path alone)."""
+    kernels = loss_kernels(modules)
     for name, kernel in kernels.items():
         inner = kernel.run
 
@@ -86,7 +83,8 @@ class OpCounter(TorchDispatchMode):
 
 def make_inputs(batch, length, vocab, padding, device, dtype):
     gen = torch.Generator().manual_seed(0)
-    buffer = (torch.randn(batch, length + 1, vocab, generator=gen) * 2).to(dtype).to(device).requires_grad_()
+    torch.manual_seed(0)
+    buffer = (torch.randn(batch, length + 1, vocab, device=device, dtype=dtype) * 2).requires_grad_()  # [B, T+1, V]
     ids = torch.randint(0, vocab, (batch, length), generator=gen).to(device)
     keep = ((torch.arange(batch) + 0.5) / batch * 2 * (1 - padding) * length).long().clamp(1, length)
     mask = (torch.arange(length)[None, :] < keep[:, None]).float() if padding else torch.ones(batch, length)
@@ -122,7 +120,7 @@ def phase_bounds(start, launches, forward_end, end):
     """[(label, t0, t1)]: call start -> each launch's entry; a launch's own time; ... -> forward end -> end."""
     bounds, cursor, label = [], start, "call start"
     for name, enter, leave, *_ in launches:
-        if enter < forward_end <= leave or (cursor < forward_end <= enter):
+        if cursor < forward_end <= enter:
             bounds.append((f"{label} -> forward returns", cursor, forward_end))
             cursor, label = forward_end, "forward returns"
         bounds.append((f"{label} -> {name} launch", cursor, enter))
@@ -131,7 +129,7 @@ def phase_bounds(start, launches, forward_end, end):
     if cursor < forward_end:
         bounds.append((f"{label} -> forward returns", cursor, forward_end))
         cursor, label = forward_end, "forward returns"
-    bounds.append((f"{label} -> backward returns", cursor, end))
+    bounds.append((f"{label} -> backward returns (+ GPU done)", cursor, end))
     return bounds
 
 
@@ -153,10 +151,26 @@ def time_phases(call, device, calls, launch):
             per_phase.setdefault(label, []).append((t1 - t0) * 1e6)
         totals.append((end - start) * 1e6)
         first_launch.append((events[0][2] - start) * 1e6 if events else float("nan"))
+
     def both(values):
         return statistics.median(values), min(values)
 
     return {label: both(values) for label, values in per_phase.items()}, both(totals), both(first_launch)
+
+
+def first_launch_us(fn, calls=50, modules=None):
+    """Median host microseconds from the start of a synchronized call of fn to the return of its first Triton
+    launch (a kernel of `modules`): the time an idle GPU waits for the host before the first kernel."""
+    times = []
+    fn()
+    for _ in range(calls):
+        events = []
+        torch.cuda.synchronize()
+        with launch_hook(events, launch=True, modules=modules):
+            start = time.perf_counter()
+            fn()
+        times.append((events[0][2] - start) * 1e6 if events else float("nan"))
+    return statistics.median(times)
 
 
 def count_ops(call, device):
@@ -298,9 +312,14 @@ def main() -> int:
                      phases, ops_by_phase, launches, total, first, binder)
         if device == "cuda":
             ours_ms = synchronized_ms(call, calls)
-            line = f"one call, synchronized: ours {ours_ms:.3f} ms"
+            line = (f"one call, synchronized: ours {ours_ms:.3f} ms (host before the loss kernel's launch returns: "
+                    f"{first_launch_us(call, calls):.0f} us)")
             try:
-                line += f", Liger {synchronized_ms(liger_call(*inputs), calls):.3f} ms"
+                import liger_kernel.ops.grpo_loss as liger_ops
+
+                peer = liger_call(*inputs)
+                line += (f", Liger {synchronized_ms(peer, calls):.3f} ms (host before its loss kernel: "
+                         f"{first_launch_us(peer, calls, modules=(liger_ops,)):.0f} us)")
             except Exception as exc:
                 line += f", Liger n/a ({type(exc).__name__}: {str(exc)[:100]})"
             print(line)
@@ -314,4 +333,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if not any("cuda" in arg for arg in sys.argv[1:]):
+        # the CPU run goes through the Triton path (its launches become no-ops); Triton reads this when the
+        # kernels are decorated, i.e. when grm_engine.kernels is first imported (after this line)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("GRM_ENGINE_BACKEND", "triton")
     sys.exit(main())

@@ -8,8 +8,8 @@ from triton_compile import compile_sm90, run_compile_script
 
 pytest.importorskip("triton")
 
+from grm_engine.kernels import grpo_grad, token_id_check  # noqa: E402
 from grm_engine.kernels import grpo_loss as kernels  # noqa: E402
-from grm_engine.kernels import token_id_check  # noqa: E402
 
 FLOAT_ARGS = {"weight_factor", "scale2", "inv_temp", "beta", "eps_low", "eps_high", "reward_eps", "log_ratio_max"}
 INT32_ARGS = {"T", "V", "num_rows"}
@@ -61,7 +61,7 @@ CASES = [
 
 def compile_all():
     for name, constexprs, pointers, num_warps, num_stages in CASES:
-        fn = getattr(kernels, name, None) or getattr(token_id_check, name)
+        fn = next(getattr(m, name) for m in (kernels, grpo_grad, token_id_check) if hasattr(m, name))
         compile_sm90(fn, signature(fn, constexprs, {**POINTERS, **pointers}), constexprs, num_warps=num_warps,
                      num_stages=num_stages)
         print("compiled", name, {k: v for k, v in constexprs.items() if v is True})
