@@ -61,6 +61,25 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
         print(" | ".join(_fmt(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
+def run_child(command: list[str]) -> tuple[dict | None, int]:
+    """Run `command --child-out FILE` (one benchmark variant in its own process: clean peak-memory numbers, an OOM
+    kills only it) -> (the row it wrote to FILE as JSON, or None if it wrote none; its exit status)."""
+    import subprocess
+    import tempfile
+
+    handle, child_out = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    try:
+        status = subprocess.run([*command, "--child-out", child_out]).returncode
+        try:
+            with open(child_out) as f:
+                return json.load(f), status
+        except (OSError, ValueError):
+            return None, status
+    finally:
+        os.unlink(child_out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))

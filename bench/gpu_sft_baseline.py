@@ -36,12 +36,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-from gpu import print_table  # bench/gpu.py (this script's folder is on sys.path)
+from gpu import print_table, run_child  # bench/gpu.py (this script's folder is on sys.path)
 from grm_engine.train.bench_hooks import SHAPES, qwen2_config, random_model
 
 DEFAULT_BATCH = {"0.5b": (8, 8), "7b": (4, 2), "tiny": (2, 1)}  # (rows per step, rows per micro-batch)
@@ -259,9 +257,7 @@ def main() -> int:
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         if name not in STEPS:
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(STEPS)}")
-        fd, child_out = tempfile.mkstemp(suffix=".json")
-        os.close(fd)
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", name, "--child-out", child_out,
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", name,
                "--shape", args.shape, "--seq", str(args.seq), "--batch", str(args.batch),
                "--micro-batch", str(args.micro_batch), "--precision", args.precision,
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
@@ -270,15 +266,9 @@ def main() -> int:
         if args.tiny:
             cmd.append("--tiny")
         start = time.time()
-        proc = subprocess.run(cmd)
-        try:
-            with open(child_out) as f:
-                row = json.load(f)
-        except (OSError, ValueError):
-            row = {"section": "sft", "case": name, "shape": args.shape,
-                   "error": f"exit {proc.returncode} (see log; OOM?)"}
-        finally:
-            os.unlink(child_out)
+        row, status = run_child(cmd)
+        if row is None:
+            row = {"section": "sft", "case": name, "shape": args.shape, "error": f"exit {status} (see log; OOM?)"}
         if "skipped" in row:
             print(f"[sft {name}] skipped: {row['skipped']}", flush=True)
         else:

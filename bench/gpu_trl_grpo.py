@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
 
-from gpu import print_table  # noqa: E402 (bench/gpu.py; this script's folder is on sys.path)
+from gpu import print_table, run_child  # noqa: E402 (bench/gpu.py; this script's folder is on sys.path)
 from grm_engine.train.bench_hooks import SHAPES as QWEN2_SHAPES  # noqa: E402 (our GRPO benchmark's shapes)
 
 SHAPES = {name: QWEN2_SHAPES[name] for name in ("0.5b", "tiny")}
@@ -288,9 +287,7 @@ def main() -> int:
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-        fd, child_out = tempfile.mkstemp(suffix=".json")
-        os.close(fd)
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", name, "--child-out", child_out]
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", name]
         for k in ("shape", "prompts", "generations", "prompt_tokens", "new_tokens", "micro_batch", "beta",
                   "loss_type", "attn", "warmup", "steps"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
@@ -298,14 +295,9 @@ def main() -> int:
             cmd.append("--tiny")
         start = time.time()
         print(f"[trl {name}] {' '.join(cmd[2:])}", flush=True)
-        proc = subprocess.run(cmd)
-        try:
-            with open(child_out) as f:
-                row = json.load(f)
-        except (OSError, ValueError):
-            row = {"section": "grpo_peer", "case": f"trl {name}", "error": f"exit {proc.returncode} (see log; OOM?)"}
-        finally:
-            os.unlink(child_out)
+        row, status = run_child(cmd)
+        if row is None:
+            row = {"section": "grpo_peer", "case": f"trl {name}", "error": f"exit {status} (see log; OOM?)"}
         print(f"[trl {name}] {time.time() - start:.0f} s", flush=True)
         rows.append(row)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
