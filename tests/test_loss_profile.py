@@ -47,3 +47,21 @@ def test_summary_per_call_and_empty_trace():
     assert summarize_trace(TRACE, gap_us=1)["gaps"].startswith("90us")
     assert summarize_trace(TRACE, gap_us=1)["gaps_over_20us"] == 3
     assert summarize_trace([op("cpu_op", "aten::sum", 0, 5, tid=1)])["gpu_ops"] == 0
+
+
+def test_loss_kernel_is_the_first_launch_with_one_op_before_it(monkeypatch):
+    """bench/loss_host.py's op and launch record of one grpo_loss call + backward (launches as no-ops): with a
+    gradient, the loss kernel is the first launch and only its output allocation precedes it (no other torch op
+    stands between the call and the big kernel); the check, gradient and rescale kernels follow, in that order."""
+    import torch
+
+    from loss_host import Call, count_ops, make_inputs
+
+    monkeypatch.setenv("GRM_ENGINE_BACKEND", "triton")
+    for padding in (0.0, 0.5):
+        call = Call(make_inputs(4, 8, 16, padding, "cpu", torch.float32))
+        _, ops, launches = count_ops(call, "cpu")
+        assert [name for name, *_ in launches] == ["_grpo_rows_kernel", "_check_sequences_kernel",
+                                                   "_grad_rows_kernel", "_scale_rows_kernel"]
+        first_launch = launches[0][1]
+        assert [name for t, name in ops if t < first_launch] == ["empty"]
