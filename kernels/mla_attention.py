@@ -4,7 +4,10 @@ absorbed (q = [W_uk^T q_nope, q_pe], [B, H, R + P]), so a score is q . row and t
 sum_t p_t c_t ([B, H, R]; the caller applies W_uv). One program serves all heads of a sequence (a split of its
 keys), so each latent page is read once per sequence and split; splits merge by log-sum-exp.
 Traffic: context_len * (R + P) * dtype bytes per sequence, plus fp32 partials of num_splits * H * R.
-Reference: grm_engine.decode.models.mla (store_latent_reference, mla_decode_reference).
+Shared prefix (mla_cascade_decode_attention): the samples of a prompt read its shared latent pages once per row
+tile of block_m stacked (sample, head) rows (MQA with every head on the one latent row), their private pages
+once per sample, on cascade_attention's work lists and merge; fp32 partials of (prefix + suffix splits) * H * R.
+Reference: grm_engine.decode.models.mla (store_latent_reference, mla_decode_reference, mla_cascade_decode_reference).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from grm_engine.kernels.cascade_attention import _merge_slots_kernel, plan_cascade, workspace_numel
 from grm_engine.kernels.paged_attention import _merge_splits_kernel, choose_num_splits
 
 MLA_BLOCK_N = 32  # keys per tile: a [32, 512] bf16 latent tile is 32 KiB of shared memory
@@ -35,6 +39,30 @@ def store_latent_triton(latent: torch.Tensor, cache: torch.Tensor, slot_mapping:
     if num_tokens:
         _store_latent_kernel[(num_tokens,)](latent, cache, slot_mapping, latent.stride(0), ROW=row,
                                             BLOCK=triton.next_power_of_2(row))
+
+
+@triton.jit
+def _attend_latent_tile(q_latent, q_rope, m, l, acc, table, tile, end, cache_ptr, stride_cb, stride_ct,
+                        r, r_mask, p, p_mask, scale, LATENT: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of BLOCK_N latent rows [tile, min(tile + BLOCK_N, end)), found through a sequence's block table
+    (`table` points at its row), for query rows q_latent [M, BLOCK_R], q_rope [M, BLOCK_P]: score = q . row over
+    R + P, value = the row's first R columns; the online-softmax update of m [M], l [M], acc [M, BLOCK_R]."""
+    t = tile + tl.arange(0, BLOCK_N)
+    t_mask = t < end
+    page = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+    row = cache_ptr + page * stride_cb + (t % BLOCK_SIZE) * stride_ct  # [BLOCK_N] pointers to latent rows
+    c = tl.load(row[:, None] + r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
+    k_rope = tl.load(row[:, None] + LATENT + p[None, :], mask=t_mask[:, None] & p_mask[None, :], other=0.0)
+    s = tl.dot(q_latent, tl.trans(c), input_precision=DOT_PRECISION)
+    s = tl.dot(q_rope, tl.trans(k_rope), s, input_precision=DOT_PRECISION) * scale  # [M, BLOCK_N]
+    s = tl.where(t_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds a visible key
+    alpha = tl.exp(m - m_new)
+    probs = tl.exp(s - m_new[:, None])
+    l = l * alpha + tl.sum(probs, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(probs.to(c.dtype), c, input_precision=DOT_PRECISION)
+    return m_new, l, acc
 
 
 @triton.jit
@@ -68,21 +96,8 @@ def _mla_decode_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
     table = block_tables_ptr + batch * stride_bt
     for tile in range(start, end, BLOCK_N):
-        t = tile + tl.arange(0, BLOCK_N)
-        t_mask = t < end
-        page = tl.load(table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        row = cache_ptr + page * stride_cb + (t % BLOCK_SIZE) * stride_ct  # [BLOCK_N] pointers to latent rows
-        c = tl.load(row[:, None] + r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
-        k_rope = tl.load(row[:, None] + LATENT + p[None, :], mask=t_mask[:, None] & p_mask[None, :], other=0.0)
-        s = tl.dot(q_latent, tl.trans(c), input_precision=DOT_PRECISION)
-        s = tl.dot(q_rope, tl.trans(k_rope), s, input_precision=DOT_PRECISION) * scale  # [BLOCK_H, BLOCK_N]
-        s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds a visible key
-        alpha = tl.exp(m - m_new)
-        probs = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(probs, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(c.dtype), c, input_precision=DOT_PRECISION)
-        m = m_new
+        m, l, acc = _attend_latent_tile(q_latent, q_rope, m, l, acc, table, tile, end, cache_ptr, stride_cb, stride_ct,
+                                        r, r_mask, p, p_mask, scale, LATENT, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
 
     out_mask = h_mask[:, None] & r_mask[None, :]
     if SINGLE_SPLIT:
@@ -128,4 +143,148 @@ def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: tor
     if num_splits > 1:
         _merge_splits_kernel[(batch * num_heads,)](partial, stats, out, num_splits, HEAD_DIM=latent_dim,
                                                    BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- shared prefix
+@triton.jit
+def _mla_stacked_rows_kernel(
+    q_ptr, cache_ptr, block_tables_ptr, context_lens_ptr, prefix_tokens_ptr, items_ptr, partial_ptr, stats_ptr,
+    out_ptr, stride_qb, stride_qh, stride_cb, stride_ct, stride_bt, scale, split_tokens, num_slots,
+    NUM_HEADS: tl.constexpr, LATENT: tl.constexpr, ROPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_SUFFIX: tl.constexpr, FUSE_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M stacked query rows (sample-major, then head; the latent row is every head's one KV
+    head) against latent rows [token_start, token_end) of the first sample's block table; writes unnormalized
+    partials [B, H, num_slots, R] + (max, sum) in the layout of cascade_attention's merge. FUSE_MERGE (the suffix
+    grid with one split, after the prefix kernel): merges the prefix slots with its own registers in the merge
+    kernel's order (prefix slots, then the suffix: bitwise its result) and writes the output [B, H, R] instead."""
+    if IS_SUFFIX:  # grid (B, num_suffix_splits): one sample's private pages, all its heads
+        first_sample = tl.program_id(0)
+        split = tl.program_id(1)
+        first_row = 0
+        prefix_len = tl.load(prefix_tokens_ptr + first_sample)
+        token_start = prefix_len + split * split_tokens
+        token_end = tl.minimum(tl.load(context_lens_ptr + first_sample), token_start + split_tokens)
+        num_samples = (token_start < token_end).to(tl.int32)  # 0 past the suffix (or for an empty suffix)
+        slot = (prefix_len + split_tokens - 1) // split_tokens + split
+    else:  # grid (num_items,): one row tile of a group against one split of its shared prefix
+        item = items_ptr + tl.program_id(0) * 6
+        prefix_len = 0  # (read by the fused merge only, which the suffix grid runs)
+        first_sample = tl.load(item)
+        num_samples = tl.load(item + 1)
+        first_row = tl.load(item + 2)
+        token_start = tl.load(item + 3)
+        token_end = tl.load(item + 4)
+        slot = tl.load(item + 5)
+
+    i = first_row + tl.arange(0, BLOCK_M)
+    # no rows (a no-op item padding a graph's list, a suffix split past the suffix): load and store nothing
+    # Fused, every head of the sample writes its output (from the prefix slots alone when its suffix is empty).
+    row_mask = i < (NUM_HEADS if FUSE_MERGE else num_samples * NUM_HEADS)
+    sample = (first_sample + i // NUM_HEADS).to(tl.int64)  # [BLOCK_M]
+    head = i % NUM_HEADS
+    r = tl.arange(0, BLOCK_R)
+    p = tl.arange(0, BLOCK_P)
+    r_mask = r < LATENT
+    p_mask = p < ROPE
+    q_row = q_ptr + sample[:, None] * stride_qb + head[:, None] * stride_qh
+    q_latent = tl.load(q_row + r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
+    q_rope = tl.load(q_row + LATENT + p[None, :], mask=row_mask[:, None] & p_mask[None, :], other=0.0)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    table = block_tables_ptr + first_sample.to(tl.int64) * stride_bt
+    for tile in range(token_start, token_end, BLOCK_N):
+        m, l, acc = _attend_latent_tile(q_latent, q_rope, m, l, acc, table, tile, token_end, cache_ptr, stride_cb,
+                                        stride_ct, r, r_mask, p, p_mask, scale, LATENT, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+
+    out_mask = row_mask[:, None] & r_mask[None, :]
+    if FUSE_MERGE:
+        first = (sample * NUM_HEADS + head) * num_slots  # [BLOCK_M]: slots 0 .. prefix_slots - 1 hold the prefix
+        prefix_slots = (prefix_len + split_tokens - 1) // split_tokens
+        m_all = tl.where(num_samples > 0, m, float("-inf"))
+        for s in range(0, prefix_slots):
+            m_all = tl.maximum(m_all, tl.load(stats_ptr + (first + s) * 2, mask=row_mask, other=0.0))
+        merged = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+        denominator = tl.zeros([BLOCK_M], tl.float32)
+        for s in range(0, prefix_slots):
+            weight = tl.exp(tl.load(stats_ptr + (first + s) * 2, mask=row_mask, other=0.0) - m_all)
+            denominator += weight * tl.load(stats_ptr + (first + s) * 2 + 1, mask=row_mask, other=0.0)
+            merged += weight[:, None] * tl.load(partial_ptr + (first + s)[:, None] * LATENT + r[None, :], mask=out_mask,
+                                                other=0.0)
+        if num_samples > 0:
+            weight = tl.exp(m - m_all)
+            denominator += weight * l
+            merged += weight[:, None] * acc
+        tl.store(out_ptr + (sample * NUM_HEADS + head)[:, None] * LATENT + r[None, :],
+                 (merged / denominator[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        out_row = (sample * NUM_HEADS + head) * num_slots + slot  # [BLOCK_M]
+        tl.store(partial_ptr + out_row[:, None] * LATENT + r[None, :], acc, mask=out_mask)
+        tl.store(stats_ptr + out_row * 2, m, mask=row_mask)
+        tl.store(stats_ptr + out_row * 2 + 1, l, mask=row_mask)
+
+
+MLA_CASCADE_BLOCK_M = 32  # stacked rows per prefix tile (2 samples of 16 heads): a [32, 512] fp32 accumulator
+
+
+def mla_cascade_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                                 context_lens: torch.Tensor, group_starts, prefix_blocks, scale: float, latent_dim: int,
+                                 *, max_context_len: int | None = None, plan=None, split_tokens: int = 512,
+                                 block_m: int = MLA_CASCADE_BLOCK_M, block_n: int | None = None,
+                                 workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """The shared-prefix path of mla_decode_attention (same arguments and result [B, H, R]): samples of group g
+    (rows group_starts[g]:group_starts[g+1]) share their first prefix_blocks[g] blocks, read once per row tile of
+    block_m stacked (sample, head) rows; private pages per sample; merged by log-sum-exp. The work lists are
+    cascade_attention's (plan_cascade / CascadePlan.from_host with num_heads heads on kv_heads = 1); with `plan`
+    the host reads no device value (CUDA-graph capturable) and block_m / split_tokens come from the plan.
+    workspace: an optional fp32 buffer of >= workspace_numel(plan, B, H, R) elements for the scratch."""
+    batch, num_heads, row = q.shape
+    _, block_size, _, cache_row = cache.shape
+    rope = row - latent_dim
+    assert cache_row == row and rope > 0, f"mla_cascade_decode_attention: query rows of {row} for cache rows of {cache_row}"
+    assert q.stride(2) == 1 and cache.stride(3) == 1, "mla_cascade_decode_attention: rows must be contiguous"
+    assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
+    if plan is None:
+        if max_context_len is None:
+            max_context_len = int(context_lens.max())  # a device read: pass max_context_len or a plan to avoid it
+        plan = plan_cascade(group_starts, prefix_blocks, block_size, num_heads, 1, max_context_len, q.device,
+                            split_tokens, block_m)
+    if plan.prefix_tokens.shape[0] != batch:
+        raise ValueError(f"group_starts / the plan cover {plan.prefix_tokens.shape[0]} sequences but q holds {batch}")
+    if plan.heads_per_kv != num_heads:
+        raise ValueError(f"mla_cascade_decode_attention: the plan stacks {plan.heads_per_kv} heads per KV head; MLA's "
+                         f"one latent row serves all {num_heads} (plan with num_heads={num_heads}, kv_heads=1)")
+    num_slots = plan.num_prefix_slots + plan.num_suffix_splits
+    partial_numel, need = batch * num_heads * num_slots * latent_dim, workspace_numel(plan, batch, num_heads, latent_dim)
+    if workspace is None:
+        workspace = torch.empty(need, device=q.device, dtype=torch.float32)
+    elif workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.numel() < need:
+        raise ValueError(f"workspace: need a contiguous fp32 buffer of >= {need} elements, got {workspace.dtype} "
+                         f"{workspace.numel()}")
+    partial = workspace[:partial_numel].view(batch, num_heads, num_slots, latent_dim)
+    stats = workspace[partial_numel:need].view(batch, num_heads, num_slots, 2)
+    block_r = max(16, triton.next_power_of_2(latent_dim))
+    common = dict(NUM_HEADS=num_heads, LATENT=latent_dim, ROPE=rope, BLOCK_SIZE=block_size, BLOCK_R=block_r,
+                  BLOCK_P=max(16, triton.next_power_of_2(rope)), BLOCK_N=block_n or MLA_BLOCK_N,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    out = torch.empty(batch, num_heads, latent_dim, device=q.device, dtype=q.dtype)
+    args = (q, cache, block_tables, context_lens, plan.prefix_tokens, plan.prefix_items, partial, stats, out,
+            q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_tables.stride(0), float(scale),
+            plan.split_tokens, num_slots)
+    if plan.prefix_items.shape[0]:
+        _mla_stacked_rows_kernel[(plan.prefix_items.shape[0],)](
+            *args, BLOCK_M=plan.block_m, IS_SUFFIX=False, FUSE_MERGE=False,
+            num_warps=4 if plan.block_m * block_r <= 16 * 256 else 8, **common)
+    fuse = plan.num_suffix_splits == 1  # the decoder's case (suffixes under split_tokens): no merge kernel
+    _mla_stacked_rows_kernel[(batch, plan.num_suffix_splits)](
+        *args, BLOCK_M=max(16, triton.next_power_of_2(num_heads)), IS_SUFFIX=True, FUSE_MERGE=fuse,
+        num_warps=4 if block_r <= 256 else 8, **common)
+    if not fuse:
+        _merge_slots_kernel[(batch * num_heads,)](partial, stats, context_lens, plan.prefix_tokens, out, num_slots,
+                                                  plan.split_tokens, NUM_HEADS=num_heads, HEAD_DIM=latent_dim,
+                                                  BLOCK_D=block_r)
     return out

@@ -133,6 +133,36 @@ def test_forked_samples_under_preemption_match_transformers_and_a_roomy_pool():
             torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=2e-5, rtol=1e-5)
 
 
+def test_shared_prefix_path_matches_private_path(monkeypatch):
+    """Samples of a long prompt take the shared-prefix MLA path (rows regrouped, padded work lists, the padded graph
+    step run eagerly): greedy and sampled tokens (and log-probs) equal the private path's (the per-sequence MLA
+    kernel); a short prompt in the same batch stays on the suffix-only path. The MLA store and decode run the Triton
+    kernels under the interpreter (the rest of the model its reference ops, for time); the crossover thresholds
+    are lowered so that small shapes take the path."""
+    import grm_engine.decode.models.mla as mla
+    from grm_engine.decode.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setattr(mla, "attention_backend", lambda device: "triton")
+    model = tiny_model("lite", seed=5)
+    g = torch.Generator().manual_seed(2)
+    prompts = [list(range(20, 27)), torch.randint(4, 384, (70,), generator=g).tolist()]
+    kwargs = dict(num_kv_blocks=128, block_size=4, max_num_seqs=16, num_scheduler_steps=1)
+    private = Decoder.from_pretrained(model, cascade_attention=False, **kwargs)
+    shared = Decoder.from_pretrained(model, **kwargs)
+    assert shared.runner.cascade, "DeepSeek-V2 should take the shared-prefix path"
+    shared.runner.graphs = DecodeGraphs(shared.model, shared.runner.layer_caches, 4, 16, enabled=False)
+    shared.runner.cascade_thresholds = dict(min_prefix_tokens=32, min_samples=4)
+    for params in (SamplingParams(n=4, temperature=0, max_tokens=3, ignore_eos=True, logprobs=True),
+                   SamplingParams(n=5, temperature=0.9, max_tokens=3, seed=3, ignore_eos=True, logprobs=True)):
+        ours = shared.generate(prompts, params, use_tqdm=False)
+        ref = private.generate(prompts, params, use_tqdm=False)
+        assert [[s.token_ids for s in r.outputs] for r in ours] == [[s.token_ids for s in r.outputs] for r in ref]
+        for r_ours, r_ref in zip(ours, ref):
+            for a, b in zip(r_ours.outputs, r_ref.outputs):
+                torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
+    assert any(key.cascade is not None for key in shared.runner.graphs.buffers), "the shared-prefix path did not run"
+
+
 def test_norm_topk_prob_normalizes_instead_of_scaling():
     from grm_engine.decode.models.moe import Router
 

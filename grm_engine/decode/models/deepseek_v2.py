@@ -26,7 +26,10 @@ def _positive_int(config, name: str) -> int:
 
 class DeepseekV2ForCausalLM(LlamaForCausalLM):
     model_types = ("deepseek_v2",)
-    supports_cascade = False  # the shared-prefix kernel reads K/V pages, not latent rows
+    # the shared-prefix path reads a prompt's latent pages once per tile of cascade_block_m (sample, head) rows
+    # (models/mla.py, kernels/mla_attention.py); 32: a [32, kv_lora_rank 512] fp32 accumulator without spills
+    supports_cascade = True
+    cascade_block_m = 32
     layer_norms = ("input_layernorm", "post_attention_layernorm")
     MERGED = {"self_attn.q_kv_a_proj": ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
               "self_attn.qa_kv_a_proj": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),

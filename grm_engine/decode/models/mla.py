@@ -95,10 +95,49 @@ def mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, block_tables: tor
     return torch.einsum("bht,btr->bhr", probs, rows[..., :latent_dim]).to(q.dtype)
 
 
-def mla_decode(q, cache, meta: AttentionMetadata, scale: float, latent_dim: int) -> torch.Tensor:
-    if attention_backend(q.device) == "triton":
-        from grm_engine.kernels.mla_attention import mla_decode_attention
+def attend_latent_with_lse(q: torch.Tensor, rows: torch.Tensor, scale: float, latent_dim: int):
+    """q [n, H, R + P]; rows [T, R + P], every row visible to every query -> out [n, H, R] and lse [n, H], fp32
+    (T = 0: out 0, lse -inf)."""
+    scores = torch.einsum("nhd,td->nht", q.float(), rows.float()) * scale
+    if rows.shape[0] == 0:
+        return scores.new_zeros(*scores.shape[:2], latent_dim), scores.new_full(scores.shape[:2], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.einsum("nht,tr->nhr", torch.exp(scores - lse[..., None]), rows[:, :latent_dim].float()), lse
 
+
+def mla_cascade_decode_reference(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                                 context_lens: torch.Tensor, group_starts, prefix_blocks, scale: float,
+                                 latent_dim: int) -> torch.Tensor:
+    """The shared-prefix form of mla_decode_reference (equal to it): the samples of group g (rows
+    group_starts[g]:group_starts[g+1]) attend as one stacked query [n, H, R + P] to their first prefix_blocks[g]
+    shared blocks, each sample to its own rest, merged by log-sum-exp. -> [B, H, R] in q's dtype (fp32 math)."""
+    from grm_engine.kernels.cascade_attention import check_groups, merge_by_lse
+
+    starts, blocks = check_groups(group_starts, prefix_blocks, q.shape[0])
+    batch, num_heads, _ = q.shape
+    lens = context_lens.tolist()
+    out = torch.empty(batch, num_heads, latent_dim, dtype=torch.float32, device=q.device)
+    for g, num_prefix_blocks in enumerate(blocks):
+        first, last = starts[g], starts[g + 1]
+        prefix_len = num_prefix_blocks * cache.shape[1]
+        shared = gather_pages(cache, block_tables[first], prefix_len).flatten(1)  # [prefix_len, R + P]
+        out_prefix, lse_prefix = attend_latent_with_lse(q[first:last], shared, scale, latent_dim)  # the group at once
+        for i, b in enumerate(range(first, last)):
+            own = gather_pages(cache, block_tables[b], lens[b])[prefix_len:].flatten(1)  # [suffix_len, R + P]
+            out_suffix, lse_suffix = attend_latent_with_lse(q[b:b + 1], own, scale, latent_dim)
+            out[b] = merge_by_lse(out_prefix[i:i + 1], lse_prefix[i:i + 1], out_suffix, lse_suffix)[0][0]
+    return out.to(q.dtype)
+
+
+def mla_decode(q, cache, meta: AttentionMetadata, scale: float, latent_dim: int) -> torch.Tensor:
+    """Decode attention over the latent rows; with a shared-prefix plan (meta.cascade, the decoder's grouped rows)
+    the samples of a prompt read its latent pages once per row tile."""
+    if attention_backend(q.device) == "triton":
+        from grm_engine.kernels.mla_attention import mla_cascade_decode_attention, mla_decode_attention
+
+        if meta.cascade is not None:
+            return mla_cascade_decode_attention(q, cache, meta.block_tables, meta.context_lens, None, None, scale,
+                                                latent_dim, plan=meta.cascade)
         return mla_decode_attention(q, cache, meta.block_tables, meta.context_lens, scale, latent_dim,
                                     max_context_len=meta.max_context_len, num_splits=meta.num_splits)
     return mla_decode_reference(q, cache, meta.block_tables, meta.context_lens, scale, latent_dim)
