@@ -352,13 +352,15 @@ def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=N
                               advantages=advantages, rewards=rewards, group_size=group_size, old_logp=old_logp,
                               ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high,
                               temperature=temperature, grad=grad, **kernel_options)
-    totals = unpack_rows(out, batch, length)["stats"].sum(dim=0)  # [4]: loss, kl sum, clipped, completion tokens
+    rows = batch * length
+    stats = out[STATS_PLANE * rows: LOSS_PLANES * rows].view(rows, NUM_STATS)
+    totals = stats.sum(dim=0)  # [4]: loss, kl sum, clipped tokens, completion tokens
     means = totals[1:3] / totals[3].clamp(min=1.0)  # [2]: kl mean, clip fraction over completion tokens
     loss = _GRPOLossFunction.apply(logits, totals[0], grad) if needs_grad else totals[0]
-    if pending.is_set():  # the kernels are queued: this waits for the check kernel only
+    if pending.is_set():  # the kernels are queued: this waits for the loss and check kernels only
         check_finite_inputs(mask != 0, **finite_inputs)
         raise_bad_token_ids(completion_ids, mask, vocab)
-    return loss, GRPOStats(kl=means[0], clip_frac=means[1], logp=out[:batch * length].view(batch, length))
+    return loss, GRPOStats(kl=means[0], clip_frac=means[1], logp=out[:rows].view(batch, length))
 
 
 def token_logprobs_triton(logits, completion_ids, *, mask=None, temperature=1.0, return_entropy=False,
