@@ -1,6 +1,12 @@
 """DeepSeek-V2-Lite shape in the decoder (random init, bf16; no downloads): MLA over a paged latent cache, fused MoE.
 
-One case: 8 prompts x 2,048 tokens, n = 32 samples each, 256 new tokens (ignore_eos). Reported:
+Kernel rows first: MLA decode at the step's shape (256 sequences in groups of 32 sharing 2,048 tokens' latent pages,
+private suffixes of 64-192), the per-sequence kernel against the shared-prefix (cascade) kernel by tile choice and
+split size, with the floors (unique latent bytes, per-sequence latent bytes) over the measured bandwidth; then the
+routed experts of one layer by tile choice.
+One end-to-end case: 8 prompts x 2,048 tokens, n = 32 samples each, 256 new tokens (ignore_eos); the samples of a
+prompt share its 128 full pages, so decode takes the shared-prefix path (shared_prefix_path says it ran), and the
+same run on the private path (cascade_attention=False) gives private_step_ms. Reported:
 - our tok/s (prefill included) and decode step time against its floor: (weights read per step + latent KV) over
   the measured bandwidth. Weights read per step = every non-embedding weight except the routed experts no token
   of the step picks; at 256 sequences x top-6 of 64 every expert is picked, so that is all of them. Two floors:
@@ -35,7 +41,7 @@ LITE = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hi
 NUM_PROMPTS, PROMPT_LEN, N, NEW_TOKENS = 8, 2048, 32, 256
 HF_NEW = 16  # transformers: new tokens of its timed run (one prompt, n = 32)
 QUICK = dict(num_hidden_layers=4)
-KERNEL_SEQS = (256, 32, 2048, 2304)  # kernel rows: sequences, samples per prompt, shared prefix, context
+KERNEL_SEQS = (256, 32, 2048, (64, 192))  # kernel rows: sequences, samples per prompt, shared prefix, private suffixes
 KERNEL_MOE = (2048, 1408, 64, 6)  # kernel rows: hidden, moe_intermediate, routed experts, top-k
 DEVICE = "cuda"  # a CPU smoke run of this file sets "cpu" (and gpu_decode.DEVICE) with a tiny shape
 
@@ -86,50 +92,89 @@ def hf_generate_s(model, prompt, n, new_tokens) -> float:
     return time.perf_counter() - start
 
 
+def shared_prefix_batch(batch: int, group: int, prefix: int, suffix_range: tuple[int, int], block_size: int, row: int):
+    """Latent pages for `batch` sequences in groups of `group` sharing `prefix` tokens' pages (as forked samples),
+    each with a private suffix of suffix_range tokens (random, fixed seed). -> cache, tables, lens, starts, blocks."""
+    g = torch.Generator().manual_seed(0)
+    suffixes = torch.randint(suffix_range[0], suffix_range[1] + 1, (batch,), generator=g)  # [B]
+    prefix_blocks, num_groups = prefix // block_size, batch // group
+    own_blocks = (suffixes + block_size - 1) // block_size  # [B]
+    num_blocks = num_groups * prefix_blocks + int(own_blocks.sum())
+    cache = torch.randn(num_blocks, block_size, 1, row, device=DEVICE, dtype=torch.bfloat16)
+    width = prefix_blocks + int(own_blocks.max())
+    tables = torch.zeros(batch, width, dtype=torch.int32)  # [B, width], 0-padded
+    next_block = num_groups * prefix_blocks
+    for b in range(batch):
+        tables[b, :prefix_blocks] = torch.arange(prefix_blocks) + (b // group) * prefix_blocks
+        tables[b, prefix_blocks:prefix_blocks + own_blocks[b]] = torch.arange(int(own_blocks[b])) + next_block
+        next_block += int(own_blocks[b])
+    lens = (prefix + suffixes).to(torch.int32)
+    starts, blocks = list(range(0, batch + 1, group)), [prefix_blocks] * num_groups
+    return cache, tables.to(DEVICE), lens.to(DEVICE), starts, blocks
+
+
 def kernel_rows(args) -> list[dict]:
-    """The two new kernels alone at the decode step's shape (256 sequences), by tile choice, against bandwidth:
-    MLA decode over 2,304-token contexts whose first 2,048 tokens' pages are shared by groups of 32 (as forked
-    samples), and the routed experts of one layer (every expert active)."""
+    """The new kernels alone at the decode step's shape (256 sequences) against bandwidth: MLA decode where groups of
+    32 share 2,048 tokens' latent pages (forked samples) plus private suffixes of 64-192 tokens, by the per-sequence
+    kernel and by the shared-prefix kernel (by tile choice); then the routed experts of one layer."""
     from triton.testing import do_bench
 
-    from grm_engine.kernels.mla_attention import mla_decode_attention
+    from grm_engine.kernels.cascade_attention import plan_cascade
+    from grm_engine.kernels.mla_attention import mla_cascade_decode_attention, mla_decode_attention
 
     bandwidth = args.ceilings.get("bandwidth", 4.2e12)
     rows = []
-    batch, group, prefix, context = KERNEL_SEQS
-    block_size, row = 16, 576
-    prefix_blocks, own_blocks = prefix // block_size, (context - prefix) // block_size
-    num_groups = batch // group
-    num_blocks = num_groups * prefix_blocks + batch * own_blocks
-    cache = torch.randn(num_blocks, block_size, 1, row, device=DEVICE, dtype=torch.bfloat16)
-    shared = torch.arange(num_groups * prefix_blocks, device=DEVICE).view(num_groups, prefix_blocks)
-    own = num_groups * prefix_blocks + torch.arange(batch * own_blocks, device=DEVICE).view(batch, own_blocks)
-    tables = torch.cat((shared.repeat_interleave(group, 0), own), 1).int()  # [B, context / block_size]
-    lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
-    q = torch.randn(batch, 16, row, device=DEVICE, dtype=torch.bfloat16)
-    per_seq_bytes = batch * context * row * 2
-    unique_bytes = num_blocks * block_size * row * 2
+    batch, group, prefix, suffix_range = KERNEL_SEQS
+    block_size, row, latent, heads = 16, 576, 512, 16
+    cache, tables, lens, starts, blocks = shared_prefix_batch(batch, group, prefix, suffix_range, block_size, row)
+    q = torch.randn(batch, heads, row, device=DEVICE, dtype=torch.bfloat16)
+    total_tokens = int(lens.sum())
+    per_seq_bytes = total_tokens * row * 2
+    unique_bytes = (len(blocks) * prefix + total_tokens - batch * prefix) * row * 2
+    case = f"MLA decode {batch} seqs, groups of {group} share {prefix} + own {suffix_range[0]}-{suffix_range[1]}"
+    floors = {"floor_unique_ms": 1e3 * unique_bytes / bandwidth, "floor_per_seq_ms": 1e3 * per_seq_bytes / bandwidth}
+
+    def bench(fn):
+        return do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+    per_seq = mla_decode_attention(q, cache, tables, lens, 0.1, latent)
+    per_seq_ms = bench(lambda: mla_decode_attention(q, cache, tables, lens, 0.1, latent))
+    rows.append({"section": "deepseek_v2", "case": f"{case}: per-sequence kernel, default tiles", "ours_ms": per_seq_ms,
+                 **floors, "GB/s_unique": unique_bytes / per_seq_ms / 1e6})
     for block_n in (16, 32, 64):
         for splits in (1, 2):
             try:
-                ms = do_bench(lambda: mla_decode_attention(q, cache, tables, lens, 0.1, 512, num_splits=splits,
-                                                           block_n=block_n), warmup=10, rep=100, return_mode="median")
+                ms = bench(lambda: mla_decode_attention(q, cache, tables, lens, 0.1, latent, num_splits=splits,
+                                                        block_n=block_n))
             except Exception as error:  # e.g. out of shared memory for this tile
-                rows.append({"section": "deepseek_v2", "case": f"MLA decode block_n={block_n} splits={splits}",
+                rows.append({"section": "deepseek_v2", "case": f"{case}: per-sequence block_n={block_n} splits={splits}",
                              "error": f"{type(error).__name__}: {str(error)[:80]}"})
                 continue
-            rows.append({"section": "deepseek_v2", "case": f"MLA decode {batch} x {context} (groups of {group} share "
-                         f"{prefix}) block_n={block_n} splits={splits}", "ours_ms": ms,
-                         "floor_unique_ms": 1e3 * unique_bytes / bandwidth, "floor_per_seq_ms": 1e3 * per_seq_bytes / bandwidth,
-                         "GB/s_per_seq_bytes": per_seq_bytes / ms / 1e6})
-    # the same step without sharing (every sequence its own pages): how much of the sharing L2 already gives
-    private_tables = torch.arange(batch * (prefix_blocks + own_blocks), device=DEVICE).view(batch, -1).int()
-    private = torch.randn(batch * (prefix_blocks + own_blocks), block_size, 1, row, device=DEVICE, dtype=torch.bfloat16)
-    ms = do_bench(lambda: mla_decode_attention(q, private, private_tables, lens, 0.1, 512), warmup=10, rep=100,
-                  return_mode="median")
-    rows.append({"section": "deepseek_v2", "case": f"MLA decode {batch} x {context}, no shared pages, default tiles",
-                 "ours_ms": ms, "floor_per_seq_ms": 1e3 * per_seq_bytes / bandwidth,
-                 "GB/s_per_seq_bytes": per_seq_bytes / ms / 1e6})
+            rows.append({"section": "deepseek_v2", "case": f"{case}: per-sequence block_n={block_n} splits={splits}",
+                         "ours_ms": ms, **floors, "GB/s_unique": unique_bytes / ms / 1e6})
+    # the shared-prefix kernel; the plan is built once per decode step for all layers, so it is not timed
+    max_len = int(lens.max())
+    for block_m in (16, 32, 64):
+        for block_n in (16, 32, 64):
+            for split_tokens in (512, 1024, 2048):
+                label = f"{case}: shared-prefix block_m={block_m} block_n={block_n} split={split_tokens}"
+                plan = plan_cascade(starts, blocks, block_size, heads, 1, max_len, DEVICE, split_tokens, block_m)
+                try:
+                    out = mla_cascade_decode_attention(q, cache, tables, lens, None, None, 0.1, latent, plan=plan,
+                                                       block_n=block_n)
+                    ms = bench(lambda: mla_cascade_decode_attention(q, cache, tables, lens, None, None, 0.1, latent,
+                                                                    plan=plan, block_n=block_n))
+                except Exception as error:
+                    rows.append({"section": "deepseek_v2", "case": label, "error": f"{type(error).__name__}: {str(error)[:80]}"})
+                    continue
+                rows.append({"section": "deepseek_v2", "case": label, "ours_ms": ms, "per_seq_ms": per_seq_ms,
+                             "speedup_vs_per_seq": per_seq_ms / ms, **floors, "GB/s_unique": unique_bytes / ms / 1e6,
+                             "max_diff_vs_per_seq": (out.float() - per_seq.float()).abs().max().item()})
+    plan = plan_cascade(starts, blocks, block_size, heads, 1, max_len, DEVICE, block_m=32)  # the decoder's plan
+    ms = bench(lambda: mla_cascade_decode_attention(q, cache, tables, lens, None, None, 0.1, latent, plan=plan))
+    rows.append({"section": "deepseek_v2", "case": f"{case}: shared-prefix, the decoder's plan and tiles",
+                 "ours_ms": ms, "per_seq_ms": per_seq_ms, "speedup_vs_per_seq": per_seq_ms / ms, **floors,
+                 "GB/s_unique": unique_bytes / ms / 1e6})
     return rows + moe_kernel_rows(batch, bandwidth)
 
 
@@ -163,6 +208,12 @@ def moe_kernel_rows(batch: int, bandwidth: float) -> list[dict]:
     rows.append({"section": "deepseek_v2", "case": f"routed experts {batch} tokens, default tiles", "ours_ms": default_ms,
                  "ref_ms": ref_ms, "floor_ms": 1e3 * weight_bytes / bandwidth, "GB/s": weight_bytes / default_ms / 1e6})
     return rows
+
+
+def used_shared_prefix(decoder) -> bool:
+    """Whether some decode step ran the shared-prefix (cascade) path (a step shape with a work list)."""
+    graphs = decoder.runner.graphs
+    return graphs is not None and any(key.cascade is not None for key in graphs.buffers)
 
 
 def run(args) -> list[dict]:
@@ -208,10 +259,22 @@ def model_rows(args) -> list[dict]:
         "prefill_tokens": stats.prefill_tokens, "peak_KV_GB": stats.peak_blocks_in_use * 16 * counts["latent_per_token"] / 1e9,
         "preemptions": stats.preemptions, "cuda_graphs": stats.extra.get("cuda_graphs"),
     }
+    row["shared_prefix_path"] = used_shared_prefix(decoder)
     out_dir = os.environ.get("OUT", ".")
     row["profile_top"] = profile_decode(decoder, prompts, SamplingParams(n=N, max_tokens=14, ignore_eos=True, seed=0),
                                         os.path.join(out_dir, "decode_profile_deepseek_v2.txt"))
     del decoder, outputs
+    gc.collect()
+    _sync()
+    # the same run on the private path (every sample reads the whole prompt's latent rows): what sharing gains
+    private = Decoder.from_pretrained(model, kv_cache_memory_fraction=0.5, max_num_seqs=256, block_size=16,
+                                      merge_projections=True, cascade_attention=False,
+                                      num_kv_blocks=None if DEVICE == "cuda" else 2048)
+    private_seconds, outputs = timed_generate(private, prompts, N, NEW_TOKENS, "deepseek_v2 private")
+    private_step_ms = 1e3 * private.stats.decode_seconds / max(private.stats.decode_steps, 1)
+    row.update({"private_tok/s": generated / private_seconds, "private_step_ms": private_step_ms,
+                "step_speedup_vs_private": private_step_ms / step_ms})
+    del private, outputs
     gc.collect()
     _sync()
     try:  # transformers: one prompt, n = 32; prefill alone, then prefill + HF_NEW steps
@@ -227,6 +290,7 @@ def model_rows(args) -> list[dict]:
     del model
     gc.collect()
     _sync()
-    print(f"[deepseek_v2] {row['tok/s']:.0f} tok/s, step {step_ms:.2f} ms vs floor {floor_ms:.2f} ms, "
+    print(f"[deepseek_v2] {row['tok/s']:.0f} tok/s, step {step_ms:.2f} ms vs floor {floor_ms:.2f} ms (shared-prefix "
+          f"path: {row['shared_prefix_path']}; private path {private_step_ms:.2f} ms), "
           f"transformers x{row.get('speedup_vs_hf', float('nan')):.1f}", flush=True)
     return [{k: v for k, v in row.items() if v is not None}]
