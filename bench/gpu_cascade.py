@@ -282,12 +282,7 @@ if __name__ == "__main__":  # CPU smoke run of the code path: TRITON_INTERPRET=1
     import types
 
     DEVICE, DTYPE, PREFIX_LENS, SAMPLES, TOTAL_SEQS, CONFIGS = "cpu", torch.float32, [32, 64], [2, 4], 4, [(16, 32)]
-    PREFIX_SWEEP, # the wide sweep's (FULL_PREFIX_SWEEP, GRM_BENCH_CASCADE_SWEEP=full) fastest ten, run A of session 5, and the old default
-SHORT_PREFIX_SWEEP = [(64, 512, 32, 4, 2), (64, 512, 32, 4, 1), (128, 512, 32, 8, 2), (64, 1024, 128, 4, 1),
-                      (128, 512, 64, 4, 2), (64, 512, 128, 4, 1), (128, 1024, 128, 8, 1), (128, 512, 32, 8, 3),
-                      (64, 1024, 64, 4, 2), (64, 1024, 64, 4, 3)]
-PREFIX_SWEEP = FULL_PREFIX_SWEEP if os.environ.get("GRM_BENCH_CASCADE_SWEEP") == "full" else SHORT_PREFIX_SWEEP
-SUFFIX_SWEEP = [(16, 32, 16, 4, 1), (32, 32, 16, 4, 2)], [(16, 2, 1)]
+    PREFIX_SWEEP, SUFFIX_SWEEP = [(16, 32, 16, 4, 1), (32, 32, 16, 4, 2)], [(16, 2, 1)]
     CONFIG_CASE = (32, 2, 2)
     NUM_HEADS, KV_HEADS, HEAD_DIM, SUFFIX_RANGE = 14, 2, 32, (1, 20)
     for r in run(types.SimpleNamespace(quick=False, ceilings={"bandwidth": 1e10})):

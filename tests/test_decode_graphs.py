@@ -56,7 +56,8 @@ def test_padded_step_matches_unpadded_on_cpu(family, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
 def test_graphs_on_equal_graphs_off_gpu(family):
-    from test_decode_gpu import medium_model, prompts as gpu_prompts
+    from decode_helpers import medium_prompts as gpu_prompts
+    from test_decode_gpu import medium_model
 
     model = medium_model(family)
     prompts = gpu_prompts()
@@ -79,7 +80,8 @@ def test_graphs_on_equal_graphs_off_gpu(family):
 @pytest.mark.gpu
 def test_graphs_with_preemption_gpu():
     """A pool too small for every sample: preempted sequences recompute, graphs keep giving the eager tokens."""
-    from test_decode_gpu import medium_model, prompts as gpu_prompts
+    from decode_helpers import medium_prompts as gpu_prompts
+    from test_decode_gpu import medium_model
 
     model = medium_model("llama")
     params = SamplingParams(n=8, temperature=1.0, max_tokens=64, seed=4, ignore_eos=True)
@@ -115,7 +117,8 @@ def test_shared_prefix_step_matches_plain_on_cpu(monkeypatch):
 def test_shared_prefix_close_to_plain_gpu():
     """bf16: the 1,300-token prompt's samples take the shared-prefix kernel; its greedy log-probs match the plain
     kernel's up to bf16 rounding wherever the tokens still agree (a near tie may flip a later token)."""
-    from test_decode_gpu import medium_model, prompts as gpu_prompts
+    from decode_helpers import medium_prompts as gpu_prompts
+    from test_decode_gpu import medium_model
 
     model = medium_model("qwen2")
     params = SamplingParams(n=8, temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=True)
