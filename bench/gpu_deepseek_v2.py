@@ -170,7 +170,9 @@ def kernel_rows(args) -> list[dict]:
                 rows.append({"section": "deepseek_v2", "case": label, "ours_ms": ms, "per_seq_ms": per_seq_ms,
                              "speedup_vs_per_seq": per_seq_ms / ms, **floors, "GB/s_unique": unique_bytes / ms / 1e6,
                              "max_diff_vs_per_seq": (out.float() - per_seq.float()).abs().max().item()})
-    plan = plan_cascade(starts, blocks, block_size, heads, 1, max_len, DEVICE, block_m=32)  # the decoder's plan
+    from grm_engine.decode.models.deepseek_v2 import DeepseekV2ForCausalLM
+
+    plan = plan_cascade(starts, blocks, block_size, heads, 1, max_len, DEVICE, **DeepseekV2ForCausalLM.cascade_plan_options)
     ms = bench(lambda: mla_cascade_decode_attention(q, cache, tables, lens, None, None, 0.1, latent, plan=plan))
     rows.append({"section": "deepseek_v2", "case": f"{case}: shared-prefix, the decoder's plan and tiles",
                  "ours_ms": ms, "per_seq_ms": per_seq_ms, "speedup_vs_per_seq": per_seq_ms / ms, **floors,

@@ -233,7 +233,7 @@ MLA_CASCADE_BLOCK_M = 32  # stacked rows per prefix tile (2 samples of 16 heads)
 
 def mla_cascade_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                                  context_lens: torch.Tensor, group_starts, prefix_blocks, scale: float, latent_dim: int,
-                                 *, max_context_len: int | None = None, plan=None, split_tokens: int = 512,
+                                 *, max_context_len: int | None = None, plan=None, split_tokens: int = 1024,
                                  block_m: int = MLA_CASCADE_BLOCK_M, block_n: int | None = None,
                                  workspace: torch.Tensor | None = None) -> torch.Tensor:
     """The shared-prefix path of mla_decode_attention (same arguments and result [B, H, R]): samples of group g

@@ -231,8 +231,8 @@ class ModelRunner:
             arrays[name] = values[order]
         plan = plan_cascade_host(group_starts, prefix_blocks, self.block_size, self.model.num_heads,
                                  self.model.num_kv_heads, int(arrays["context_lens"].max()) + extra_context,
-                                 block_m=getattr(self.model, "cascade_block_m", 64),  # stacked rows per prefix tile
-                                 item_capacity=item_capacity_for)  # padded with no-op items: graph shapes repeat
+                                 item_capacity=item_capacity_for,  # padded with no-op items: graph shapes repeat
+                                 **getattr(self.model, "cascade_plan_options", {}))  # e.g. MLA's block_m, split_tokens
         arrays.update(cascade_items=plan.items, prefix_tokens=plan.prefix_tokens)  # ride in the step's one copy
         return plan
 

@@ -26,10 +26,12 @@ def _positive_int(config, name: str) -> int:
 
 class DeepseekV2ForCausalLM(LlamaForCausalLM):
     model_types = ("deepseek_v2",)
-    # the shared-prefix path reads a prompt's latent pages once per tile of cascade_block_m (sample, head) rows
-    # (models/mla.py, kernels/mla_attention.py); 32: a [32, kv_lora_rank 512] fp32 accumulator without spills
+    # The shared-prefix path reads a prompt's latent pages once per tile of block_m (sample, head) rows (models/mla.py,
+    # kernels/mla_attention.py). block_m 32: a [32, kv_lora_rank 512] fp32 accumulator compiles for sm_90 without
+    # spills (64 spills). split_tokens 1024: a prefix split costs an fp32 partial of H x R per sequence (32 KiB at
+    # V2-Lite's 16 x 512, written and read back), so fewer, longer splits than the K/V kernel's default.
     supports_cascade = True
-    cascade_block_m = 32
+    cascade_plan_options = dict(block_m=32, split_tokens=1024)
     layer_norms = ("input_layernorm", "post_attention_layernorm")
     MERGED = {"self_attn.q_kv_a_proj": ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
               "self_attn.qa_kv_a_proj": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
