@@ -350,7 +350,7 @@ def token_logprobs(logits, completion_ids, *, mask=None, temperature=1.0, return
         return token_logprobs_reference(logits, completion_ids, mask=mask, temperature=temperature,
                                         return_entropy=return_entropy)
     return _triton_paths().token_logprobs_triton(logits, completion_ids, mask=mask, temperature=temperature,
-                                 return_entropy=return_entropy)
+                                                 return_entropy=return_entropy)
 
 
 def fused_linear_grpo_loss(hidden, weight, completion_ids, mask, *, bias=None, chunk_size=None, **options):

@@ -33,13 +33,15 @@ def _not_finite(x):
 
 
 @triton.jit
-def _check_sequences_kernel(ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, stride_mt, ints_ptr, old_ptr, stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt, adv_ptr, stride_a,
-                            rewards_ptr, stride_w, T, V, NONFINITE: tl.constexpr, HAS_MASK: tl.constexpr,
-                            HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_ADV: tl.constexpr,
-                            HAS_REWARDS: tl.constexpr, BLOCK_T: tl.constexpr):
+def _check_sequences_kernel(ids_ptr, stride_ib, stride_it, mask_ptr, stride_mb, stride_mt, ints_ptr, old_ptr,
+                            stride_ob, stride_ot, ref_ptr, stride_rb, stride_rt, adv_ptr, stride_a, rewards_ptr,
+                            stride_w, T, V, NONFINITE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr,
+                            HAS_REF: tl.constexpr, HAS_ADV: tl.constexpr, HAS_REWARDS: tl.constexpr,
+                            BLOCK_T: tl.constexpr):
     """Per sequence b, into ints [2 + B] (zeroed by the caller): ints[2 + b] = its completion tokens (mask != 0),
-    ints[1] += the same, ints[0] |= 1 when one of them has an id outside [0, V), |= NONFINITE when an old/ref log-prob at one of them, its advantage (if it has
-    completion tokens) or its reward is NaN/Inf (grm_engine.loss._nonfinite_masks, the same rule)."""
+    ints[1] += the same, ints[0] |= 1 when one of them has an id outside [0, V), |= NONFINITE when an old/ref
+    log-prob at one of them, its advantage (if it has completion tokens) or its reward is NaN/Inf
+    (grm_engine.loss._nonfinite_masks, the same rule)."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_T)
     count = tl.zeros([BLOCK_T], tl.int32)
