@@ -6,7 +6,8 @@ keys), so each latent page is read once per sequence and split; splits merge by 
 Traffic: context_len * (R + P) * dtype bytes per sequence, plus fp32 partials of num_splits * H * R.
 Shared prefix (mla_cascade_decode_attention): the samples of a prompt read its shared latent pages once per row
 tile of block_m stacked (sample, head) rows (MQA with every head on the one latent row), their private pages
-once per sample, on cascade_attention's work lists and merge; fp32 partials of (prefix + suffix splits) * H * R.
+once per sample, on cascade_attention's work lists and merge order; fp32 partials of prefix splits * H * R per
+sequence (written, then read by the suffix kernel, which merges when the suffix is one split).
 Reference: grm_engine.decode.models.mla (store_latent_reference, mla_decode_reference, mla_cascade_decode_reference).
 """
 from __future__ import annotations
@@ -180,8 +181,8 @@ def _mla_stacked_rows_kernel(
         slot = tl.load(item + 5)
 
     i = first_row + tl.arange(0, BLOCK_M)
-    # no rows (a no-op item padding a graph's list, a suffix split past the suffix): load and store nothing
-    # Fused, every head of the sample writes its output (from the prefix slots alone when its suffix is empty).
+    # A program without rows (a no-op item padding a graph's list, a suffix split past the suffix) loads and stores
+    # nothing; fused, every head of the sample writes its output (from the prefix slots alone if the suffix is empty).
     row_mask = i < (NUM_HEADS if FUSE_MERGE else num_samples * NUM_HEADS)
     sample = (first_sample + i // NUM_HEADS).to(tl.int64)  # [BLOCK_M]
     head = i % NUM_HEADS
