@@ -331,7 +331,7 @@ def grpo_loss_triton(logits, completion_ids, mask, *, advantages=None, rewards=N
     batch, length, vocab = logits.shape
     needs_grad = logits.requires_grad and torch.is_grad_enabled()
     weight_later = needs_grad and not kernel_options.get("fused_grad")
-    grad_options = {k: kernel_options.pop(k) for k in GRAD_OPTIONS if k in kernel_options}
+    grad_options = {k: kernel_options.pop(k) for k in GRAD_OPTIONS if k in kernel_options} if kernel_options else {}
     if weight_later:  # first, with nothing but the output allocation before it
         out = queue_loss_rows(logits, completion_ids, None, mask=mask, advantages=advantages, rewards=rewards,
                               group_size=group_size, old_logp=old_logp, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
