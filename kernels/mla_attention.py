@@ -220,6 +220,7 @@ def _mla_stacked_rows_kernel(
             weight = tl.exp(m - m_all)
             denominator += weight * l
             merged += weight[:, None] * acc
+        denominator = tl.where(row_mask, denominator, 1.0)  # rows past the heads: 0 / 0, never stored
         tl.store(out_ptr + (sample * NUM_HEADS + head)[:, None] * LATENT + r[None, :],
                  (merged / denominator[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
