@@ -23,6 +23,7 @@ A torch.profiler table of decode steps goes to $OUT/decode_profile_deepseek_v2.t
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import time
 
@@ -120,7 +121,7 @@ def kernel_rows(args) -> list[dict]:
     from triton.testing import do_bench
 
     from grm_engine.kernels.cascade_attention import plan_cascade
-    from grm_engine.kernels.mla_attention import mla_cascade_decode_attention, mla_decode_attention
+    from grm_engine.kernels.mla_attention import MLA_BLOCK_N, mla_cascade_decode_attention, mla_decode_attention
 
     bandwidth = args.ceilings.get("bandwidth", 4.2e12)
     rows = []
@@ -152,24 +153,25 @@ def kernel_rows(args) -> list[dict]:
                 continue
             rows.append({"section": "deepseek_v2", "case": f"{case}: per-sequence block_n={block_n} splits={splits}",
                          "ours_ms": ms, **floors, "GB/s_unique": unique_bytes / ms / 1e6})
-    # the shared-prefix kernel; the plan is built once per decode step for all layers, so it is not timed
+    # the shared-prefix kernel; the plan is built once per decode step for all layers, so it is not timed.
+    # Tiles: block_m (stacked rows) x split by default; GRM_BENCH_MLA_SWEEP=full adds block_n and the prefix warps.
+    full = os.environ.get("GRM_BENCH_MLA_SWEEP", "") == "full"
     max_len = int(lens.max())
-    for block_m in (16, 32, 64):
-        for block_n in (16, 32, 64):
-            for split_tokens in (512, 1024, 2048):
-                label = f"{case}: shared-prefix block_m={block_m} block_n={block_n} split={split_tokens}"
-                plan = plan_cascade(starts, blocks, block_size, heads, 1, max_len, DEVICE, split_tokens, block_m)
-                try:
-                    out = mla_cascade_decode_attention(q, cache, tables, lens, None, None, 0.1, latent, plan=plan,
-                                                       block_n=block_n)
-                    ms = bench(lambda: mla_cascade_decode_attention(q, cache, tables, lens, None, None, 0.1, latent,
-                                                                    plan=plan, block_n=block_n))
-                except Exception as error:
-                    rows.append({"section": "deepseek_v2", "case": label, "error": f"{type(error).__name__}: {str(error)[:80]}"})
-                    continue
-                rows.append({"section": "deepseek_v2", "case": label, "ours_ms": ms, "per_seq_ms": per_seq_ms,
-                             "speedup_vs_per_seq": per_seq_ms / ms, **floors, "GB/s_unique": unique_bytes / ms / 1e6,
-                             "max_diff_vs_per_seq": (out.float() - per_seq.float()).abs().max().item()})
+    for block_m, block_n, warps in itertools.product((16, 32, 64), (16, 32, 64) if full else (MLA_BLOCK_N,),
+                                                     (4, 8) if full else (None,)):
+        for split_tokens in (512, 1024, 2048):
+            label = f"{case}: shared-prefix block_m={block_m} block_n={block_n} split={split_tokens} warps={warps or 'default'}"
+            plan = plan_cascade(starts, blocks, block_size, heads, 1, max_len, DEVICE, split_tokens, block_m)
+            kwargs = dict(plan=plan, block_n=block_n, prefix_warps=warps)
+            try:
+                out = mla_cascade_decode_attention(q, cache, tables, lens, None, None, 0.1, latent, **kwargs)
+                ms = bench(lambda: mla_cascade_decode_attention(q, cache, tables, lens, None, None, 0.1, latent, **kwargs))
+            except Exception as error:
+                rows.append({"section": "deepseek_v2", "case": label, "error": f"{type(error).__name__}: {str(error)[:80]}"})
+                continue
+            rows.append({"section": "deepseek_v2", "case": label, "ours_ms": ms, "per_seq_ms": per_seq_ms,
+                         "speedup_vs_per_seq": per_seq_ms / ms, **floors, "GB/s_unique": unique_bytes / ms / 1e6,
+                         "max_diff_vs_per_seq": (out.float() - per_seq.float()).abs().max().item()})
     from grm_engine.decode.models.deepseek_v2 import DeepseekV2ForCausalLM
 
     plan = plan_cascade(starts, blocks, block_size, heads, 1, max_len, DEVICE, **DeepseekV2ForCausalLM.cascade_plan_options)

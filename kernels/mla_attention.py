@@ -237,12 +237,13 @@ def mla_cascade_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tab
                                  context_lens: torch.Tensor, group_starts, prefix_blocks, scale: float, latent_dim: int,
                                  *, max_context_len: int | None = None, plan=None, split_tokens: int = 1024,
                                  block_m: int = MLA_CASCADE_BLOCK_M, block_n: int | None = None,
-                                 workspace: torch.Tensor | None = None) -> torch.Tensor:
+                                 prefix_warps: int | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """The shared-prefix path of mla_decode_attention (same arguments and result [B, H, R]): samples of group g
     (rows group_starts[g]:group_starts[g+1]) share their first prefix_blocks[g] blocks, read once per row tile of
     block_m stacked (sample, head) rows; private pages per sample; merged by log-sum-exp. The work lists are
     cascade_attention's (plan_cascade / CascadePlan.from_host with num_heads heads on kv_heads = 1); with `plan`
     the host reads no device value (CUDA-graph capturable) and block_m / split_tokens come from the plan.
+    prefix_warps: warps of a prefix tile's program (default 4 up to 16 x 256 accumulator elements, else 8).
     workspace: an optional fp32 buffer of >= workspace_numel(plan, B, H, R) elements for the scratch."""
     batch, num_heads, row = q.shape
     _, block_size, _, cache_row = cache.shape
@@ -280,7 +281,7 @@ def mla_cascade_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tab
     if plan.prefix_items.shape[0]:
         _mla_stacked_rows_kernel[(plan.prefix_items.shape[0],)](
             *args, BLOCK_M=plan.block_m, IS_SUFFIX=False, FUSE_MERGE=False,
-            num_warps=4 if plan.block_m * block_r <= 16 * 256 else 8, **common)
+            num_warps=prefix_warps or (4 if plan.block_m * block_r <= 16 * 256 else 8), **common)
     fuse = plan.num_suffix_splits == 1  # the decoder's case (suffixes under split_tokens): no merge kernel
     _mla_stacked_rows_kernel[(batch, plan.num_suffix_splits)](
         *args, BLOCK_M=max(16, triton.next_power_of_2(num_heads)), IS_SUFFIX=True, FUSE_MERGE=fuse,
