@@ -224,7 +224,8 @@ def test_replayed_from_cuda_graph_gpu():
     bound = tables.shape[1] * 16
 
     def host_plan(group_starts, prefix_blocks):
-        return plan_cascade_host(group_starts, prefix_blocks, 16, 16, 1, bound, block_m=32, item_capacity=128)
+        return plan_cascade_host(group_starts, prefix_blocks, 16, 16, 1, bound, split_tokens=1024, block_m=32,
+                                 item_capacity=128)
 
     first = host_plan(starts, prefix)
     buffers = dict(q=q.clone(), lens=lens.clone(), items=torch.from_numpy(first.items).cuda(),
@@ -258,7 +259,7 @@ def test_replayed_from_cuda_graph_gpu():
         buffers["prefix_tokens"].copy_(torch.from_numpy(second.prefix_tokens))
         graph.replay()
         eager = mla_cascade_decode_attention(new_q, cache, tables, new_lens, second_starts, second_prefix, 0.1, 512,
-                                             block_m=32)
+                                             split_tokens=1024, block_m=32)
         assert torch.equal(out, eager)
 
 
