@@ -20,7 +20,8 @@ Thresholds, measured on an H200 with one attention layer of the Qwen2.5-7B shape
 cascade wins at every n from 4 to 64 (1.29x at n = 4, 1.89x at n = 32); at 1,024 it wins at n = 4-8 (1.13x) but
 loses at n >= 16 (0.60-0.77x), and it loses at 512 and below. In the decoder (Qwen2.5-0.5B shape, a 1,024-token
 prompt, n = 32) it took 16 us per layer against the plain kernel's 8.5 us. Hence min_prefix_tokens = 2048,
-min_samples = 4.
+min_samples = 4. DeepSeek-V2's latent (MLA) shared-prefix kernel uses the same rule; its crossover is not measured
+separately (bench/gpu_deepseek_v2.py compares the two MLA kernels at a 2,048-token prefix, n = 32).
 """
 from __future__ import annotations
 
