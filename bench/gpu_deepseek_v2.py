@@ -282,6 +282,8 @@ def model_rows(args) -> list[dict]:
     gc.collect()
     _sync()
     try:  # transformers: one prompt, n = 32; prefill alone, then prefill + HF_NEW steps
+        if float(os.environ.get("GRM_BENCH_HF_BUDGET_S", "1")) <= 0:
+            raise RuntimeError("skipped (GRM_BENCH_HF_BUDGET_S=0)")
         hf_prefill = hf_generate_s(model, prompts[0], N, 1)
         hf_run = hf_generate_s(model, prompts[0], N, 1 + HF_NEW)
         hf_step = (hf_run - hf_prefill) / HF_NEW
@@ -291,6 +293,8 @@ def model_rows(args) -> list[dict]:
                     "speedup_vs_hf": hf_total / seconds})
     except torch.OutOfMemoryError as error:
         row["hf_error"] = f"out of memory: {str(error)[:80]}"
+    except RuntimeError as error:
+        row["hf_error"] = str(error)[:80]
     del model
     gc.collect()
     _sync()

@@ -3,6 +3,7 @@
 # machine's torch, run the GPU test lane and the GPU benchmarks, keep logs under $OUT.
 #   bash bench/gpu_run.sh "<pytest targets or empty for all>" "<bench sections>"
 # e.g. bash bench/gpu_run.sh "tests/test_loss.py" "ceilings,loss"
+# PYTEST_ARGS (default -x) replaces the stop-at-first-failure flag, e.g. PYTEST_ARGS= to run every test.
 # Carried wheels (.whl/: Liger, DeepSpeed, TRL) go to /tmp/site: a later command in the same call that needs them
 # must `export PYTHONPATH=/tmp/site` itself (this script's export does not reach its caller).
 set -uo pipefail
@@ -24,7 +25,7 @@ echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import grm_engine, json; print(json.dumps(grm_engine.backends()))"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 if [ "$tests" != "none" ]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -m gpu -q -x -p no:cacheprovider $tests 2>&1 | tee "$OUT/pytest.log" | tail -25
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -m gpu -q ${PYTEST_ARGS--x} -p no:cacheprovider $tests 2>&1 | tee "$OUT/pytest.log" | tail -25
 fi
 if [ "$sections" != "none" ]; then
   timeout ${BENCH_TIMEOUT:-400} python3 bench/gpu.py --only "$sections" --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -60
