@@ -230,7 +230,7 @@ def _mla_stacked_rows_kernel(
         tl.store(stats_ptr + out_row * 2 + 1, l, mask=row_mask)
 
 
-MLA_CASCADE_BLOCK_M = 32  # stacked rows per prefix tile (2 samples of 16 heads): a [32, 512] fp32 accumulator
+MLA_CASCADE_BLOCK_M = 64  # stacked rows per prefix tile (4 samples of 16 heads); measured fastest on the H200 (see DeepseekV2)
 
 
 def mla_cascade_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,

@@ -115,7 +115,7 @@ def test_bad_plans_are_named():
 
 # ----------------------------------------------------------------------------------------------- sm_90 compile
 LITE = dict(NUM_HEADS=16, LATENT=512, ROPE=64, BLOCK_SIZE=16, BLOCK_R=512, BLOCK_P=64, BLOCK_N=32, DOT_PRECISION="tf32")
-COMPILE_CASES = [dict(LITE, BLOCK_M=32, IS_SUFFIX=False, FUSE_MERGE=False), dict(LITE, BLOCK_M=16, IS_SUFFIX=True, FUSE_MERGE=True),
+COMPILE_CASES = [dict(LITE, BLOCK_M=64, IS_SUFFIX=False, FUSE_MERGE=False), dict(LITE, BLOCK_M=16, IS_SUFFIX=True, FUSE_MERGE=True),
                  dict(LITE, BLOCK_M=16, IS_SUFFIX=True, FUSE_MERGE=False)]
 
 
@@ -164,7 +164,9 @@ def test_mla_cascade_compiles_for_sm90_without_spills():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.count("compiled") == len(COMPILE_CASES), result.stdout
     if "stack unknown" not in result.stdout:  # cuobjdump ships with Triton's NVIDIA backend
-        assert result.stdout.count("stack 0") == len(COMPILE_CASES), result.stdout
+        # the suffix kernels must not spill; the prefix tile of 64 rows spills ~0.7 KB and was still measured the
+        # fastest on the H200 (bench/RESULTS.md, session 5: 0.180 ms vs 0.304 ms at 32 rows, which does not spill)
+        assert result.stdout.count(" 16 stack 0") == 2, result.stdout
 
 
 # ----------------------------------------------------------------------------------------------- GPU lane

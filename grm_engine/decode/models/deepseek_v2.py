@@ -27,11 +27,12 @@ def _positive_int(config, name: str) -> int:
 class DeepseekV2ForCausalLM(LlamaForCausalLM):
     model_types = ("deepseek_v2",)
     # The shared-prefix path reads a prompt's latent pages once per tile of block_m (sample, head) rows (models/mla.py,
-    # kernels/mla_attention.py). block_m 32: a [32, kv_lora_rank 512] fp32 accumulator compiles for sm_90 without
-    # spills (64 spills). split_tokens 1024: a prefix split costs an fp32 partial of H x R per sequence (32 KiB at
+    # kernels/mla_attention.py). block_m 64: a [64, kv_lora_rank 512] fp32 accumulator spills ~0.7 KB on sm_90 but
+    # halves the prefix re-reads and measured 0.180 ms vs 0.304 ms at 32 rows (H200, 256 sequences in groups of 32
+    # sharing 2,048 tokens, bench/gpu_deepseek_v2.py, session 5). split_tokens 1024: a prefix split costs an fp32 partial of H x R per sequence (32 KiB at
     # V2-Lite's 16 x 512, written and read back), so fewer, longer splits than the K/V kernel's default.
     supports_cascade = True
-    cascade_plan_options = dict(block_m=32, split_tokens=1024)
+    cascade_plan_options = dict(block_m=64, split_tokens=1024)
     layer_norms = ("input_layernorm", "post_attention_layernorm")
     MERGED = {"self_attn.q_kv_a_proj": ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
               "self_attn.qa_kv_a_proj": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
