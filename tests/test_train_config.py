@@ -167,3 +167,16 @@ def test_template_file_for_rft_and_grpo(base, data, tmp_path):
     bad.write_text(good.read_text().replace("{{responses}}", "{{responses}} {{nonsense}}", 1))
     with pytest.raises(ConfigError, match="template: .*nonsense"):
         load_config("grpo", None, dict(settings, template=str(bad)))
+
+
+def test_sharded_reference_needs_zero3(base, data, tmp_path):
+    """reference = sharded partitions the frozen reference as ZeRO-3 does the policy: with no DeepSpeed or a ZeRO-2
+    config it is a ConfigError naming the key and the stage, before any model loads; with zero3 it is accepted."""
+    settings = sft_settings(base, data, tmp_path / "out")
+    settings.pop("gradient_accumulation_steps")
+    for deepspeed in ("", "zero2"):
+        with pytest.raises(ConfigError, match="reference = sharded .*stage 3"):
+            load_config("grpo", None, dict(settings, reference="sharded", deepspeed=deepspeed))
+    assert load_config("grpo", None, dict(settings, reference="sharded", deepspeed="zero3")).reference == "sharded"
+    with pytest.raises(ConfigError, match="reference"):
+        load_config("grpo", None, dict(settings, reference="shared"))

@@ -25,22 +25,27 @@ def ds_env():
 
 
 def test_grpo_on_two_ranks_logs_global_metrics(warm_model, tmp_path):  # noqa: F811
-    """One process with 4 prompts per step vs two with 2 each (ZeRO-3: each rank rolls out from the gathered
-    weights). Samples are keyed by example and both runs hold the same weights (to rounding), so every rollout
-    number of a step must be the same; rank 0 alone saw half of them."""
+    """One process with 4 prompts per step and a full reference copy vs two with 2 each (ZeRO-3: each rank rolls
+    out from the gathered weights; the reference partitioned across the ranks, reference = sharded). Samples are
+    keyed by example and both runs hold the same weights (to rounding), so every rollout number of a step must be
+    the same, rank 0 alone saw half of them; and the KL term (beta 0.5) is the same, so the sharded reference gives
+    the copy's log-probs."""
     data = write_examples_jsonl(tmp_path / "examples.jsonl", make_task_examples(16, seed=3))
     common = dict(model=warm_model, data=data, max_steps=2, logging_steps=1, save_steps=0, num_generations=4,
-                  learning_rate=1e-3, beta=0.0, temperature=1.0, max_completion_length=8, seed=5, device="cpu",
+                  learning_rate=1e-3, beta=0.5, temperature=1.0, max_completion_length=8, seed=5, device="cpu",
                   report_plot=False, log_completions_steps=0)
     one, two = tmp_path / "one", tmp_path / "two"
     train("grpo", dict(common, output_dir=str(one), per_device_train_batch_size=4), log=lambda *a: None)
     done = run_cli(["-m", "grm_engine", "train", "grpo"] + flags(dict(common, output_dir=str(two), deepspeed="zero3",
-                                                                       per_device_train_batch_size=2)),
+                                                                       per_device_train_batch_size=2,
+                                                                       reference="sharded")),
                    prefix=TORCHRUN, env=ds_env(), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "reference: partitioned by ZeRO-3 across 2 ranks" in done.stdout + done.stderr
     assert [row["step"] for row in read_metrics(two)] == [1, 2]
     for first, second in zip(read_metrics(one), read_metrics(two)):  # step 2: both from their updated weights
         check_same_step(first, second)
+    assert read_metrics(one)[1]["kl"] > 1e-6  # step 2's policy moved away from the reference: the KL term counts
 
 
 def check_same_step(first: dict, second: dict) -> None:

@@ -140,7 +140,9 @@ class GRPOConfig(TrainConfig):
     max_tokens_per_micro_batch: int = 16384  # policy / reference forward micro-batches by token budget
     kv_cache_memory_fraction: float = 0.3
     log_completions_steps: int = 10
-    reference: str = "copy"  # copy (a frozen second model) | none (beta must be 0)
+    # copy: a frozen second model on every GPU; sharded (ZeRO-3 only): the frozen model partitioned across the GPUs
+    # as the policy is (its forward gathers each layer: memory / world size, slower reference pass); none: beta = 0
+    reference: str = "copy"
     drop_easy: str = ""  # a `grm-engine score` output: drop examples every sample of it answered correctly
 
 
@@ -150,7 +152,7 @@ CHOICES = {
     "dtype": ("", "float32", "bfloat16"),
     "loss_type": ("grpo", "bnpo", "dr_grpo"),
     "scale_rewards": ("group", "batch", "none"),
-    "reference": ("copy", "none"),
+    "reference": ("copy", "sharded", "none"),
 }
 # keys that may change between a run and its resume (everything else must match the saved config)
 RESUME_MAY_CHANGE = {"resume", "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit",
@@ -250,7 +252,7 @@ def _validate(config: TrainConfig, where: str) -> None:
         need(config.beta >= 0, f"beta = {config.beta} must be >= 0")
         need(config.num_generations >= 2 or config.scale_rewards != "group",
              "num_generations = 1 with scale_rewards = group: a one-sample group has no std")
-        need(config.reference == "copy" or config.beta == 0, "reference = none needs beta = 0")
+        need(config.reference != "none" or config.beta == 0, "reference = none needs beta = 0")
         need(config.temperature > 0, "GRPO needs temperature > 0 (sampled rollouts)")
     if isinstance(config, SFTConfig):
         need(0 <= config.general_ratio < 1, f"general_ratio = {config.general_ratio} must be in [0, 1)")
@@ -264,13 +266,17 @@ def _validate(config: TrainConfig, where: str) -> None:
     if config.model and not os.path.isdir(config.model):
         raise ConfigError(f"{where}: model = {config.model!r} is not a directory (give a Hugging Face checkpoint "
                           "directory: config.json, *.safetensors, tokenizer)")
+    stage = None
     if config.deepspeed:
         from .engine import resolve_deepspeed_config
 
         try:
-            resolve_deepspeed_config(config.deepspeed)
+            stage = resolve_deepspeed_config(config.deepspeed).get("zero_optimization", {}).get("stage", 0)
         except (ValueError, OSError) as e:
             raise ConfigError(f"{where}: deepspeed = {config.deepspeed!r}: {e}") from None
+    if getattr(config, "reference", "") == "sharded":
+        need(stage == 3, f"reference = sharded partitions the reference as ZeRO-3 does the policy: it needs a "
+                         f"deepspeed config with zero_optimization.stage 3 (deepspeed = {config.deepspeed!r})")
 
 
 def _split_flags(argv: list[str]) -> list[tuple[str, str]]:

@@ -199,6 +199,7 @@ class Engine:
 
             init_distributed(config)
             ds_config = _fill_auto(resolve_deepspeed_config(config.deepspeed), config, self.dtype)
+            self.ds_config = ds_config
             model = model.to(self.device)
             optimizer = build_optimizer(list(model.named_parameters()), config)
             scheduler = build_scheduler(optimizer, config, total_steps)
@@ -275,6 +276,27 @@ class Engine:
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def shard_frozen(self, module: torch.nn.Module):
+        """A frozen module (GRPO's reference) partitioned across the ranks as ZeRO-3 partitions the policy: an
+        inference-only DeepSpeed engine with the policy's ZeRO-3 and precision settings, no optimizer. Its forward
+        gathers each layer's parameters on the fly, so every rank must run the same number of forwards (the GRPO
+        update pads its micro-batches to the same count on every rank). -> (the engine, to keep alive; its module)."""
+        if self.zero_stage != 3:
+            raise ValueError("a sharded reference needs ZeRO-3 (deepspeed zero_optimization.stage 3)")
+        import copy
+
+        import deepspeed
+
+        ds_config = copy.deepcopy(self.ds_config)
+        for key in ("optimizer", "scheduler"):
+            ds_config.pop(key, None)
+        zero = ds_config.setdefault("zero_optimization", {})
+        zero.pop("offload_optimizer", None)  # no optimizer states to offload
+        module = module.to(self.device).eval().requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+        engine.eval()
+        return engine, engine.module
 
     @contextlib.contextmanager
     def gathered_parameters(self):

@@ -138,6 +138,7 @@ class GRPORun:
     device: torch.device
     pad_id: int
     start_step: int
+    reference_engine: object = None  # reference = sharded: the DeepSpeed engine that partitions it (kept alive)
 
     def step(self, step: int) -> dict:
         return grpo_step(self.engine, self.reference, self.live, self.vocab, self.tokenizer, self.examples,
@@ -162,9 +163,13 @@ def prepare_grpo(config, examples, resume_from=None, log=print, model=None, refe
         model = load_causal_lm(path, config, load_dtype(config, device))
     if config.beta > 0 and reference is None:  # the frozen starting policy (a resumed run rebuilds it from config.model)
         reference = load_causal_lm(config.model, config, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if reference is not None:
-        reference = reference.to(device).eval().requires_grad_(False)
     engine = Engine(model, config, schedule.total_steps * config.num_iterations)
+    reference_engine = None
+    if reference is not None and config.reference == "sharded":
+        reference_engine, reference = engine.shard_frozen(reference)
+        log(f"reference: partitioned by ZeRO-3 across {world_size()} ranks")
+    elif reference is not None:
+        reference = reference.to(device).eval().requires_grad_(False)
     start = 0
     if resume_from is not None:
         start = int(load_training_state(engine, resume_from)["step"])
@@ -172,7 +177,8 @@ def prepare_grpo(config, examples, resume_from=None, log=print, model=None, refe
     vocab = VocabBytes(tokenizer).to(device)
     live = LiveDecoder(engine, tokenizer, config, max_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return GRPORun(config, engine, reference, live, vocab, tokenizer, examples, schedule, device, pad_id, start)
+    return GRPORun(config, engine, reference, live, vocab, tokenizer, examples, schedule, device, pad_id, start,
+                   reference_engine)
 
 
 def load_grpo_examples(config, log=print) -> list:
