@@ -52,8 +52,12 @@ def cases():
          dict(paged, GROUP=2, HEAD_DIM=256, NUM_HEADS=8, BLOCK_D=256, SINGLE_SPLIT=True, BLOCK_N=128,
               USE_SOFTCAP=True, USE_WINDOW=True), int_ptrs, 8),
         (paged_attention._merge_splits_kernel, dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_D=128), int_ptrs, 4),
-        (cascade_attention._stacked_rows_attention_kernel, dict(stacked, BLOCK_M=64, IS_SUFFIX=False), int_ptrs, 4),
-        (cascade_attention._stacked_rows_attention_kernel, dict(stacked, BLOCK_M=16, IS_SUFFIX=True), int_ptrs, 4),
+        (cascade_attention._stacked_rows_attention_kernel,
+         dict(stacked, BLOCK_M=64, BLOCK_N=32, IS_SUFFIX=False, FUSE_MERGE=False), int_ptrs, 4),
+        (cascade_attention._stacked_rows_attention_kernel,  # one suffix split: the merge fused in (the decoder's case)
+         dict(stacked, BLOCK_M=16, IS_SUFFIX=True, FUSE_MERGE=True), int_ptrs, 4),
+        (cascade_attention._stacked_rows_attention_kernel, dict(stacked, BLOCK_M=16, IS_SUFFIX=True, FUSE_MERGE=False),
+         int_ptrs, 4),
         (cascade_attention._merge_slots_kernel, dict(NUM_HEADS=28, HEAD_DIM=128, BLOCK_D=128), int_ptrs, 4),
     ]
 
