@@ -127,7 +127,8 @@ def main() -> int:
         metrics["measured"] = step >= args.warmup
         rows.append(metrics)
         if is_main():
-            print(f"step {step}: {metrics['step_s']:.2f} s (rollout {metrics['rollout_s']:.2f}, reference "
+            print(f"step {step}: {metrics['step_s']:.2f} s (rollout {metrics['rollout_s']:.2f} incl. gather "
+                  f"{metrics['gather_s']:.2f}, reference "
                   f"{metrics['reference_s']:.2f}, policy {metrics['policy_s']:.2f}), peak {metrics['peak_gb']:.1f} GB, "
                   f"{metrics['generated_tokens']} tokens, reward {metrics['reward_mean']:.2f}", flush=True)
     measured = [r for r in rows if r["measured"]]
@@ -142,6 +143,7 @@ def main() -> int:
         "setup_s": setup_s,
         "step_s": statistics.median(r["step_s"] for r in measured),
         "rollout_s": statistics.median(r["rollout_s"] for r in measured),
+        "gather_s": statistics.median(r["gather_s"] for r in measured),  # ZeRO-3: inside rollout_s
         "reference_s": statistics.median(r["reference_s"] for r in measured),
         "policy_s": statistics.median(r["policy_s"] for r in measured),
         "peak_gb": max(r["peak_gb"] for r in rows),

@@ -45,6 +45,7 @@ def test_grpo_on_two_ranks_logs_global_metrics(warm_model, tmp_path):  # noqa: F
     assert [row["step"] for row in read_metrics(two)] == [1, 2]
     for first, second in zip(read_metrics(one), read_metrics(two)):  # step 2: both from their updated weights
         check_same_step(first, second)
+    assert all(row["gather_s"] > 0 for row in read_metrics(two)) and all(row["gather_s"] == 0 for row in read_metrics(one))
     assert read_metrics(one)[1]["kl"] > 1e-6  # step 2's policy moved away from the reference: the KL term counts
 
 

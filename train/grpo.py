@@ -90,6 +90,7 @@ class LiveDecoder:
         self.num_kv_blocks = chunk_rows * (math.ceil((max_prompt_tokens + config.max_completion_length + 1) / block) + 1)
         self.max_num_seqs = max(chunk_rows, 1)
         self.decoder, self.fingerprint = None, None
+        self.gather_s = 0.0  # the last rollout's ZeRO-3 parameter gather and decoder build (0 otherwise)
 
     def _fingerprint(self):
         return tuple(p.data_ptr() for p in self.engine.module.parameters())
@@ -110,8 +111,11 @@ class LiveDecoder:
         module.eval()
         try:
             if self.engine.zero_stage == 3:
+                device = self.engine.device
+                t0 = _clock(device)
                 with self.engine.gathered_parameters():
                     decoder = self._build()
+                    self.gather_s = _clock(device) - t0
                     result = generate_rollouts(decoder, self.tokenizer, vocab, examples, **kwargs)
                     del decoder
                 return result
@@ -236,12 +240,14 @@ def grpo_step(engine, reference, live, vocab, tokenizer, examples, schedule, ste
     tic = _clock(device)
     indices = schedule.step_examples(step)
     chunk_size = config.per_device_train_batch_size
-    timings = {"rollout_s": 0.0, "reference_s": 0.0, "policy_s": 0.0}
+    # rollout_s includes gather_s (ZeRO-3: gathering the policy's parameters and building the decoder on them)
+    timings = {"rollout_s": 0.0, "gather_s": 0.0, "reference_s": 0.0, "policy_s": 0.0}
     chunks = []  # 1-3: rollouts, rewards and advantages of every chunk, before any update of this step
     for c in range(0, len(indices), chunk_size):
         t0 = _clock(device)
         rollouts = live.rollouts([examples[i] for i in indices[c:c + chunk_size]], vocab, step)
         timings["rollout_s"] += _clock(device) - t0
+        timings["gather_s"] += live.gather_s
         chunks.append(make_chunk(rollouts, config))
     old_logps = {} if config.num_iterations > 1 else None
     for _ in range(config.num_iterations):  # 4: num_iterations optimizer steps on the same rollouts
@@ -265,8 +271,8 @@ def grpo_step(engine, reference, live, vocab, tokenizer, examples, schedule, ste
     metrics["step_s"] = _clock(device) - tic
     # every rank's numbers -> the step's: counts summed, wall times the slowest rank's, rates and fractions averaged
     metrics = reduce_over_ranks(metrics, device, sums=("generated_tokens", "rollout_tokens_per_second"),
-                                maxima=("completion_length_max", "rollout_seconds", "rollout_s", "reference_s",
-                                        "policy_s", "step_s"),
+                                maxima=("completion_length_max", "rollout_seconds", "rollout_s", "gather_s",
+                                        "reference_s", "policy_s", "step_s"),
                                 already_global=("loss", "kl", "clip_frac", "grad_norm", "lr", "trained_rows"))
     metrics["tokens_per_s"] = metrics["generated_tokens"] / max(metrics["step_s"], 1e-9)
     if config.log_completions_steps and (step + 1) % config.log_completions_steps == 0:
