@@ -258,21 +258,34 @@ def token_logprobs_reference(logits, completion_ids, *, mask=None, temperature=1
         return (logp, entropy) if return_entropy else logp
 
 
-def fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, *, bias=None, **kwargs):
-    """Unfused: the full [B, T, V] logits in the hidden dtype (as an lm_head would), then the reference loss.
-    Masked hidden rows are zeroed first: a NaN there would reach the weight gradient through 0 * NaN."""
+def softcap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's final-logit soft-capping, cap * tanh(logits / cap), as its lm_head output applies it (None: as is)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def check_softcap(softcap) -> None:
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap = {softcap!r}: a finite number > 0 (the model's final_logit_softcapping) or None")
+
+
+def fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, *, bias=None, softcap=None, **kwargs):
+    """Unfused: the full [B, T, V] logits in the hidden dtype (as an lm_head would, soft-capped when the model
+    caps them), then the reference loss. Masked hidden rows are zeroed first: a NaN there would reach the weight
+    gradient through 0 * NaN."""
     hidden = torch.where((mask != 0)[..., None], hidden, 0.0)
     logits = hidden @ weight.t()  # [B, T, V]
     if bias is not None:
         logits = logits + bias
-    return grpo_loss_reference(logits, completion_ids, mask, **kwargs)
+    return grpo_loss_reference(softcap_logits(logits, softcap), completion_ids, mask, **kwargs)
 
 
-def fused_linear_token_logprobs_reference(hidden, weight, completion_ids, *, bias=None, **kwargs):
+def fused_linear_token_logprobs_reference(hidden, weight, completion_ids, *, bias=None, softcap=None, **kwargs):
     if kwargs.get("mask") is not None:
         hidden = torch.where((kwargs["mask"] != 0)[..., None], hidden, 0.0)
     logits = hidden @ weight.t()  # [B, T, V]
-    return token_logprobs_reference(logits if bias is None else logits + bias, completion_ids, **kwargs)
+    logits = softcap_logits(logits if bias is None else logits + bias, softcap)
+    return token_logprobs_reference(logits, completion_ids, **kwargs)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -353,11 +366,15 @@ def token_logprobs(logits, completion_ids, *, mask=None, temperature=1.0, return
                                                  return_entropy=return_entropy)
 
 
-def fused_linear_grpo_loss(hidden, weight, completion_ids, mask, *, bias=None, chunk_size=None, **options):
+def fused_linear_grpo_loss(hidden, weight, completion_ids, mask, *, bias=None, chunk_size=None, softcap=None,
+                           **options):
     """The GRPO loss with the lm_head fused in: hidden [B, T, H], weight [V, H] -> (loss, GRPOStats).
+    softcap: the model's final-logit soft-capping (Gemma 2: config.final_logit_softcapping), applied to the logits
+    before the temperature as the model's forward does; None for models without it.
 
     The Triton path never builds the full [B*T, V] logits (chunks of compacted unmasked tokens).
     """
+    check_softcap(softcap)
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden [B, T, H] and weight [V, H] do not match: {list(hidden.shape)} vs {list(weight.shape)}")
     if weight.device != hidden.device or weight.dtype != hidden.dtype:
@@ -375,16 +392,19 @@ def fused_linear_grpo_loss(hidden, weight, completion_ids, mask, *, bias=None, c
     if not _use_triton(hidden):
         check_token_ids(completion_ids, mask != 0, weight.shape[0])
         check_finite_inputs(mask != 0, **{k: options.get(k) for k in ("advantages", "rewards", "old_logp", "ref_logp")})
-        return fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, bias=bias, **options)
+        return fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, bias=bias, softcap=softcap,
+                                                **options)
     from .kernels.linear_grpo import fused_linear_grpo_loss_triton
 
     return fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, bias=bias, chunk_size=chunk_size,
-                                         **options)
+                                         softcap=softcap, **options)
 
 
 def fused_linear_token_logprobs(hidden, weight, completion_ids, *, bias=None, mask=None, temperature=1.0,
-                                return_entropy=False, chunk_size=None):
-    """token_logprobs with the lm_head fused in (hidden [B, T, H], weight [V, H]); chunked on the Triton path."""
+                                return_entropy=False, chunk_size=None, softcap=None):
+    """token_logprobs with the lm_head fused in (hidden [B, T, H], weight [V, H]); chunked on the Triton path.
+    softcap: as fused_linear_grpo_loss's."""
+    check_softcap(softcap)
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden [B, T, H] and weight [V, H] do not match: {list(hidden.shape)} vs {list(weight.shape)}")
     batch, length, _ = hidden.shape
@@ -392,7 +412,7 @@ def fused_linear_token_logprobs(hidden, weight, completion_ids, *, bias=None, ma
         raise ValueError(f"completion_ids must have shape [{batch}, {length}], got {list(completion_ids.shape)}")
     if mask is not None and tuple(mask.shape) != (batch, length):
         raise ValueError(f"mask must have shape [{batch}, {length}], got {list(mask.shape)}")
-    options = dict(bias=bias, mask=mask, temperature=temperature, return_entropy=return_entropy)
+    options = dict(bias=bias, mask=mask, temperature=temperature, return_entropy=return_entropy, softcap=softcap)
     if not _use_triton(hidden):
         check_token_ids(completion_ids, torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0,
                         weight.shape[0])

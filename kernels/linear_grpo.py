@@ -49,6 +49,19 @@ def _token_chunks(flat_hidden, token_index, weight, bias, chunk):
         yield start, end, index, h, _chunk_logits(h, weight, bias, buffer[: end - start])
 
 
+def _softcap_(logits, softcap, tanh_out):
+    """In place: logits [C, V] -> softcap * tanh(logits / softcap) (Gemma 2's final soft-capping; None: unchanged).
+    tanh_out: a [C, V] buffer that keeps tanh(logits / softcap) for the gradient (returned), or None."""
+    if softcap is None:
+        return None
+    if tanh_out is None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+        return None
+    torch.div(logits, softcap, out=tanh_out).tanh_()
+    torch.mul(tanh_out, softcap, out=logits)
+    return tanh_out
+
+
 def _gather(tensor, index, batch, length):
     """[B] or [B, T] per-token quantity -> [N] at the flat token positions `index`."""
     if tensor is None:
@@ -63,7 +76,7 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, completion_ids, token_index, token_counts, weight_factor, flag, advantages,
-                old_logp, ref_logp, options, chunk_size, needs):
+                old_logp, ref_logp, options, chunk_size, needs, softcap):
         batch, length, hidden_size = hidden.shape
         vocab = weight.shape[0]
         need_hidden, need_weight, need_bias = needs  # not ctx.needs_input_grad: True under torch.no_grad() too
@@ -81,15 +94,22 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
         grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
         stat_parts = []
-        chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size(), hidden.device)
+        # soft-capping keeps tanh(z / cap) of the chunk for the chain rule: two [C, V] buffers, half the tokens each
+        chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size() * (2 if softcap else 1),
+                                              hidden.device)
+        tanh_buffer = (torch.empty(min(chunk, num_tokens), vocab, device=hidden.device, dtype=hidden.dtype)
+                       if softcap is not None and any_grad and num_tokens else None)
         for start, end, index, h, logits in _token_chunks(flat_hidden, token_index, weight, bias, chunk):
             rows = slice(start, end)
+            tanh = _softcap_(logits, softcap, None if tanh_buffer is None else tanh_buffer[: end - start])
             out = launch_rows(
                 logits[None], ids[None, rows], flag, counts=None if token_counts is None else token_counts[None, rows],
                 weight_factor=weight_factor, advantages=adv[None, rows], old_logp=None if old is None else old[None, rows],
                 ref_logp=None if ref is None else ref[None, rows], grad=logits[None] if any_grad else None, **options)
             logp.index_copy_(0, index, out["logp"][0])
             stat_parts.append(out["stats"].sum(dim=0))  # [4]: weighted loss, kl, clipped, tokens
+            if tanh is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2: dlogits of the capped -> of the raw z
+                logits.mul_(tanh.square_().neg_().add_(1.0))
             if need_hidden:
                 grad_hidden.index_copy_(0, index, logits @ weight)  # [C, H]
             if need_weight:
@@ -117,13 +137,13 @@ class _FusedLinearGRPOFunction(torch.autograd.Function):
         # the scale stays fp32 (a 0-dim tensor does not promote): grad_loss rounded to bf16 first would scale
         # every gradient by up to 0.4% off (e.g. 1/540 or a micro-batch's share of the global count)
         grads = [g.mul_(grad_loss.float()) if (g is not None and scale) else g for g in grads]
-        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, *, bias=None, chunk_size=None, advantages=None,
                                   rewards=None, group_size=None, old_logp=None, ref_logp=None, beta=0.08, eps_low=0.2,
                                   eps_high=0.2, temperature=1.0, loss_type="grpo", max_completion_length=None,
-                                  block_v=None, num_warps=None, programs=None):
+                                  block_v=None, num_warps=None, programs=None, softcap=None):
     """Inputs other than the ids' range already checked by grm_engine.loss.fused_linear_grpo_loss.
     Returns (loss, GRPOStats)."""
     batch, length, _ = hidden.shape
@@ -148,14 +168,15 @@ def fused_linear_grpo_loss_triton(hidden, weight, completion_ids, mask, *, bias=
     needs = tuple(grad_enabled and t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, logp, kl_sum, clip_sum = _FusedLinearGRPOFunction.apply(
         hidden, weight, bias, completion_ids, token_index, token_counts, weight_factor, flag, advantages, old_logp,
-        ref_logp, options, chunk_size, needs)
+        ref_logp, options, chunk_size, needs, softcap)
     count = max(token_index.numel(), 1)
     return loss, GRPOStats(kl=kl_sum / count, clip_frac=clip_sum / count, logp=logp)
 
 
 @torch.no_grad()
 def fused_linear_token_logprobs_triton(hidden, weight, completion_ids, *, bias=None, mask=None, temperature=1.0,
-                                       return_entropy=False, chunk_size=None, block_v=None, num_warps=None):
+                                       return_entropy=False, chunk_size=None, block_v=None, num_warps=None,
+                                       softcap=None):
     """Forward-only log_softmax((h @ W^T + bias) / T)[id] [B, T] fp32 (0 where masked), optionally the entropy;
     chunked like the loss, so old/ref log-probs of a fused-lm_head run never build the full logits either."""
     batch, length, hidden_size = hidden.shape
@@ -172,6 +193,7 @@ def fused_linear_token_logprobs_triton(hidden, weight, completion_ids, *, bias=N
     flat_hidden = hidden.reshape(-1, hidden_size)
     chunk = chunk_size or auto_chunk_size(num_tokens, vocab, hidden.element_size(), hidden.device)
     for start, end, index, _, logits in _token_chunks(flat_hidden, token_index, weight, bias, chunk):
+        _softcap_(logits, softcap, None)
         out = launch_rows(logits[None], ids[None, start:end], flag, temperature=temperature,
                           compute_loss=False, compute_entropy=return_entropy, block_v=block_v, num_warps=num_warps)
         logp.index_copy_(0, index, out["logp"][0])

@@ -269,8 +269,11 @@ def test_token_logprobs_matches_reference(return_entropy):
 
 # ----------------------------------------------------------------------------- fused linear
 
-@pytest.mark.parametrize("use_bias, loss_type, chunk_size", [(False, "grpo", 5), (False, "bnpo", 7), (True, "dr_grpo", 64)])
-def test_fused_linear_matches_unfused_reference(use_bias, loss_type, chunk_size):
+@pytest.mark.parametrize("use_bias, loss_type, chunk_size, softcap", [
+    (False, "grpo", 5, None), (False, "bnpo", 7, None), (True, "dr_grpo", 64, None),
+    (False, "grpo", 5, 1.5), (True, "bnpo", 64, 1.5),  # Gemma 2's final soft-capping, small enough to matter
+])
+def test_fused_linear_matches_unfused_reference(use_bias, loss_type, chunk_size, softcap):
     from grm_engine.kernels.linear_grpo import fused_linear_grpo_loss_triton
 
     _, ids, mask, old, ref, rewards, _ = make_inputs(10)
@@ -278,7 +281,8 @@ def test_fused_linear_matches_unfused_reference(use_bias, loss_type, chunk_size)
     tensors = [torch.randn(B, T, 12, generator=gen), torch.randn(V, 12, generator=gen) * 0.5]
     if use_bias:
         tensors.append(torch.randn(V, generator=gen))
-    kwargs = dict(rewards=rewards, group_size=2, old_logp=old, ref_logp=ref, loss_type=loss_type, temperature=0.9)
+    kwargs = dict(rewards=rewards, group_size=2, old_logp=old, ref_logp=ref, loss_type=loss_type, temperature=0.9,
+                  softcap=softcap)
     ref_in = [x.clone().requires_grad_() for x in tensors]
     ref_loss, ref_stats = fused_linear_grpo_loss_reference(*ref_in[:2], ids, mask, bias=ref_in[2] if use_bias else None,
                                                            **kwargs)
@@ -295,19 +299,28 @@ def test_fused_linear_matches_unfused_reference(use_bias, loss_type, chunk_size)
         torch.testing.assert_close(f.grad, 3 * r.grad, rtol=1e-4, atol=1e-5 * r.grad.abs().max().item())
 
 
-def test_fused_linear_token_logprobs_matches_reference():
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_fused_linear_token_logprobs_matches_reference(softcap):
     from grm_engine.kernels.linear_grpo import fused_linear_token_logprobs_triton
-    from grm_engine.loss import fused_linear_token_logprobs_reference
+    from grm_engine.loss import fused_linear_token_logprobs_reference, softcap_logits
 
     _, ids, mask, *_ = make_inputs(16)
     gen = torch.Generator().manual_seed(16)
     hidden, weight, bias = torch.randn(B, T, 12, generator=gen), torch.randn(V, 12, generator=gen), torch.randn(V)
     want = fused_linear_token_logprobs_reference(hidden, weight, ids, bias=bias, mask=mask, temperature=1.3,
-                                                 return_entropy=True)
+                                                 return_entropy=True, softcap=softcap)
     got = fused_linear_token_logprobs_triton(hidden, weight, ids, bias=bias, mask=mask, temperature=1.3,
-                                             return_entropy=True, chunk_size=4, block_v=BLOCK_V)
+                                             return_entropy=True, chunk_size=4, block_v=BLOCK_V, softcap=softcap)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    if softcap is not None:  # the cap is what a Gemma 2 forward applies: log_softmax(cap * tanh(z / cap) / T)
+        logits = softcap_logits(hidden @ weight.t() + bias, softcap) / 1.3
+        plain = torch.log_softmax(logits, -1).gather(-1, ids.clamp(min=0)[..., None])[..., 0] * mask
+        torch.testing.assert_close(got[0], plain, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="softcap"):
+            grm_engine.loss.fused_linear_token_logprobs(hidden, weight, ids, mask=mask, softcap=0.0)
+        with pytest.raises(ValueError, match="softcap"):
+            grm_engine.fused_linear_grpo_loss(hidden, weight, ids, mask, advantages=torch.ones(B), softcap=float("inf"))
 
 
 # ----------------------------------------------------------------------------- dispatch and errors

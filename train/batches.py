@@ -127,6 +127,26 @@ def collate(rows: list[Row], max_seq_length: int, packing: bool, pad_id: int = 0
                       len(rows), sum(len(r) for r in rows))
 
 
+def model_attention_mask(module, mask: torch.Tensor) -> torch.Tensor:
+    """The [S, 1, L, L] bool mask as the module's attention takes it: SDPA takes it as is; transformers' eager
+    attention ADDS a 4-D mask to the scores (a bool mask would add 0/1 and mask nothing), so it gets an additive
+    fp32 mask (0 where attended, the fp32 minimum elsewhere). Sliding windows are not applied through a 4-D mask:
+    check_sliding_window refuses rows longer than a model's window first."""
+    if getattr(getattr(module, "config", None), "_attn_implementation", "sdpa") != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+
+
+def check_sliding_window(model_config, longest: int, what: str) -> None:
+    """Packed training batches pass one 4-D mask to every layer, which does not apply a layer's sliding window
+    (Gemma 2: every other layer): refuse sequences longer than the window rather than train on other attention."""
+    window = getattr(model_config, "sliding_window", None)
+    layer_types = getattr(model_config, "layer_types", None) or []
+    if window and "sliding_attention" in layer_types and longest > window:
+        raise ValueError(f"{what}: a sequence of {longest} tokens is longer than the model's sliding window of {window} "
+                         "tokens; the training forward cannot apply the window (shorten max_seq_length or the data)")
+
+
 class Schedule:
     """Which rows each optimizer step takes: steps x (accumulation x world) micro-batches, epoch by epoch.
 

@@ -12,7 +12,7 @@ import torch
 
 from ..loss import fused_linear_grpo_loss, fused_linear_token_logprobs, group_advantages
 from .engine import all_reduce_sum, rank, world_size
-from .losses import call_through_module
+from .losses import call_through_module, final_logit_softcap
 
 
 def micro_batches(prompts: list[list[int]], lengths: list[int], budget: int) -> list[list[int]]:
@@ -66,7 +66,8 @@ def sequence_logprobs(model, batch, temperature: float) -> torch.Tensor:
 
     def run(head, hidden, ids, mask):
         weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
-        return fused_linear_token_logprobs(hidden, weight, ids, mask=mask, temperature=temperature)
+        return fused_linear_token_logprobs(hidden, weight, ids, mask=mask, temperature=temperature,
+                                           softcap=final_logit_softcap(model))
 
     return call_through_module(head, run, hidden, ids, mask)  # [B, C] fp32
 
@@ -81,7 +82,8 @@ def policy_loss(model, batch, advantages, old_logp, ref_logp, config):
         loss, stats = fused_linear_grpo_loss(
             hidden, weight, ids, mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
             beta=config.beta, eps_low=config.epsilon, eps_high=config.epsilon_high, temperature=config.temperature,
-            loss_type=config.loss_type, max_completion_length=config.max_completion_length)
+            loss_type=config.loss_type, max_completion_length=config.max_completion_length,
+            softcap=final_logit_softcap(model))
         return loss, stats.kl, stats.clip_frac
 
     return call_through_module(head, run, hidden, ids, mask)

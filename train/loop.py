@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 
-from .batches import Schedule, collate
+from .batches import Schedule, check_sliding_window, collate
 from .checkpoint import load_training_state, save_checkpoint, save_model
+from .config import ConfigError
 from .engine import Engine, all_reduce_sum, barrier, init_distributed, is_main, rank, resolve_device, world_size
 from .metrics import MetricsLogger
 
@@ -57,7 +58,15 @@ def run_supervised(stage: str, config, rows, tokenizer, build_model, micro_loss,
     world = world_size()
     schedule = Schedule(rows, config, world)
     total = schedule.total_steps
-    model = build_model(config.model if (resume_from is None or config.deepspeed) else resume_from)
+    path = config.model if (resume_from is None or config.deepspeed) else resume_from
+    try:  # from config.json, before any weights load
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        check_sliding_window(model_config, max((len(r) for r in rows), default=0), f"{stage}: data = {config.data!r}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model = build_model(path)
     engine = Engine(model, config, total)
     start = 0
     if resume_from is not None:

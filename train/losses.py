@@ -30,11 +30,18 @@ def call_through_module(module: torch.nn.Module, fn, hidden: torch.Tensor, *args
         del module.forward  # back to the class's forward
 
 
+def final_logit_softcap(model) -> float | None:
+    """The soft-capping a model's forward applies to its output logits (Gemma 2: final_logit_softcapping), so the
+    fused losses see the logits the model does; None for models without it."""
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
 def completion_nll_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, target_ids: torch.Tensor,
-                       mask: torch.Tensor):
+                       mask: torch.Tensor, softcap: float | None = None):
     """hidden [B, T, H] (position t predicts target_ids[:, t]), mask [B, T] bool ->
     (loss whose gradient is d(sum of NLL over masked tokens), detached NLL sum). Caller divides by the global
-    token count."""
+    token count. softcap: final_logit_softcap(model)."""
     count = mask.sum()
 
     def run(head, hidden, target_ids, mask):
@@ -42,7 +49,8 @@ def completion_nll_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, target_id
         bias = getattr(head, "bias", None)
         ones = torch.ones(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         loss, stats = fused_linear_grpo_loss(hidden, weight.to(hidden.dtype) if weight.dtype != hidden.dtype else weight,
-                                             target_ids, mask, bias=bias, advantages=ones, beta=0.0, loss_type="bnpo")
+                                             target_ids, mask, bias=bias, advantages=ones, beta=0.0, loss_type="bnpo",
+                                             softcap=softcap)
         return loss, stats.logp
 
     loss, logp = call_through_module(lm_head, run, hidden, target_ids, mask)
@@ -53,6 +61,7 @@ def completion_nll_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, target_id
 
 
 def plain_completion_nll_sum(logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The reference: fp32 log_softmax over full logits [B, T, V], summed over masked tokens."""
+    """The reference: fp32 log_softmax over full logits [B, T, V] (as the model outputs them, soft-capped where it
+    caps), summed over masked tokens."""
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
     return -(logp * mask).sum()

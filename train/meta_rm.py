@@ -22,7 +22,7 @@ from ..data import DataError, load_examples
 from ..grm import _stable_int
 from ..parsing import ParseStatus
 from ..meta_rm import encode_meta_input
-from .batches import Row, collate
+from .batches import Row, collate, model_attention_mask
 from .config import ConfigError, jsonl_objects
 from .engine import resolve_device
 from .loop import TrainResult, run_supervised
@@ -101,7 +101,8 @@ def split_by_id(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list
 
 
 def meta_logits(module, batch) -> torch.Tensor:
-    hidden = module.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    hidden = module.base_model(input_ids=batch.input_ids,
+                               attention_mask=model_attention_mask(module, batch.attention_mask),
                                position_ids=batch.position_ids).last_hidden_state  # [S, L, H]
     seq = torch.tensor([s for s, _ in batch.last_positions], device=hidden.device)
     pos = torch.tensor([p for _, p in batch.last_positions], device=hidden.device)
@@ -158,9 +159,11 @@ def run_meta_rm(config, log=print) -> TrainResult:
     def build(path):
         from transformers import AutoModelForSequenceClassification
 
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, pad_token_id=pad_id, dtype=dtype, use_safetensors=True, attn_implementation="sdpa",
-            trust_remote_code=config.trust_remote_code)
+        from .run_dir import from_pretrained_sdpa_or_eager
+
+        return from_pretrained_sdpa_or_eager(
+            AutoModelForSequenceClassification, path, num_labels=1, pad_token_id=pad_id, dtype=dtype,
+            use_safetensors=True, trust_remote_code=config.trust_remote_code)
 
     result = run_supervised("meta-rm", config, train_rows, tokenizer, build, meta_micro_loss, len, resume_from,
                             evaluate=make_evaluator(eval_rows, config, pad_id), log=log)

@@ -100,11 +100,23 @@ def load_tokenizer(path: str, trust_remote_code: bool):
     return tokenizer
 
 
+def from_pretrained_sdpa_or_eager(model_class, path: str, **kwargs):
+    """model_class.from_pretrained with PyTorch's SDPA attention, or transformers' eager attention for an
+    architecture without SDPA support (Gemma 2: its attention soft-capping; the training batches then pass
+    additive masks, see batches.model_attention_mask)."""
+    try:
+        return model_class.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+    except ValueError as e:
+        if "does not support an attention implementation" not in str(e):
+            raise
+        return model_class.from_pretrained(path, attn_implementation="eager", **kwargs)
+
+
 def load_causal_lm(path: str, config, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, attn_implementation="sdpa",
-                                                trust_remote_code=config.trust_remote_code)
+    return from_pretrained_sdpa_or_eager(AutoModelForCausalLM, path, dtype=dtype, use_safetensors=True,
+                                         trust_remote_code=config.trust_remote_code)
 
 
 def load_dtype(config, device) -> torch.dtype:

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from ..protocol import encode_text
-from .batches import Row
+from .batches import Row, model_attention_mask
 from .config import ConfigError, jsonl_objects
 from .loop import TrainResult, run_supervised
-from .losses import completion_nll_sum
+from .losses import completion_nll_sum, final_logit_softcap
 from .run_dir import check_model_dir, load_causal_lm, load_dtype, load_tokenizer, prepare_output_dir
 
 
@@ -68,9 +68,10 @@ def causal_lm_builder(config, device):
 def sft_micro_loss(module, batch):
     """Fused lm_head + NLL summed over the completion tokens of one micro-batch."""
     body = module.get_decoder() if hasattr(module, "get_decoder") else module.base_model
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    hidden = body(input_ids=batch.input_ids, attention_mask=model_attention_mask(module, batch.attention_mask),
                   position_ids=batch.position_ids).last_hidden_state  # [S, L, H]
-    loss, nll = completion_nll_sum(module.get_output_embeddings(), hidden, batch.target_ids, batch.loss_mask)
+    loss, nll = completion_nll_sum(module.get_output_embeddings(), hidden, batch.target_ids, batch.loss_mask,
+                                   softcap=final_logit_softcap(module))
     return loss, {"loss_sum": nll, "completion_tokens": batch.num_target_tokens}
 
 
