@@ -119,6 +119,40 @@ def test_step_gradient_equals_reference(tmp_path, tokenizer, loss_type, budget):
     assert sums["rows"] == 8
 
 
+def tiny_gemma2(tokenizer, seed=0):
+    """Gemma 2 with its final soft-capping small enough to change every log-prob, sliding window 8 (shorter than
+    some rows: the GRPO batches' 2-D masks let transformers apply it), eager attention as transformers requires."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), query_pre_attn_scalar=8,
+                             sliding_window=8, final_logit_softcapping=0.5, attn_implementation="eager",
+                             pad_token_id=tokenizer.pad_token_id)
+    return tf.Gemma2ForCausalLM(config).float()
+
+
+def test_step_gradient_equals_reference_gemma2(tmp_path, tokenizer):
+    """The same check on Gemma 2: the fused loss applies the final soft-capping the model's logits carry (policy and
+    reference log-probs), and left-padded micro-batches keep its sliding window."""
+    config = grpo_config(tmp_path, loss_type="grpo", beta=0.5, temperature=0.7, max_tokens_per_micro_batch=40,
+                         max_completion_length=9)
+    policy, reference = tiny_gemma2(tokenizer, seed=1), tiny_gemma2(tokenizer, seed=2).eval().requires_grad_(False)
+    rollouts = make_rollouts([1, -1, -1, 1, 1, 1, -1, 1], [7, 7, 5, 6, 9, 9, 9, 4], [3, 9, 1, 5, 2, 6, 4, 8],
+                             len(tokenizer))
+    chunk = make_chunk(rollouts, config)
+    expected_policy = tiny_gemma2(tokenizer, seed=1)
+    reference_loss(expected_policy, reference, rollouts, chunk.advantages, config).backward()
+    expected = grads_of(expected_policy)
+    engine = Engine(policy, config, total_steps=1)
+    accumulate_gradients(engine, reference, [chunk], config, torch.device("cpu"), 0,
+                         {"reference_s": 0.0, "policy_s": 0.0})
+    got = grads_of(engine.module)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=2e-4, atol=2e-6, msg=f"gradient of {name}")
+
+
 def test_two_chunks_equal_one_batch(tmp_path, tokenizer):
     """Gradient accumulation over rollout chunks: two chunks of 4 rows give the one-batch gradient."""
     config = grpo_config(tmp_path, beta=0.08, max_completion_length=9)
