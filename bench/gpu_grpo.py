@@ -23,11 +23,16 @@ import time
 
 import torch
 
+from grm_engine.train.bench_hooks import GEMMA2_SHAPES, qwen2_config, random_model
 from grm_engine.train.bench_hooks import SHAPES as QWEN2_SHAPES
-from grm_engine.train.bench_hooks import qwen2_config, random_model
+from grm_engine.train.bench_hooks import model_config as shape_config
 
 # this benchmark's tiny shape has a larger, untied vocabulary than the shared one
 SHAPES = {**QWEN2_SHAPES, "tiny": {**QWEN2_SHAPES["tiny"], "vocab_size": 4096, "tie_word_embeddings": False}}
+
+
+def model_config(name: str):
+    return qwen2_config(SHAPES[name]) if name in SHAPES else shape_config(name)
 WORDS = [f"w{i}" for i in range(3000)]
 
 
@@ -77,7 +82,12 @@ def make_examples(tokenizer, count: int, prompt_tokens: int, seed: int):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="0.5b", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="0.5b", choices=sorted(SHAPES) + sorted(GEMMA2_SHAPES))
+    p.add_argument("--reference", default="copy", choices=["copy", "sharded"],
+                   help="the frozen reference: a full copy per GPU, or partitioned by ZeRO-3 (needs --deepspeed zero3)")
+    p.add_argument("--zero-init", action="store_true",
+                   help="build policy and reference partitioned across the ranks (deepspeed.zero.Init; ZeRO-3): "
+                        "no rank holds a whole model (27B)")
     p.add_argument("--deepspeed", default="zero2", help="zero2 | zero3 | none (plain PyTorch, fp32 master + autocast)")
     p.add_argument("--prompts", type=int, default=8, help="prompts per GPU and step")
     p.add_argument("--gens", type=int, default=8)
@@ -95,13 +105,13 @@ def main() -> int:
     from grm_engine.train.engine import is_main, local_rank, world_size
     from grm_engine.train.grpo import prepare_grpo
 
-    cuda = torch.cuda.is_available() and args.shape != "tiny"
+    cuda = torch.cuda.is_available() and "tiny" not in args.shape
     device = torch.device("cuda", local_rank()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    shape = SHAPES[args.shape]
+    config_of_model = model_config(args.shape)
     work = tempfile.mkdtemp(prefix=f"grpo_bench_{local_rank()}_")
-    tokenizer = build_tokenizer(work, shape["vocab_size"])
+    tokenizer = build_tokenizer(work, config_of_model.vocab_size)
     examples = make_examples(tokenizer, args.prompts * world_size() * (args.warmup + args.steps), args.prompt_tokens, 0)
     deepspeed = "" if args.deepspeed == "none" else args.deepspeed
     config = GRPOConfig(model=work, data="bench", output_dir=work, learning_rate=1e-6, beta=args.beta,
@@ -109,12 +119,21 @@ def main() -> int:
                         max_completion_length=args.new, ignore_eos=True, temperature=1.0, deepspeed=deepspeed,
                         device=str(device), dtype="bfloat16" if cuda else "float32", max_steps=args.warmup + args.steps,
                         max_tokens_per_micro_batch=args.micro_tokens, log_completions_steps=0,
-                        gradient_checkpointing=args.gradient_checkpointing, lr_scheduler_type="constant")
+                        gradient_checkpointing=args.gradient_checkpointing, lr_scheduler_type="constant",
+                        reference=args.reference)
     dtype = torch.bfloat16 if (cuda and deepspeed) else torch.float32
+    zero3 = None
+    if args.zero_init:
+        from grm_engine.train.engine import _fill_auto, init_distributed, resolve_deepspeed_config
+
+        if deepspeed != "zero3":
+            raise SystemExit("--zero-init needs --deepspeed zero3")
+        init_distributed(config)
+        zero3 = _fill_auto(resolve_deepspeed_config(deepspeed), config, dtype)
     tic = time.perf_counter()
-    model = random_model(qwen2_config(shape), device, dtype, seed=0)
-    reference = (random_model(qwen2_config(shape), device, torch.bfloat16 if cuda else torch.float32, seed=0)
-                 if args.beta else None)
+    model = random_model(model_config(args.shape), device, dtype, seed=0, zero3_config=zero3)
+    reference = (random_model(model_config(args.shape), device, torch.bfloat16 if cuda else torch.float32, seed=0,
+                              zero3_config=zero3 if args.reference == "sharded" else None) if args.beta else None)
     run = prepare_grpo(config, examples, model=model, reference=reference, log=lambda m: None)
     setup_s = time.perf_counter() - tic
     if cuda:

@@ -21,6 +21,27 @@ SHAPES = {
 }
 
 
+GEMMA2_SHAPES = {
+    "gemma2-27b": dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,  # the
+                       num_key_value_heads=16, head_dim=128, vocab_size=256000, query_pre_attn_scalar=144,  # paper's
+                       sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),  # base model
+    "gemma2-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,  # CPU smoke
+                        num_key_value_heads=2, head_dim=16, vocab_size=4096, query_pre_attn_scalar=16,
+                        sliding_window=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+}
+
+
+def model_config(name: str):
+    """The benchmarks' config for a shape name: a Qwen2.5 shape (SHAPES) or a Gemma 2 shape (GEMMA2_SHAPES, eager
+    attention: transformers has no SDPA path for its soft-capping)."""
+    if name in GEMMA2_SHAPES:
+        from transformers import Gemma2Config
+
+        return Gemma2Config(**GEMMA2_SHAPES[name], max_position_embeddings=8192, use_cache=False,
+                            attn_implementation="eager")
+    return qwen2_config(SHAPES[name])
+
+
 def qwen2_config(shape: dict):
     """A Qwen2.5 config of `shape` (one of SHAPES): Qwen2.5's rope base and norm epsilon, no KV cache (training)."""
     from transformers import Qwen2Config
@@ -29,18 +50,28 @@ def qwen2_config(shape: dict):
                        hidden_act="silu", use_cache=False, attn_implementation="sdpa")
 
 
-def random_model(model_config, device, dtype, seed: int = 0):
-    """Random init directly on the device in `dtype` (a 7B model built on the CPU in fp32 takes minutes)."""
+def random_model(model_config, device, dtype, seed: int = 0, zero3_config: dict | None = None):
+    """Random init directly on the device in `dtype` (a 7B model built on the CPU in fp32 takes minutes).
+    zero3_config: a DeepSpeed ZeRO-3 config: the parameters are partitioned across the ranks as they are built
+    (transformers' DeepSpeed integration: zero.Init, weights initialized gathered), so no rank ever holds the whole
+    model (a 27B policy and its reference do not fit one GPU together)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    attention = getattr(model_config, "_attn_implementation", None) or "sdpa"
+    zero3 = None
+    if zero3_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(zero3_config)  # transformers builds under zero.Init while this object lives
     try:
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa")
+            return AutoModelForCausalLM.from_config(model_config, attn_implementation=attention, dtype=dtype)
     finally:
         torch.set_default_dtype(previous)
+        del zero3
 
 
 def sft_bench_init(model_config, args, device) -> dict:
