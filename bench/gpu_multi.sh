@@ -7,7 +7,12 @@
 #   2. GRPO at the 0.5B shape, ZeRO-2, the same global batch (16 prompts x 8 generations x 256 new tokens):
 #      1 GPU x 16 prompts vs torchrun 2 GPUs x 8 prompts: step time, memory, rollout tokens/s (target >= 1.8x);
 #      and 1 GPU x 8 prompts (the single-GPU benchmark's shape) for reference.
+#   3. SFT at the 7B shape (8 packed rows of 2,048 per step, micro-batch 1), ZeRO-2 and ZeRO-3: 1 GPU x 8 rows vs
+#      torchrun 2 GPUs x 4 rows, the same global batch: tokens/s, peak memory, and the losses step by step (they
+#      must agree: each rank draws its share of the one global batch, losses normalized by global token counts);
+#      1 GPU may not hold 7B's fp32 master weights and Adam states (~122 GB): then its row says out of memory.
 #   bash bench/gpu_multi.sh score    # then: bash bench/gpu_multi.sh grpo (needs `carry: [".whl"]`: deepspeed);
+#   bash bench/gpu_multi.sh sft7b    # (needs `carry: [".whl"]`)
 #                                    # each part fits one 600 s device call
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -108,6 +113,37 @@ if runs["x1_p16"] and runs["x2_p8"]:
     row["speedup_same_global_batch"] = tokens_per_s(runs["x2_p8"]) / tokens_per_s(runs["x1_p16"])
 print(json.dumps(row))
 json.dump(row, open(f"{out}/grpo_multi.json", "w"), indent=1)
+PY
+fi
+
+if [[ ,$parts, == *,sft7b,* ]]; then
+  # shellcheck disable=SC1091
+  source bench/gpu_setup.sh >"$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+  for zero in zero2 zero3; do
+    for n in 1 2; do
+      t "sft 7b $zero x$n"
+      timeout 140 torchrun --standalone --nproc-per-node $n bench/gpu_sft_baseline.py --shape 7b --variants ours \
+        --ours-deepspeed $zero --batch $((8 / n)) --micro-batch 1 --warmup 1 --steps 3 \
+        --out "$OUT/sft7b_${zero}_x$n.json" >"$OUT/sft7b_${zero}_x$n.log" 2>&1 || echo "FAILED sft 7b $zero x$n"
+    done
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+report = {"section": "sft_multi", "kind": "nvidia-h200-x2", "case": "7B shape, 8 x 2,048 packed per step"}
+for zero in ("zero2", "zero3"):
+    for n in (1, 2):
+        try:
+            row = json.load(open(f"{out}/sft7b_{zero}_x{n}.json"))["rows"][0]
+        except (OSError, ValueError, IndexError):
+            row = {"error": "no result (see the log: out of memory?)"}
+        report[f"{zero}_x{n}"] = {k: row.get(k) for k in ("tok_s", "step_s", "peak_alloc_GB", "losses", "error")}
+    one, two = report[f"{zero}_x1"], report[f"{zero}_x2"]
+    if one.get("tok_s") and two.get("tok_s"):
+        report[f"{zero}_speedup"] = two["tok_s"] / one["tok_s"]
+        report[f"{zero}_max_loss_diff"] = max(abs(a - b) for a, b in zip(one["losses"], two["losses"]))
+print(json.dumps(report))
+json.dump(report, open(f"{out}/sft_multi.json", "w"), indent=1)
 PY
 fi
 t done

@@ -59,10 +59,13 @@ def make_batches(args, vocab_size: int, count: int, device) -> list[dict]:
     g = torch.Generator().manual_seed(1234)
     hi = min(vocab_size, 151643) - 4
     lo_doc, hi_doc = max(8, args.seq // 16), max(16, args.seq // 2)
+    # under torchrun each rank takes its share of the global batch (world x --batch rows, drawn as one process
+    # drawing world x --batch rows would): 2 GPUs x --batch 4 see the rows of 1 GPU x --batch 8, in order
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     steps = []
     for _ in range(count):
         rows = []
-        for _ in range(args.batch):
+        for _ in range(args.batch * world):
             ids = torch.randint(1, hi, (args.seq,), generator=g)
             pos = torch.empty(args.seq, dtype=torch.long)
             labels = torch.full((args.seq,), -100, dtype=torch.long)
@@ -82,6 +85,7 @@ def make_batches(args, vocab_size: int, count: int, device) -> list[dict]:
             # HF shifts labels inside the loss, across document edges too: a document's first token is
             # a prompt token (-100), so no loss crosses an edge.
             rows.append((ids, pos, labels, targets, mask, lens))
+        rows = rows[rank * args.batch:(rank + 1) * args.batch]
         batch = {
             "input_ids": torch.stack([r[0] for r in rows]).to(device),
             "position_ids": torch.stack([r[1] for r in rows]).to(device),
@@ -177,7 +181,7 @@ def run_variant(args) -> dict:
     init, step = STEPS[args.variant]
     row = {"section": "sft", "case": args.variant, "shape": args.shape, "seq": args.seq, "batch": args.batch,
            "micro_batch": args.micro_batch, "precision": args.precision if cuda else "fp32-cpu",
-           "tokens_per_step": args.batch * args.seq}
+           "tokens_per_step": args.batch * args.seq, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     if args.variant == "ours" and args.ours_deepspeed:
         row["deepspeed"] = args.ours_deepspeed
     try:
@@ -200,7 +204,8 @@ def run_variant(args) -> dict:
         times.append(time.perf_counter() - t0)
     measured = times[args.warmup:]
     step_s = statistics.median(measured)
-    row.update({"step_s": step_s, "tok_s": args.batch * args.seq / step_s, "steps_s": times, "losses": losses,
+    row.update({"step_s": step_s, "tok_s": args.batch * args.seq * row["world_size"] / step_s,  # every rank's tokens
+                "steps_s": times, "losses": losses,
                 "params": sum(p.numel() for p in state["model"].parameters()) if isinstance(state, dict) and "model" in state else None,
                 "torch": torch.__version__})
     if cuda:
@@ -280,9 +285,10 @@ def main() -> int:
                 r["x_hf"] = r["tok_s"] / base["tok_s"]
                 if "peak_alloc_GB" in r and "peak_alloc_GB" in base:
                     r["mem_vs_hf"] = r["peak_alloc_GB"] / base["peak_alloc_GB"]
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:  # after every variant, so a later crash keeps what ran
-            json.dump({"bench": "sft_baseline", "rows": rows}, f, indent=1)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 writes (every rank's row holds global numbers)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:  # after every variant, so a later crash keeps what ran
+                json.dump({"bench": "sft_baseline", "rows": rows}, f, indent=1)
     print()
     print_table(rows, TABLE_COLUMNS)
     print(json.dumps({"out": args.out, "failed": [r["case"] for r in rows if "error" in r],

@@ -7,7 +7,7 @@ import torch
 
 from .batches import MicroBatch
 from .config import SFTConfig
-from .engine import Engine
+from .engine import Engine, all_reduce_sum
 from .sft import sft_micro_loss
 
 
@@ -103,9 +103,10 @@ def _micro_batch(batch: dict, rows: slice) -> MicroBatch:
 
 
 def sft_bench_step(state: dict, batch: dict) -> float:
-    """One optimizer step: micro-batches of state["micro"] rows, loss = mean over the step's completion tokens."""
+    """One optimizer step: micro-batches of state["micro"] rows, loss = mean over the step's completion tokens of
+    every rank (as `train sft` normalizes: the gradient of N ranks x B rows equals that of one rank x N*B rows)."""
     engine, micro = state["engine"], state["micro"]
-    total = int(batch["loss_mask"].sum())
+    total = int(all_reduce_sum([float(batch["loss_mask"].sum())], engine.device)[0])
     rows = batch["input_ids"].shape[0]
     loss_sum = 0.0
     starts = list(range(0, rows, micro))
@@ -116,4 +117,4 @@ def sft_bench_step(state: dict, batch: dict) -> float:
         engine.backward(loss / total, last=i == len(starts) - 1)
         loss_sum += float(stats["loss_sum"])
     engine.step()
-    return loss_sum / total
+    return all_reduce_sum([loss_sum], engine.device)[0] / total
