@@ -81,6 +81,11 @@ def make_examples(tokenizer, count: int, prompt_tokens: int, seed: int):
 
 
 def main() -> int:
+    args = build_parser().parse_args()
+    return run_benchmark(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="0.5b", choices=sorted(SHAPES) + sorted(GEMMA2_SHAPES))
     p.add_argument("--reference", default="copy", choices=["copy", "sharded"],
@@ -99,8 +104,10 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    return p
 
+
+def run_benchmark(args) -> int:
     from grm_engine.train.config import GRPOConfig
     from grm_engine.train.engine import is_main, local_rank, world_size
     from grm_engine.train.grpo import prepare_grpo
