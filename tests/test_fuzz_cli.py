@@ -301,3 +301,34 @@ def test_fuzzed_train_template(model, tmp_path_factory, choice):
 
 def test_report_counts():
     print("data/flag fuzz:", COUNTS)
+
+
+REFERENCES = ["copy", "sharded", "none", "", "Sharded", "shard", "copy,none"]
+
+
+@FUZZ
+@given(reference=st.sampled_from(REFERENCES), deepspeed=st.sampled_from(["", "zero2", "zero3"]),
+       beta=st.sampled_from(["0", "0.08"]))
+def test_fuzzed_train_reference(model, tmp_path_factory, reference, deepspeed, beta):
+    """reference (grpo): copy, sharded (only with a ZeRO-3 config) or none (only with beta 0); anything else a
+    ConfigError naming the key, before any model loads, and nothing written."""
+    from grm_engine.train.config import ConfigError, load_config
+
+    COUNTS["inputs"] += 1
+    folder = tmp_path_factory.mktemp("fuzz_reference")
+    data = write_jsonl(folder / "data.jsonl", make_examples(2))
+    allowed = (reference in ("copy", "sharded", "none") and (reference != "sharded" or deepspeed == "zero3")
+               and (reference != "none" or beta == "0"))
+    before = fingerprint(folder)
+    try:
+        config = load_config("grpo", None, ["--model", model, "--data", data, "--output_dir", str(folder / "out"),
+                                            f"--reference={reference}", f"--deepspeed={deepspeed}", f"--beta={beta}"])
+    except ConfigError as e:
+        assert "reference" in str(e), e
+        assert not allowed, f"reference {reference!r} with deepspeed {deepspeed!r}, beta {beta} was refused: {e}"
+        COUNTS["clear errors"] += 1
+    else:
+        assert allowed, f"reference {reference!r} with deepspeed {deepspeed!r}, beta {beta} was accepted"
+        assert config.reference == reference
+        COUNTS["correct results"] += 1
+    assert fingerprint(folder) == before  # nothing written, nothing changed
