@@ -106,6 +106,67 @@ def check_shared_prefix(block_tables, context_lens, group_starts, prefix_blocks,
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
+def _work_item(items_ptr, prefix_tokens_ptr, context_lens_ptr, program, split, split_tokens, IS_SUFFIX: tl.constexpr):
+    """What one program of a stacked-rows kernel attends to -> (first_sample, num_samples, first_row, token_start,
+    token_end, slot, prefix_len). Suffix grid: sample `program`'s private keys, split `split` (num_samples 0 past
+    its suffix); prefix grid: work item `program` of the plan (a row tile of a group, a split of its prefix)."""
+    if IS_SUFFIX:
+        first_sample = program
+        first_row = 0
+        prefix_len = tl.load(prefix_tokens_ptr + first_sample)
+        token_start = prefix_len + split * split_tokens
+        token_end = tl.minimum(tl.load(context_lens_ptr + first_sample), token_start + split_tokens)
+        num_samples = (token_start < token_end).to(tl.int32)  # 0 past the suffix (or for an empty suffix)
+        slot = (prefix_len + split_tokens - 1) // split_tokens + split
+    else:
+        item = items_ptr + program * 6
+        prefix_len = 0  # (read by the fused merge only, which the suffix grid runs)
+        first_sample = tl.load(item)
+        num_samples = tl.load(item + 1)
+        first_row = tl.load(item + 2)
+        token_start = tl.load(item + 3)
+        token_end = tl.load(item + 4)
+        slot = tl.load(item + 5)
+    return first_sample, num_samples, first_row, token_start, token_end, slot, prefix_len
+
+
+@triton.jit
+def _finish_rows(m, l, acc, rows, row_mask, cols, col_mask, num_samples, prefix_len, slot, split_tokens, num_slots,
+                 partial_ptr, stats_ptr, out_ptr, WIDTH: tl.constexpr, FUSE_MERGE: tl.constexpr):
+    """A stacked-rows program's result for output rows `rows` [BLOCK_M] (b * H + h) and columns `cols`: unfused,
+    the unnormalized partial + (max, sum) into its slot of the scratch (partial [B, H, num_slots, WIDTH], stats
+    [B, H, num_slots, 2]); fused (the suffix grid with one split, after the prefix kernel), the prefix slots merged
+    with its own registers in the merge kernel's order (prefix slots, then the suffix: bitwise _merge_slots_kernel's
+    result), written as the output [B, H, WIDTH]."""
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if FUSE_MERGE:
+        first = rows * num_slots  # [BLOCK_M]: slots 0 .. prefix_slots - 1 hold the prefix
+        prefix_slots = (prefix_len + split_tokens - 1) // split_tokens
+        m_all = tl.where(num_samples > 0, m, float("-inf"))
+        for s in range(0, prefix_slots):
+            m_all = tl.maximum(m_all, tl.load(stats_ptr + (first + s) * 2, mask=row_mask, other=0.0))
+        merged = tl.zeros_like(acc)
+        denominator = tl.zeros_like(l)
+        for s in range(0, prefix_slots):
+            weight = tl.exp(tl.load(stats_ptr + (first + s) * 2, mask=row_mask, other=0.0) - m_all)
+            denominator += weight * tl.load(stats_ptr + (first + s) * 2 + 1, mask=row_mask, other=0.0)
+            merged += weight[:, None] * tl.load(partial_ptr + (first + s)[:, None] * WIDTH + cols[None, :],
+                                                mask=out_mask, other=0.0)
+        if num_samples > 0:
+            weight = tl.exp(m - m_all)
+            denominator += weight * l
+            merged += weight[:, None] * acc
+        denominator = tl.where(row_mask, denominator, 1.0)  # rows past the sample's heads: 0 / 0, never stored
+        tl.store(out_ptr + rows[:, None] * WIDTH + cols[None, :], (merged / denominator[:, None]).to(
+            out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        out_row = rows * num_slots + slot  # [BLOCK_M]
+        tl.store(partial_ptr + out_row[:, None] * WIDTH + cols[None, :], acc, mask=out_mask)
+        tl.store(stats_ptr + out_row * 2, m, mask=row_mask)
+        tl.store(stats_ptr + out_row * 2 + 1, l, mask=row_mask)
+
+
+@triton.jit
 def _stacked_rows_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, prefix_tokens_ptr, items_ptr,
     partial_ptr, stats_ptr,
@@ -120,23 +181,9 @@ def _stacked_rows_attention_kernel(
     FUSE_MERGE (suffix grid of one split, launched after the prefix kernel): merges the prefix slots with its own
     registers in the merge kernel's order and writes the output instead of a partial."""
     kv_head = tl.program_id(1)
-    if IS_SUFFIX:  # grid (B, kv_heads, num_suffix_splits): one sample's private pages
-        first_sample = tl.program_id(0)
-        split = tl.program_id(2)
-        first_row = 0
-        prefix_len = tl.load(prefix_tokens_ptr + first_sample)
-        token_start = prefix_len + split * split_tokens
-        token_end = tl.minimum(tl.load(context_lens_ptr + first_sample), token_start + split_tokens)
-        num_samples = (token_start < token_end).to(tl.int32)  # 0 past the suffix (or for an empty suffix)
-        slot = (prefix_len + split_tokens - 1) // split_tokens + split
-    else:  # grid (num_items, kv_heads): one row tile of a group against one split of its shared prefix
-        item = items_ptr + tl.program_id(0) * 6
-        first_sample = tl.load(item)
-        num_samples = tl.load(item + 1)
-        first_row = tl.load(item + 2)
-        token_start = tl.load(item + 3)
-        token_end = tl.load(item + 4)
-        slot = tl.load(item + 5)
+    # suffix grid (B, kv_heads, num_suffix_splits); prefix grid (num_items, kv_heads)
+    first_sample, num_samples, first_row, token_start, token_end, slot, prefix_len = _work_item(
+        items_ptr, prefix_tokens_ptr, context_lens_ptr, tl.program_id(0), tl.program_id(2), split_tokens, IS_SUFFIX)
 
     r = first_row + tl.arange(0, BLOCK_M)
     # A program with no rows (a no-op item padding a graph's work list; a suffix split past the sequence's
@@ -159,33 +206,8 @@ def _stacked_rows_attention_kernel(
                                      stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, 1.0,
                                      BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
 
-    # partial [B, H, num_slots, D], stats [B, H, num_slots, 2]; the merge reads only the slots whose range is not empty
-    out_row = (sample * NUM_HEADS + head) * num_slots + slot  # [BLOCK_M]
-    if FUSE_MERGE:
-        first = (sample * NUM_HEADS + head) * num_slots  # [BLOCK_M]: the prefix slots 0 .. prefix_slots - 1
-        prefix_slots = (prefix_len + split_tokens - 1) // split_tokens
-        has_keys = num_samples > 0
-        m_all = tl.where(has_keys, m, float("-inf"))
-        for s in range(0, prefix_slots):
-            m_all = tl.maximum(m_all, tl.load(stats_ptr + (first + s) * 2, mask=row_mask, other=0.0))
-        merged = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        denominator = tl.zeros([BLOCK_M], tl.float32)
-        for s in range(0, prefix_slots):  # the merge kernel's order: prefix slots, then the suffix
-            weight = tl.exp(tl.load(stats_ptr + (first + s) * 2, mask=row_mask, other=0.0) - m_all)
-            denominator += weight * tl.load(stats_ptr + (first + s) * 2 + 1, mask=row_mask, other=0.0)
-            merged += weight[:, None] * tl.load(partial_ptr + (first + s)[:, None] * HEAD_DIM + d[None, :],
-                                                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        if has_keys:
-            weight = tl.exp(m - m_all)
-            denominator += weight * l
-            merged += weight[:, None] * acc
-        out = merged / denominator[:, None]
-        tl.store(out_ptr + (sample * NUM_HEADS + head)[:, None] * HEAD_DIM + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
-    else:
-        tl.store(partial_ptr + out_row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_mask[:, None] & d_mask[None, :])
-        tl.store(stats_ptr + out_row * 2, m, mask=row_mask)
-        tl.store(stats_ptr + out_row * 2 + 1, l, mask=row_mask)
+    _finish_rows(m, l, acc, sample * NUM_HEADS + head, row_mask, d, d_mask, num_samples, prefix_len, slot, split_tokens,
+                 num_slots, partial_ptr, stats_ptr, out_ptr, HEAD_DIM, FUSE_MERGE)
 
 
 @triton.jit
@@ -374,7 +396,7 @@ def cascade_launches(q, k_cache, v_cache, block_tables, context_lens, scale, pla
             **stages(tuning.prefix_stages), **common)))
     launches.append(("suffix", lambda: _stacked_rows_attention_kernel[(batch, kv_heads, plan.num_suffix_splits)](
         *args, BLOCK_M=max(16, triton.next_power_of_2(plan.heads_per_kv)), BLOCK_N=tuning.suffix_block_n,
-        IS_SUFFIX=True, FUSE_MERGE=fuse, out_ptr=out if fuse else None, num_warps=tuning.suffix_warps,
+        IS_SUFFIX=True, FUSE_MERGE=fuse, out_ptr=out, num_warps=tuning.suffix_warps,
         **stages(tuning.suffix_stages), **common)))
     if not fuse:
         launches.append(("merge", lambda: _merge_slots_kernel[(batch * num_heads,)](

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from grm_engine.kernels.cascade_attention import _merge_slots_kernel, plan_cascade, workspace_numel
+from grm_engine.kernels.cascade_attention import (_finish_rows, _merge_slots_kernel, _work_item, plan_cascade,
+                                                  workspace_numel)
 from grm_engine.kernels.paged_attention import _merge_splits_kernel, choose_num_splits
 
 MLA_BLOCK_N = 32  # keys per tile: a [32, 512] bf16 latent tile is 32 KiB of shared memory
@@ -161,24 +162,9 @@ def _mla_stacked_rows_kernel(
     partials [B, H, num_slots, R] + (max, sum) in the layout of cascade_attention's merge. FUSE_MERGE (the suffix
     grid with one split, after the prefix kernel): merges the prefix slots with its own registers in the merge
     kernel's order (prefix slots, then the suffix: bitwise its result) and writes the output [B, H, R] instead."""
-    if IS_SUFFIX:  # grid (B, num_suffix_splits): one sample's private pages, all its heads
-        first_sample = tl.program_id(0)
-        split = tl.program_id(1)
-        first_row = 0
-        prefix_len = tl.load(prefix_tokens_ptr + first_sample)
-        token_start = prefix_len + split * split_tokens
-        token_end = tl.minimum(tl.load(context_lens_ptr + first_sample), token_start + split_tokens)
-        num_samples = (token_start < token_end).to(tl.int32)  # 0 past the suffix (or for an empty suffix)
-        slot = (prefix_len + split_tokens - 1) // split_tokens + split
-    else:  # grid (num_items,): one row tile of a group against one split of its shared prefix
-        item = items_ptr + tl.program_id(0) * 6
-        prefix_len = 0  # (read by the fused merge only, which the suffix grid runs)
-        first_sample = tl.load(item)
-        num_samples = tl.load(item + 1)
-        first_row = tl.load(item + 2)
-        token_start = tl.load(item + 3)
-        token_end = tl.load(item + 4)
-        slot = tl.load(item + 5)
+    # suffix grid (B, num_suffix_splits): one sample's private pages, all its heads; prefix grid (num_items,)
+    first_sample, num_samples, first_row, token_start, token_end, slot, prefix_len = _work_item(
+        items_ptr, prefix_tokens_ptr, context_lens_ptr, tl.program_id(0), tl.program_id(1), split_tokens, IS_SUFFIX)
 
     i = first_row + tl.arange(0, BLOCK_M)
     # A program without rows (a no-op item padding a graph's list, a suffix split past the suffix) loads and stores
@@ -202,32 +188,8 @@ def _mla_stacked_rows_kernel(
         m, l, acc = _attend_latent_tile(q_latent, q_rope, m, l, acc, table, tile, token_end, cache_ptr, stride_cb,
                                         stride_ct, r, r_mask, p, p_mask, scale, LATENT, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
 
-    out_mask = row_mask[:, None] & r_mask[None, :]
-    if FUSE_MERGE:
-        first = (sample * NUM_HEADS + head) * num_slots  # [BLOCK_M]: slots 0 .. prefix_slots - 1 hold the prefix
-        prefix_slots = (prefix_len + split_tokens - 1) // split_tokens
-        m_all = tl.where(num_samples > 0, m, float("-inf"))
-        for s in range(0, prefix_slots):
-            m_all = tl.maximum(m_all, tl.load(stats_ptr + (first + s) * 2, mask=row_mask, other=0.0))
-        merged = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-        denominator = tl.zeros([BLOCK_M], tl.float32)
-        for s in range(0, prefix_slots):
-            weight = tl.exp(tl.load(stats_ptr + (first + s) * 2, mask=row_mask, other=0.0) - m_all)
-            denominator += weight * tl.load(stats_ptr + (first + s) * 2 + 1, mask=row_mask, other=0.0)
-            merged += weight[:, None] * tl.load(partial_ptr + (first + s)[:, None] * LATENT + r[None, :], mask=out_mask,
-                                                other=0.0)
-        if num_samples > 0:
-            weight = tl.exp(m - m_all)
-            denominator += weight * l
-            merged += weight[:, None] * acc
-        denominator = tl.where(row_mask, denominator, 1.0)  # rows past the heads: 0 / 0, never stored
-        tl.store(out_ptr + (sample * NUM_HEADS + head)[:, None] * LATENT + r[None, :],
-                 (merged / denominator[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        out_row = (sample * NUM_HEADS + head) * num_slots + slot  # [BLOCK_M]
-        tl.store(partial_ptr + out_row[:, None] * LATENT + r[None, :], acc, mask=out_mask)
-        tl.store(stats_ptr + out_row * 2, m, mask=row_mask)
-        tl.store(stats_ptr + out_row * 2 + 1, l, mask=row_mask)
+    _finish_rows(m, l, acc, sample * NUM_HEADS + head, row_mask, r, r_mask, num_samples, prefix_len, slot, split_tokens,
+                 num_slots, partial_ptr, stats_ptr, out_ptr, LATENT, FUSE_MERGE)
 
 
 MLA_CASCADE_BLOCK_M = 64  # stacked rows per prefix tile (4 samples of 16 heads); measured fastest on the H200 (see DeepseekV2)
