@@ -127,19 +127,24 @@ def profile_row(case, fn, calls=1):
     return {"section": "loss", "case": case, "ours_ms": summary.pop("span_ms", "n/a"), **summary}
 
 
+def synchronized_ms(fn, calls: int) -> float:
+    """Median wall time (ms) of one call synchronized before and after, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
 def synchronized_call_ms(fn, calls=50):
     """Median wall time of one call that is synchronized before and after (host work before the first kernel
     counts, as it does for a training step that waits on the loss): the 'one call, synchronized' row."""
     try:
-        fn()
-        times = []
-        for _ in range(calls):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(1e3 * (time.perf_counter() - start))
-        return sorted(times)[len(times) // 2], "", ""
+        return synchronized_ms(fn, calls), "", ""
     except Exception as exc:
         return "n/a", "", f"{type(exc).__name__}: {str(exc)[:120]}"
 

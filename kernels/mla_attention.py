@@ -112,18 +112,25 @@ def _mla_decode_kernel(
         tl.store(stats_ptr + slot * 2 + 1, l, mask=h_mask)
 
 
+def _check_mla_inputs(name, q, cache, block_tables, context_lens, latent_dim: int) -> tuple[int, int, int, int]:
+    """The launchers' shared contract -> (batch, num_heads, block_size, rope dim)."""
+    batch, num_heads, row = q.shape
+    _, block_size, _, cache_row = cache.shape
+    rope = row - latent_dim
+    assert cache_row == row and rope > 0, f"{name}: query rows of {row} for cache rows of {cache_row}"
+    assert q.stride(2) == 1 and cache.stride(3) == 1, f"{name}: rows must be contiguous"
+    assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
+    return batch, num_heads, block_size, rope
+
+
 def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                          scale: float, latent_dim: int, *, max_context_len: int | None = None,
                          num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """q [B, H, R + P] (absorbed query); cache [num_blocks, block_size, 1, R + P]; block_tables [B, max_blocks] int32;
     context_lens [B] int32 (the query sits at position context_lens[b] - 1). Returns the latent output [B, H, R]
     in q's dtype. num_splits given: nothing is read from the device (CUDA graphs)."""
-    batch, num_heads, row = q.shape
-    _, block_size, _, cache_row = cache.shape
-    rope = row - latent_dim
-    assert cache_row == row and rope > 0, f"mla_decode_attention: query rows of {row} for cache rows of {cache_row}"
-    assert q.stride(2) == 1 and cache.stride(3) == 1, "mla_decode_attention: rows must be contiguous"
-    assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
+    batch, num_heads, block_size, rope = _check_mla_inputs("mla_decode_attention", q, cache, block_tables, context_lens,
+                                                           latent_dim)
     if num_splits is None:
         if max_context_len is None:
             max_context_len = int(context_lens.max())
@@ -207,12 +214,8 @@ def mla_cascade_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tab
     the host reads no device value (CUDA-graph capturable) and block_m / split_tokens come from the plan.
     prefix_warps: warps of a prefix tile's program (default 4 up to 16 x 256 accumulator elements, else 8).
     workspace: an optional fp32 buffer of >= workspace_numel(plan, B, H, R) elements for the scratch."""
-    batch, num_heads, row = q.shape
-    _, block_size, _, cache_row = cache.shape
-    rope = row - latent_dim
-    assert cache_row == row and rope > 0, f"mla_cascade_decode_attention: query rows of {row} for cache rows of {cache_row}"
-    assert q.stride(2) == 1 and cache.stride(3) == 1, "mla_cascade_decode_attention: rows must be contiguous"
-    assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
+    batch, num_heads, block_size, rope = _check_mla_inputs("mla_cascade_decode_attention", q, cache, block_tables,
+                                                           context_lens, latent_dim)
     if plan is None:
         if max_context_len is None:
             max_context_len = int(context_lens.max())  # a device read: pass max_context_len or a plan to avoid it
