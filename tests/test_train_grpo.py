@@ -95,17 +95,15 @@ def grads_of(module):
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
-@pytest.mark.parametrize("budget", [10_000, 40])  # one micro-batch, or several small ones
-def test_step_gradient_equals_reference(tmp_path, tokenizer, loss_type, budget):
-    config = grpo_config(tmp_path, loss_type=loss_type, beta=0.08, temperature=0.7, max_tokens_per_micro_batch=budget,
-                         max_completion_length=9)
-    policy = tiny_model(tokenizer, seed=1)
-    reference = tiny_model(tokenizer, seed=2).eval().requires_grad_(False)
+def check_step_gradient(config, build, tokenizer) -> dict:
+    """accumulate_gradients' gradient on hand-made rollouts == the row-by-row objective's (policy build(seed=1),
+    reference build(seed=2)); -> the step's sums."""
+    policy = build(tokenizer, seed=1)
+    reference = build(tokenizer, seed=2).eval().requires_grad_(False)
     rollouts = make_rollouts([1, -1, -1, 1, 1, 1, -1, 1], [7, 7, 5, 6, 9, 9, 9, 4], [3, 9, 1, 5, 2, 6, 4, 8],
                              len(tokenizer))
     chunk = make_chunk(rollouts, config)
-    expected_policy = tiny_model(tokenizer, seed=1)
+    expected_policy = build(tokenizer, seed=1)
     reference_loss(expected_policy, reference, rollouts, chunk.advantages, config).backward()
     expected = grads_of(expected_policy)
 
@@ -116,6 +114,15 @@ def test_step_gradient_equals_reference(tmp_path, tokenizer, loss_type, budget):
     assert set(got) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=2e-4, atol=2e-6, msg=f"gradient of {name}")
+    return sums
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("budget", [10_000, 40])  # one micro-batch, or several small ones
+def test_step_gradient_equals_reference(tmp_path, tokenizer, loss_type, budget):
+    config = grpo_config(tmp_path, loss_type=loss_type, beta=0.08, temperature=0.7, max_tokens_per_micro_batch=budget,
+                         max_completion_length=9)
+    sums = check_step_gradient(config, tiny_model, tokenizer)
     assert sums["rows"] == 8
 
 
@@ -137,20 +144,7 @@ def test_step_gradient_equals_reference_gemma2(tmp_path, tokenizer):
     reference log-probs), and left-padded micro-batches keep its sliding window."""
     config = grpo_config(tmp_path, loss_type="grpo", beta=0.5, temperature=0.7, max_tokens_per_micro_batch=40,
                          max_completion_length=9)
-    policy, reference = tiny_gemma2(tokenizer, seed=1), tiny_gemma2(tokenizer, seed=2).eval().requires_grad_(False)
-    rollouts = make_rollouts([1, -1, -1, 1, 1, 1, -1, 1], [7, 7, 5, 6, 9, 9, 9, 4], [3, 9, 1, 5, 2, 6, 4, 8],
-                             len(tokenizer))
-    chunk = make_chunk(rollouts, config)
-    expected_policy = tiny_gemma2(tokenizer, seed=1)
-    reference_loss(expected_policy, reference, rollouts, chunk.advantages, config).backward()
-    expected = grads_of(expected_policy)
-    engine = Engine(policy, config, total_steps=1)
-    accumulate_gradients(engine, reference, [chunk], config, torch.device("cpu"), 0,
-                         {"reference_s": 0.0, "policy_s": 0.0})
-    got = grads_of(engine.module)
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, rtol=2e-4, atol=2e-6, msg=f"gradient of {name}")
+    check_step_gradient(config, tiny_gemma2, tokenizer)
 
 
 def test_two_chunks_equal_one_batch(tmp_path, tokenizer):
