@@ -104,7 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", default=None,
+                   help="torch.profiler tables of the last step (self CPU and self device time) to this file")
     return p
+
+
+def profiled_step(run, step: int, path: str, cuda: bool) -> dict:
+    """One GRPO step under torch.profiler; writes the op tables (rank 0's, or each rank's with a .rankN suffix)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from grm_engine.train.engine import local_rank, world_size
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        metrics = run.step(step)
+    averages = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in averages)
+    with open(path if world_size() == 1 else f"{path}.rank{local_rank()}", "w") as f:
+        f.write(f"step {step}: {metrics['step_s']:.3f} s wall, {device_us / 1e6:.3f} s of device kernels "
+                f"(rollout {metrics['rollout_s']:.3f}, reference {metrics['reference_s']:.3f}, "
+                f"policy {metrics['policy_s']:.3f})\n")
+        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=45) + "\n")
+        f.write(averages.table(sort_by="self_device_time_total", row_limit=30) + "\n")
+    return metrics
 
 
 def run_benchmark(args) -> int:
@@ -147,7 +169,10 @@ def run_benchmark(args) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     rows = []
     for step in range(args.warmup + args.steps):
-        metrics = run.step(step)
+        if args.profile and step == args.warmup + args.steps - 1:
+            metrics = profiled_step(run, step, args.profile, cuda)
+        else:
+            metrics = run.step(step)
         metrics.pop("_samples", None)
         metrics["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
         metrics["measured"] = step >= args.warmup
