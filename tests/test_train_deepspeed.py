@@ -70,6 +70,29 @@ def test_zero2_and_zero3_match_plain(one_process):
             assert weights[name].float().sub(want[name]).abs().max() < 1e-5, (stage, name)
 
 
+def test_zero3_preset_fetches_decoder_blocks_whole(one_process):
+    """The zero3 preset's leaf_module "auto" became the model's decoder-layer class: the equal-loss ZeRO-3 run above
+    fetched each block's parameters at once (the base model has 2 layers)."""
+    _, stdout = one_process
+    assert "ZeRO-3 fetches 2 blocks whole (leaf_module: Qwen2DecoderLayer)" in stdout
+
+
+def test_resolve_leaf_modules_keeps_a_written_list():
+    from grm_engine.train.engine import resolve_leaf_modules
+
+    class Model:
+        _no_split_modules = ["Qwen2DecoderLayer"]
+
+    auto = resolve_leaf_modules({"zero_optimization": {"stage": 3, "leaf_module": {"classes": ["auto", "MyBlock"]}}},
+                                Model())
+    classes = auto["zero_optimization"]["leaf_module"]["classes"]
+    assert classes[:2] == ["MyBlock", "Qwen2DecoderLayer"] and "auto" not in classes
+    assert len(classes) == len(set(classes)) > 2  # DeepSpeed's default MoE blocks kept
+    written = {"zero_optimization": {"stage": 3, "leaf_module": {"classes": ["MyBlock"]}}}
+    assert resolve_leaf_modules(written, Model())["zero_optimization"]["leaf_module"]["classes"] == ["MyBlock"]
+    assert resolve_leaf_modules({"zero_optimization": {"stage": 3}}, Model()) == {"zero_optimization": {"stage": 3}}
+
+
 def test_zero3_resume_from_deepspeed_checkpoint(one_process):
     root, stdout = one_process
     out = root / "zero3"

@@ -164,7 +164,8 @@ def build_critic(root) -> str:
     from grm_engine.protocol import build_prompt
     from grm_engine.train import train
 
-    base = build_base(root)
+    base = build_base(root)  # may come from the cache, built under another test's root: root may not exist yet
+    os.makedirs(root, exist_ok=True)
     data = os.path.join(str(root), "critic.jsonl")
     with open(data, "w", encoding="utf-8") as f:
         for example in rft_examples(5, seed=5):
