@@ -130,7 +130,7 @@ fi
 
 if [[ ,$parts, == *,eval,* ]]; then
   # `grm-engine eval` of the demo's trained GRPO model (carried in .out/demo_eval: model, meta RM, 1,024 held-out
-  # examples; tests/test_bench_scripts.py's sibling script bench/make_demo_eval.py writes it) on 1 and 2 GPUs:
+  # examples, written here by bench/make_demo_eval.py from a finished `grm-engine demo` run) on 1 and 2 GPUs:
   # the accuracy tables must be equal within the measured sample agreement
   D=.out/demo_eval
   [ -d $D/model ] || { echo "no $D (run bench/make_demo_eval.py here and carry .out/demo_eval)"; exit 1; }
