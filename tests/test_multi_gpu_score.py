@@ -130,15 +130,32 @@ def test_a_check_that_fails_on_rank_0_only_stops_every_rank(setup, tmp_path):
     assert os.listdir(folder) == []
 
 
+def tiny_meta_rm(model: str, path) -> str:
+    """A random-init one-label LlamaForSequenceClassification over the model's tokenizer (a meta RM folder)."""
+    import torch
+    import transformers as tf
+
+    from grm_engine.demo import tiny_config
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(model)
+    torch.manual_seed(2)
+    tf.LlamaForSequenceClassification(tiny_config("llama", tokenizer, num_labels=1)).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
 def test_eval_on_two_ranks_equals_one(setup, tmp_path):
+    """With a meta RM too: each rank scores its own samples' critiques with it (MetaRM@k columns equal)."""
+    meta = tiny_meta_rm(setup["model"], tmp_path / "meta")
     argv = ["eval", "--model", setup["model"], "--data", setup["data"], "--k", "1,3", "--chunk-size", str(CHUNK),
-            "--max-tokens", "12", "--max-num-seqs", "32", "--temperature", "1.0"]
+            "--max-tokens", "12", "--max-num-seqs", "32", "--temperature", "1.0", "--meta-rm", meta, "--k-meta", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli.main([*argv, "--device", "cpu", "--out-dir", str(one)]) == 0
     done = run_cli([*argv, "--devices", "cpu,cpu", "--out-dir", str(two)], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads((folder / "results.json").read_text()) for folder in (one, two)]
     assert results[0]["methods"] == results[1]["methods"]
+    assert any(name.startswith("MetaRM@") for name in results[0]["methods"]), list(results[0]["methods"])
     for key in ("greedy_run", "sampled_run"):
         for stat in ("examples", "samples", "parse_failures", "generated_tokens", "prompt_tokens"):
             assert results[0][key][stat] == results[1][key][stat], (key, stat)
