@@ -1,4 +1,4 @@
-"""The scale-out runs (bench/gpu_scale_out.sh, issue 15) wait for a machine with 4 or 8 GPUs: their commands must
+"""Bench scripts checked on the CPU. The scale-out runs (bench/gpu_scale_out.sh, issue 15) wait for a machine with 4 or 8 GPUs: their commands must
 stay valid until then. A dry run prints them; every command they name must parse with its program's own parser
 (bench/gpu_grpo.py's, the CLI's): an unknown or mistyped flag fails here."""
 import os
@@ -57,3 +57,31 @@ def test_unknown_part_is_refused(tmp_path):
     done = subprocess.run(["bash", "bench/gpu_scale_out.sh", "everything"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "unknown part" in done.stdout
+
+
+def test_compare_evals_counts_identical_samples_and_differing_values(tmp_path):
+    """bench/compare_evals.py (the 1 vs 2 GPU eval check): one changed sample text and one changed accuracy are
+    reported as such; examples in another order are refused."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from compare_evals import compare
+
+    def write(folder, texts, accuracy, ids=("a", "b")):
+        folder.mkdir()
+        summary = {"Voting@8": {"accuracy": accuracy, "ties": 0.1}, "Greedy": {"accuracy": 0.5}}
+        (folder / "results.json").write_text(json.dumps({"summary": summary, "methods": summary}))
+        rows = [{"id": i, "samples": [{"text": t} for t in pair]} for i, pair in zip(ids, texts)]
+        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(folder)
+
+    one = write(tmp_path / "one", [("x", "y"), ("z", "w")], 0.75)
+    two = write(tmp_path / "two", [("x", "y"), ("z", "CHANGED")], 0.5)
+    report = compare(one, two)
+    assert (report["samples"], report["identical_samples"]) == (4, 3)
+    assert report["values_differing"] == 2 and report["max_diff"] == 0.25  # summary and methods
+    assert set(report["differing"]) == {"summary.Voting@8.accuracy", "methods.Voting@8.accuracy"}
+    assert compare(one, one)["values_differing"] == 0
+    swapped = write(tmp_path / "swapped", [("x", "y"), ("z", "w")], 0.75, ids=("b", "a"))
+    with pytest.raises(SystemExit, match="different examples or orders"):
+        compare(one, swapped)
