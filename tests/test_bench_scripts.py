@@ -1,6 +1,7 @@
-"""Bench scripts checked on the CPU. The scale-out runs (bench/gpu_scale_out.sh, issue 15) wait for a machine with 4 or 8 GPUs: their commands must
-stay valid until then. A dry run prints them; every command they name must parse with its program's own parser
-(bench/gpu_grpo.py's, the CLI's): an unknown or mistyped flag fails here."""
+"""Bench scripts checked on the CPU. The scale-out runs (bench/gpu_scale_out.sh, issue 15) wait for a machine with
+4 or 8 GPUs: their commands must stay valid until then. A dry run prints them; every command they name must parse
+with its program's own parser (bench/gpu_grpo.py's, the CLI's): an unknown or mistyped flag fails here. The eval
+comparison tool (bench/compare_evals.py) runs on small files."""
 import os
 import shlex
 import subprocess
