@@ -55,6 +55,9 @@ class DecoderConfig:
     # per round, not per token. A sample that stops inside a round wastes at most steps - 1 steps; the tokens are
     # the same as with 1 (the noise is keyed by position, and a round only runs when no sequence can be preempted)
     num_scheduler_steps: int = 8
+    # experimental, off until measured faster on the GPU: decode steps (<= 128 rows, Triton path) run the Llama-family
+    # projections through the split-K kernel grm_engine.kernels.skinny_linear instead of cuBLAS; prefill keeps F.linear
+    skinny_linear: bool = False
 
     def use_cuda_graphs(self) -> bool:
         """cuda_graphs, unless the environment says GRM_ENGINE_CUDA_GRAPHS=0 (debugging without editing code)."""
@@ -63,6 +66,8 @@ class DecoderConfig:
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_cuda_graphs", "num_scheduler_steps"):
             _check_int(name, getattr(self, name))
+        if not isinstance(self.skinny_linear, bool):
+            raise TypeError(f"DecoderConfig: skinny_linear must be True or False, got {self.skinny_linear!r}")
         for name in ("num_kv_blocks", "max_model_len"):  # None: sized from memory / the model's context
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))

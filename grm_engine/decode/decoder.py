@@ -47,6 +47,7 @@ class Decoder:
         self.max_model_len = max_model_len
         self.shares_live_weights = shares_live_weights
         self.vocab_size = model.lm_head.shape[0]
+        model.skinny_linear = config.skinny_linear  # read by the model's linear() on decode steps
         num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs, config.use_cuda_graphs(),
@@ -61,6 +62,7 @@ class Decoder:
                         max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                         enable_prefix_caching: bool = True, cuda_graphs: bool = True,
                         cascade_attention: bool = True, num_scheduler_steps: int = 8, warmup: bool = True,
+                        skinny_linear: bool = False,
                         merge_projections: bool | None = None,
                         trust_remote_code: bool = False) -> "Decoder":
         """path_or_module: a Hugging Face checkpoint directory (config.json + *.safetensors) or a live
@@ -69,6 +71,8 @@ class Decoder:
         cascade_attention=False keeps the plain paged kernel when samples share a prompt.
         num_scheduler_steps: decode steps launched per round of host bookkeeping (CUDA graph path; same tokens
         for any value, 1 pays the host's per-sequence work every token).
+        skinny_linear (experimental, off by default): decode steps run the projections through the split-K Triton
+        kernel (grm_engine.kernels.skinny_linear) instead of cuBLAS; prefill is unchanged.
         warmup (CUDA): run Decoder.warmup() here, so the first generate does not pay kernel loading.
         merge_projections: q/k/v and gate/up as one GEMM each. None: yes for a checkpoint directory (the weights
         become views of the merged tensors, no extra memory) and for a live module whose mergeable weights take
@@ -80,7 +84,7 @@ class Decoder:
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                                 cuda_graphs=cuda_graphs, cascade_attention=cascade_attention,
-                                num_scheduler_steps=num_scheduler_steps)
+                                num_scheduler_steps=num_scheduler_steps, skinny_linear=skinny_linear)
         live = isinstance(path_or_module, torch.nn.Module)
         if live:
             config = path_or_module.config

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..attention import AttentionMetadata, attention_backend, decode_attention, default_scale, prefill_attention, store_kv
 from .layers import RotaryEmbedding, rms_norm
+from .linear import SKINNY_MAX_ROWS, skinny_linear as skinny_linear_op
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -175,8 +176,14 @@ class LlamaForCausalLM:
         x = x + delta
         return x, self.norm_reference(x, name)
 
+    skinny_linear = False  # DecoderConfig.skinny_linear (the Decoder sets it)
+    skinny = False  # this forward's projections run the split-K kernel (a decode step on the Triton path)
+
     def linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
-        return F.linear(x, self.w(prefix + ".weight"), self.weights.get(prefix + ".bias"))
+        weight, bias = self.w(prefix + ".weight"), self.weights.get(prefix + ".bias")
+        if self.skinny and x.dim() == 2 and x.dtype == weight.dtype:
+            return skinny_linear_op(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.w("model.embed_tokens.weight"))
@@ -225,6 +232,8 @@ class LlamaForCausalLM:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         self.fused = attention_backend(self.device) == "triton"
+        self.skinny = (self.skinny_linear and self.fused and not meta.is_prefill
+                       and input_ids.shape[0] <= SKINNY_MAX_ROWS)
         x = self.embed(input_ids)
         rope = self.rotary.tables(positions)
         for layer in range(self.num_layers):
