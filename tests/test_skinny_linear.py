@@ -137,6 +137,25 @@ def test_decoder_greedy_tokens_same_with_the_flag(triton_backend, monkeypatch):
     assert calls == [3] * (8 * 3)
 
 
+def test_bench_script_smoke(tmp_path):
+    """bench/gpu_skinny_linear.py's table and sweep logic on tiny shapes under the interpreter (the GPU run is paid
+    for by the minute: a broken script should fail here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", OUT=str(tmp_path))
+    done = subprocess.run([sys.executable, "bench/gpu_skinny_linear.py", "--smoke"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "skinny_linear.jsonl").read_text().splitlines()]
+    assert [r["section"] for r in rows].count("skinny_table") == 4 and rows[-1]["section"] == "skinny_summary"
+    assert all(r["max_abs_error"] < 1e-4 for r in rows if r["section"] == "skinny_table")
+    assert any(r["section"] == "skinny_sweep" and r["tried"] > 2 for r in rows)
+
+
 # ---- sm_90 compile (offline) --------------------------------------------------------------------------------
 
 def compile_cases():
