@@ -65,13 +65,13 @@ def _skinny_linear_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, partial_ptr, cou
         tl.store(tile_base + split * (BLOCK_M * BLOCK_N) + tile_offsets, acc)
         tl.debug_barrier()  # every thread's partial is written before one thread's release below publishes them
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:  # the tile's other partials are all written: sum them in split order (same bits every run)
+        if arrived == SPLIT_K - 1:  # the tile's partials are all written: sum in split order (same bits every run)
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
-                other = tl.full((BLOCK_M, BLOCK_N), s, tl.int32) != split  # this program's own partial is in registers
-                part = tl.load(tile_base + s * (BLOCK_M * BLOCK_N) + tile_offsets, mask=other, other=0.0,
-                               cache_modifier=".cg")  # from L2: another SM wrote it
-                total += tl.where(other, part, acc)
+                if s == split:  # this program's own partial is still in registers
+                    total += acc
+                else:  # from L2 (.cg: not this SM's L1), another SM wrote it
+                    total += tl.load(tile_base + s * (BLOCK_M * BLOCK_N) + tile_offsets, cache_modifier=".cg")
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # zero again for the next call
             _store_output(total, bias_ptr, out_ptr, m, n, m_mask, n_mask, stride_out, HAS_BIAS)
     else:
@@ -110,6 +110,7 @@ def balanced_split(split_k: int, in_features: int, block_k: int) -> tuple[int, i
     return triton.cdiv(chunks, per_split), per_split * block_k
 
 
+@functools.lru_cache(maxsize=4096)  # eager decode steps ask once per projection per step
 def default_config(rows: int, out_features: int, in_features: int, num_sms: int = 132) -> SkinnyConfig:
     """The launch for one shape, by a small model of what costs. For each N tile (32, 64, 128): split K until
     tiles x splits reach num_sms programs (at most TAIL_ELEMENTS / (BLOCK_M x BLOCK_N) splits); count the bytes

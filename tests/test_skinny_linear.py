@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from grm_engine.decode.models.linear import linear_reference, skinny_linear
-from triton_compile import compile_sm90, run_compile_script
+from triton_compile import run_compile_script
 
 pytest.importorskip("triton")
 
@@ -159,18 +159,34 @@ def test_bench_script_smoke(tmp_path):
 # ---- sm_90 compile (offline) --------------------------------------------------------------------------------
 
 def compile_cases():
+    """bf16 launches of the default configs (split and not, a ragged K), and the fp32 (ieee) one of the GPU tests."""
     common = dict(HAS_BIAS=True, EVEN_K=True, BLOCK_K=128, DOT_PRECISION="tf32")
     return [dict(common, SPLIT_K=4, BLOCK_M=64, BLOCK_N=32), dict(common, SPLIT_K=1, BLOCK_M=16, BLOCK_N=64),
-            dict(common, SPLIT_K=2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, HAS_BIAS=False, EVEN_K=False)]
+            dict(common, SPLIT_K=2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, HAS_BIAS=False, EVEN_K=False),
+            dict(common, SPLIT_K=4, BLOCK_M=16, BLOCK_N=32, DOT_PRECISION="ieee")]
 
 
 def compile_all():
+    """As launched at the real shapes: pointers and the sizes/strides that are multiples of 16 carry Triton's
+    divisibility hint, so the loads compile to the pipelined cp.async path (without it: scalar loads)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     fn = kernel._skinny_linear_kernel
+    aligned = [i for i, name in enumerate(fn.arg_names) if name.endswith("_ptr") or name in (
+        "out_features", "in_features", "stride_x", "stride_weight", "stride_out", "k_per_split")]
     for constexprs in compile_cases():
-        signature = {name: "constexpr" if name in constexprs else "*bf16" if name.endswith("_ptr") else "i32"
+        floats = "*fp32" if constexprs["DOT_PRECISION"] == "ieee" else "*bf16"
+        signature = {name: "constexpr" if name in constexprs else floats if name.endswith("_ptr") else "i32"
                      for name in fn.arg_names}
         signature.update(partial_ptr="*fp32", counter_ptr="*i32")
-        compile_sm90(fn, signature, constexprs, num_warps=4, num_stages=3)
+        source = ASTSource(fn, signature, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+        ptx = compiled.asm["ptx"]
+        assert compiled.asm.get("cubin") and "cp.async" in ptx, constexprs
+        if constexprs["SPLIT_K"] > 1:  # one thread bumps the counter, after a barrier over the partial stores
+            assert ptx.count("atom.global.gpu.acq_rel.add") == 1 and "bar.sync" in ptx.split("atom.global.gpu.acq_rel")[0]
         print("compiled", constexprs)
 
 
@@ -258,21 +274,50 @@ def test_cuda_graph_capture_and_replay():
 
 @pytest.mark.gpu
 def test_decoder_with_cuda_graphs_same_tokens_with_the_flag():
-    """fp32 on the GPU (ieee dots, cuBLAS without TF32): the flag changes no greedy token through the captured
-    decode graphs (warm-up, padded buckets)."""
+    """fp32 on the GPU (ieee dots; cuBLAS without TF32): the flag changes no sampled token through the captured
+    decode graphs (warm-up, padded buckets, split-K launches: qkv 384 x 256, down 256 x 512)."""
+    from decode_helpers import medium_prompts
     from grm_engine.decode import Decoder, SamplingParams
-    from test_decode_models import make_prompts, tiny_model
+    from test_decode_gpu import medium_model
 
-    model = tiny_model("qwen2", seed=2).cuda()
-    params = SamplingParams(n=4, temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
+    model = medium_model("qwen2")
+    params = SamplingParams(n=8, temperature=0.8, max_tokens=32, seed=3, ignore_eos=True, logprobs=True)
     results = {}
     for flag in (False, True):
-        decoder = Decoder.from_pretrained(model, num_kv_blocks=256, block_size=4, max_num_seqs=32, skinny_linear=flag)
-        results[flag] = [s for r in decoder.generate(make_prompts(), params, use_tqdm=False) for s in r.outputs]
+        decoder = Decoder.from_pretrained(model, num_kv_blocks=1024, block_size=16, max_num_seqs=32, skinny_linear=flag)
+        results[flag] = [s for r in decoder.generate(medium_prompts(), params, use_tqdm=False) for s in r.outputs]
         assert decoder.stats.extra.get("cuda_graphs"), "the decode steps did not run from CUDA graphs"
     assert [s.token_ids for s in results[True]] == [s.token_ids for s in results[False]]
     for on, off in zip(results[True], results[False]):
         torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_decoder_bf16_greedy_with_the_flag_against_transformers(family, monkeypatch):
+    """bf16 decode steps through the kernel: every greedy token is fp32 transformers' best or a near tie (within 4x
+    transformers' own bf16 error), as the decoder's GPU lane checks without the flag."""
+    import copy
+
+    from decode_helpers import check_bf16_first_step_and_greedy, medium_prompts
+    from grm_engine.decode import Decoder
+    from test_decode_gpu import medium_model
+
+    calls = []
+    launcher = kernel.skinny_linear_triton
+
+    def counting(x, weight, bias=None, config=None):
+        calls.append(x.shape[0])
+        return launcher(x, weight, bias, config)
+
+    monkeypatch.setattr(kernel, "skinny_linear_triton", counting)
+    original = Decoder.from_pretrained.__func__
+    monkeypatch.setattr(Decoder, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: original(cls, *args, skinny_linear=True, **kwargs)))
+    model32 = medium_model(family)
+    check_bf16_first_step_and_greedy(model32, copy.deepcopy(model32).to(torch.bfloat16), medium_prompts(), monkeypatch,
+                                     label=family)
+    assert calls, "the decode steps did not use the kernel"
 
 
 if __name__ == "__main__":
