@@ -223,13 +223,18 @@ def test_bf16_error_within_twice_cublas(name, rows):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["o", "down", "qkv_7b"])
 def test_repeated_calls_are_bit_identical(name):
-    """The last program sums partials in split order, whichever program arrives last: same bits every call."""
+    """The last program sums partials in split order, whichever program arrives last: same bits every call. The
+    workspace is poisoned with NaN before each call: a partial read before its writer published it (a broken
+    release/acquire pairing) would show up as NaN."""
     n, k = {**SHAPES_05B, **SHAPES_7B}[name]
     x, weight, _ = bf16_inputs(64, n, k, with_bias=False, seed=1)
     first = skinny_linear(x, weight)
-    assert kernel.default_config(64, n, k).split_k > 1
-    for _ in range(20):
+    assert kernel.default_config(64, n, k).split_k > 1 and torch.isfinite(first).all()
+    partials, counters = kernel._WORKSPACES[x.device]
+    for _ in range(50):
+        partials.fill_(float("nan"))
         assert torch.equal(skinny_linear(x, weight), first)
+    assert int(counters.abs().sum()) == 0
 
 
 @pytest.mark.gpu
