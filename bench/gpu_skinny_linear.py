@@ -6,7 +6,8 @@
    each timed as a CUDA graph of 50 calls (launch gaps inside a graph count, host launch cost does not): us per
    call, GB/s of weight read and the weight-read floor at 4.2 TB/s.
 2. sweep: block_n x split_k (block_k as the default's), then warps / stages around the best, for the 0.5B shapes
-   at 64 and 128 rows, then the 7B shapes at 64; stops after SWEEP_BUDGET_S. One row per shape: best vs default.
+   at 64 and 128 rows, then the 7B shapes at 64; stops after SWEEP_BUDGET_S. One row per shape: best vs default;
+   the summary lists the winners as lines to paste into kernels/skinny_linear.py's TUNED.
 3. rollout: the 0.5B GRPO rollout (8 prompts x 512 tokens, n = 8, 256 new tokens, ignore_eos) with
    skinny_linear off and on: decode step ms each (bench/gpu_rollout_step.py's measurement).
 
@@ -93,7 +94,7 @@ def skinny_call(x, w, config=None):
 
 def table(shapes: dict, rows_list, device: str, dtype: torch.dtype) -> dict:
     """(name, rows) -> {cublas_us, skinny_us}; one JSON row each."""
-    from grm_engine.kernels.skinny_linear import default_config
+    from grm_engine.kernels.skinny_linear import choose_config
 
     results = {}
     for rows in rows_list:
@@ -108,7 +109,7 @@ def table(shapes: dict, rows_list, device: str, dtype: torch.dtype) -> dict:
             emit({"section": "skinny_table", "name": name, "m": rows, "n": n, "k": k, "cublas_us": round(cublas, 2),
                   "skinny_us": round(ours, 2), "speedup": round(cublas / ours, 3), "floor_us": round(floor, 2),
                   "cublas_GB/s": round(n * k * 2 / cublas / 1e3), "skinny_GB/s": round(n * k * 2 / ours / 1e3),
-                  "config": default_config(rows, n, k, num_sms()).__dict__, "max_abs_error": error})
+                  "config": choose_config(rows, n, k, num_sms()).__dict__, "max_abs_error": error})
     return results
 
 
@@ -178,6 +179,16 @@ def sweep(device: str, dtype: torch.dtype, budget_s: float, order=SWEEP_ORDER) -
     return best_rows
 
 
+def tuned_entry(row: dict) -> str:
+    """A sweep row whose best launch beats the default by 3%+, as a line for kernels/skinny_linear.py's TUNED."""
+    from grm_engine.kernels.skinny_linear import block_rows
+
+    n, k = SHAPES[row["name"]]
+    fields = ", ".join(f"{key}={value}" for key, value in row["best"].items())
+    return f"({n}, {k}, {block_rows(row['m'])}): SkinnyConfig({fields}),  # {row['name']} M={row['m']}: " \
+           f"{row['best_us']} vs {row['default_us']} us"
+
+
 def rollout(flag: bool) -> tuple[dict, list[list[int]]]:
     """The GRPO rollout shape of bench/gpu_rollout_step.py (8 prompts of 512 tokens x 8 samples, 256 new tokens)
     -> (its JSON row, every sample's tokens)."""
@@ -225,8 +236,9 @@ def main() -> None:
             sys.exit("--smoke runs on a CPU-only machine with TRITON_INTERPRET=1")
         SHAPES.update(tiny=(48, 40), tiny_split=(40, 300))
         results = table({"tiny": SHAPES["tiny"], "tiny_split": SHAPES["tiny_split"]}, (3, 16), "cpu", torch.float32)
-        sweep("cpu", torch.float32, 5.0, order=[("tiny_split", 16)])
-        emit({"section": "skinny_summary", "smoke": True, "cases": len(results)})
+        best = sweep("cpu", torch.float32, 5.0, order=[("tiny_split", 16)])
+        emit({"section": "skinny_summary", "smoke": True, "cases": len(results),
+              "tuned_entries": [tuned_entry(row) for row in best]})
         return
     emit({"section": "skinny_device", "gpu": torch.cuda.get_device_name(), "sms": num_sms(),
           "torch": torch.__version__})
@@ -239,6 +251,7 @@ def main() -> None:
         summary[f"layer_05b_m{rows}"] = {k: round(v, 2) for k, v in layer.items()}
         summary[f"step_saving_ms_m{rows}_24_layers"] = round(24 * (layer["cublas_us"] - layer["skinny_us"]) / 1e3, 3)
     summary["sweep_shapes"] = len(best)
+    summary["tuned_entries"] = [tuned_entry(row) for row in best if row["best_us"] < 0.97 * row["default_us"]]
     if not args.skip_rollout:
         off, tokens_off = rollout(False)
         emit(off)

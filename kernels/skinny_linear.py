@@ -132,6 +132,17 @@ def default_config(rows: int, out_features: int, in_features: int, num_sms: int 
     return best[1]
 
 
+# Measured launches that beat default_config, by (N, K, BLOCK_M): filled from bench/gpu_skinny_linear.py's sweep
+# (its summary prints the entries to paste) once a GPU session has measured them; empty until then.
+TUNED: dict[tuple[int, int, int], SkinnyConfig] = {}
+
+
+def choose_config(rows: int, out_features: int, in_features: int, num_sms: int) -> SkinnyConfig:
+    """A measured entry of TUNED for this shape, else default_config."""
+    tuned = TUNED.get((out_features, in_features, block_rows(rows)))
+    return tuned if tuned is not None else default_config(rows, out_features, in_features, num_sms)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
@@ -171,7 +182,7 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return out
     if in_features == 0:
         return out.copy_(bias.expand_as(out) if bias is not None else torch.zeros_like(out))
-    config = config or default_config(rows, out_features, in_features, _num_sms(x.device))
+    config = config or choose_config(rows, out_features, in_features, _num_sms(x.device))
     block_m = block_rows(rows)
     split, k_per_split = balanced_split(config.split_k, in_features, config.block_k)
     tiles = triton.cdiv(out_features, config.block_n)

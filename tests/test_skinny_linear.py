@@ -85,6 +85,24 @@ def test_default_config_fills_the_gpu_with_a_short_tail():
             assert k_per_split % config.block_k == 0 and (split - 1) * k_per_split < k
 
 
+def test_tuned_entry_replaces_the_default(triton_backend, monkeypatch):
+    """A measured TUNED entry (N, K, BLOCK_M) is the launch for every row count of its bucket, and only there."""
+    tuned = kernel.SkinnyConfig(block_n=64, block_k=16, split_k=5)
+    monkeypatch.setitem(kernel.TUNED, (70, 200, 16), tuned)
+    assert kernel.choose_config(9, 70, 200, 132) == tuned and kernel.choose_config(16, 70, 200, 132) == tuned
+    assert kernel.choose_config(17, 70, 200, 132) == kernel.default_config(17, 70, 200, 132)
+    launched, original = [], kernel.balanced_split
+
+    def spy(*args):  # the launcher balances the chosen config's split_k over K chunks of its block_k
+        launched.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(kernel, "balanced_split", spy)
+    x, weight = torch.randn(9, 200), torch.randn(70, 200)
+    fp32_close(skinny_linear(x, weight), linear_reference(x, weight), 200)
+    assert launched == [(5, 200, 16)]
+
+
 def test_errors_name_the_problem(triton_backend):
     x, weight = torch.randn(4, 32), torch.randn(8, 32)
     with pytest.raises(ValueError, match="129 rows.*F.linear"):
@@ -154,6 +172,9 @@ def test_bench_script_smoke(tmp_path):
     assert [r["section"] for r in rows].count("skinny_table") == 4 and rows[-1]["section"] == "skinny_summary"
     assert all(r["max_abs_error"] < 1e-4 for r in rows if r["section"] == "skinny_table")
     assert any(r["section"] == "skinny_sweep" and r["tried"] > 2 for r in rows)
+    for entry in rows[-1]["tuned_entries"]:  # pastes into TUNED as is
+        (key, config), = eval("{" + entry + "\n}", {"SkinnyConfig": kernel.SkinnyConfig}).items()
+        assert key == (40, 300, 16) and isinstance(config, kernel.SkinnyConfig)
 
 
 # ---- sm_90 compile (offline) --------------------------------------------------------------------------------
