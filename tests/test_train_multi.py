@@ -137,3 +137,18 @@ def test_rft_sampling_shared_by_two_ranks(tmp_path):
         first, second = json.load(f1), json.load(f2)
     assert {k: v for k, v in second.items() if isinstance(v, int)} == {k: v for k, v in first.items() if isinstance(v, int)}
     assert [row["step"] for row in read_metrics(out)] == [1, 2]
+
+
+def test_several_processes_without_deepspeed_is_a_clear_error_before_anything_is_written(tmp_path):
+    """torchrun with 2 processes and no --deepspeed: every rank stops at the output_dir step with a usage error
+    (exit 2) naming the fix; output_dir is not created."""
+    base = build_base(tmp_path)
+    data = write_sft_data(tmp_path / "sft.jsonl", count=8, seed=1)
+    out = tmp_path / "out"
+    settings = sft_settings(base, data, out, max_steps=1)
+    done = run_cli(["-m", "grm_engine", "train", "sft"] + flags(settings), prefix=TORCHRUN, env=subprocess_env(),
+                   timeout=300)
+    assert done.returncode != 0
+    assert "several processes train only under DeepSpeed" in done.stderr, done.stderr[-3000:]
+    assert "exitcode: 2" in done.stderr  # the ranks' own exit status: a usage error, not a traceback
+    assert not out.exists()

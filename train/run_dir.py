@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import check_resume_world_size, latest_checkpoint
 from .config import ConfigError, check_resume_config, save_config
-from .engine import barrier, is_main
+from .engine import barrier, init_distributed, is_main, world_size
 
 CONFIG_FILE = "config.yaml"
 
@@ -53,8 +53,15 @@ def check_model_dir(path: str, what: str = "model", *, trust_remote_code: bool =
 
 
 def prepare_output_dir(config, stage: str) -> str | None:
-    """Create or validate output_dir; -> the checkpoint to resume from (None: a fresh run)."""
+    """Create or validate output_dir; -> the checkpoint to resume from (None: a fresh run). Under a launcher every
+    rank reads output_dir before rank 0 writes in it (the process group is joined here for that barrier): a rank
+    reading it while rank 0 created it saw a folder without config.yaml and refused to start (seen in CI)."""
     out = config.output_dir
+    if world_size() > 1:
+        try:
+            init_distributed(config)
+        except ValueError as e:  # several processes without DeepSpeed
+            raise ConfigError(str(e)) from None
     saved = os.path.join(out, CONFIG_FILE)
     resume_from = None
     if os.path.isdir(out) and os.listdir(out):
@@ -78,6 +85,7 @@ def prepare_output_dir(config, stage: str) -> str | None:
                                   "(the LR schedule then spans the new max_steps)")
     elif os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"output_dir = {out!r} is a file, not a directory")
+    barrier()  # every rank has checked output_dir as it was before this run
     if is_main():
         try:
             os.makedirs(out, exist_ok=True)
