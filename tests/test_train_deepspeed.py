@@ -1,9 +1,8 @@
 """The training engine under DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo): ZeRO-2 and ZeRO-3 (with gradient
-checkpointing, decoder layers fetched whole) in one process and
-ZeRO-2 over two processes under torchrun give the plain PyTorch run's losses (fp32: equal within rounding), and a
-rerun resumes from DeepSpeed's own checkpoint. Runs are subprocesses: DeepSpeed sets up a process group and
-launcher variables that must not leak into the other tests. The first DeepSpeed use on a machine builds a small
-shared-memory op with ninja (a minute or more, once)."""
+checkpointing, decoder layers fetched whole) in one process and ZeRO-2 over two processes under torchrun give the
+plain PyTorch run's losses (fp32: equal within rounding), and a rerun resumes from DeepSpeed's own checkpoint. Runs
+are subprocesses: DeepSpeed sets up a process group and launcher variables that must not leak into the other tests.
+The first DeepSpeed use on a machine builds a small shared-memory op with ninja (a minute or more, once)."""
 import importlib.util
 import json
 import os
