@@ -119,7 +119,9 @@ def profiled_step(run, step: int, path: str, cuda: bool) -> dict:
     with profile(activities=activities) as prof:
         metrics = run.step(step)
     averages = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in averages)
+    # kernels only (the table's "Self CUDA time total"): an aten op's self device time repeats its kernels' time
+    device_us = sum(e.self_device_time_total for e in averages
+                    if e.device_type != torch.autograd.DeviceType.CPU and not e.is_user_annotation)
     with open(path if world_size() == 1 else f"{path}.rank{local_rank()}", "w") as f:
         f.write(f"step {step}: {metrics['step_s']:.3f} s wall, {device_us / 1e6:.3f} s of device kernels "
                 f"(rollout {metrics['rollout_s']:.3f}, reference {metrics['reference_s']:.3f}, "
