@@ -178,3 +178,5 @@ json.dump(report, open(f"{out}/sft_multi.json", "w"), indent=1)
 PY
 fi
 t done
+# the device tool returns at most 8 files from $OUT: everything also goes into all.tgz (sorted first)
+(cd "$OUT" && tar czf all.tgz --exclude=all.tgz -- * 2>/dev/null) || true

@@ -114,3 +114,5 @@ PY
   *) echo "unknown part $part"; exit 2 ;;
 esac
 echo "== done ($(date +%T))"
+# the device tool returns at most 8 files from $OUT: everything also goes into all.tgz (sorted first)
+(cd "$OUT" && tar czf all.tgz --exclude=all.tgz -- * 2>/dev/null) || true
