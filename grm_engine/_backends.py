@@ -52,6 +52,21 @@ def forced_backend() -> str | None:
     return value
 
 
+def use_triton(tensor) -> bool:
+    """Whether a dispatcher runs its Triton kernel on `tensor`: GRM_ENGINE_BACKEND=reference|triton forces a path
+    (triton on CPU tensors needs TRITON_INTERPRET=1, Triton's interpreter); otherwise Triton on CUDA tensors, the
+    plain reference elsewhere."""
+    forced = forced_backend()
+    if forced == "reference":
+        return False
+    if forced == "triton":
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("GRM_ENGINE_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 (set before "
+                               "importing triton) to run the kernels in Triton's interpreter")
+        return True
+    return tensor.is_cuda
+
+
 def backends() -> dict:
     """What this install can use: compiled extensions, Triton, a CUDA device, and the forced backend."""
     info = {

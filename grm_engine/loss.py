@@ -18,12 +18,11 @@ The Triton fast paths (grm_engine.kernels.grpo_loss / linear_grpo) must agree wi
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ._backends import forced_backend
+from ._backends import use_triton
 
 LOG_RATIO_MAX = 60.0
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -290,18 +289,6 @@ def fused_linear_token_logprobs_reference(hidden, weight, completion_ids, *, bia
 
 # ----------------------------------------------------------------------------- dispatch
 
-def _use_triton(tensor: torch.Tensor) -> bool:
-    forced = forced_backend()
-    if forced == "reference":
-        return False
-    if forced == "triton":
-        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("GRM_ENGINE_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 (set before "
-                               "importing triton) to run the kernels in Triton's interpreter")
-        return True
-    return tensor.is_cuda
-
-
 def _check_logits(logits):
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {list(logits.shape)}")
@@ -328,7 +315,7 @@ def grpo_loss(logits, completion_ids, mask, *, advantages=None, rewards=None, gr
     options = dict(advantages=advantages, rewards=rewards, group_size=group_size, old_logp=old_logp,
                    ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature,
                    loss_type=loss_type, max_completion_length=max_completion_length)
-    if not _use_triton(logits):
+    if not use_triton(logits):
         check_token_ids(completion_ids, mask != 0, vocab)
         check_finite_inputs(mask != 0, advantages=advantages, rewards=rewards, old_logp=old_logp, ref_logp=ref_logp)
         return grpo_loss_reference(logits, completion_ids, mask, **options)
@@ -357,7 +344,7 @@ def token_logprobs(logits, completion_ids, *, mask=None, temperature=1.0, return
         raise ValueError(f"completion_ids must have shape [{batch}, {length}], got {list(completion_ids.shape)}")
     if mask is not None and tuple(mask.shape) != (batch, length):
         raise ValueError(f"mask must have shape [{batch}, {length}], got {list(mask.shape)}")
-    if not _use_triton(logits):
+    if not use_triton(logits):
         check_token_ids(completion_ids, torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0,
                         vocab)
         return token_logprobs_reference(logits, completion_ids, mask=mask, temperature=temperature,
@@ -389,7 +376,7 @@ def fused_linear_grpo_loss(hidden, weight, completion_ids, mask, *, bias=None, c
                       loss_type=options.get("loss_type", "grpo"), temperature=options.get("temperature", 1.0))
     check_scalars(options["beta"], options.get("eps_low", 0.2), options.get("eps_high", 0.2),
                   options.get("temperature", 1.0))
-    if not _use_triton(hidden):
+    if not use_triton(hidden):
         check_token_ids(completion_ids, mask != 0, weight.shape[0])
         check_finite_inputs(mask != 0, **{k: options.get(k) for k in ("advantages", "rewards", "old_logp", "ref_logp")})
         return fused_linear_grpo_loss_reference(hidden, weight, completion_ids, mask, bias=bias, softcap=softcap,
@@ -413,7 +400,7 @@ def fused_linear_token_logprobs(hidden, weight, completion_ids, *, bias=None, ma
     if mask is not None and tuple(mask.shape) != (batch, length):
         raise ValueError(f"mask must have shape [{batch}, {length}], got {list(mask.shape)}")
     options = dict(bias=bias, mask=mask, temperature=temperature, return_entropy=return_entropy, softcap=softcap)
-    if not _use_triton(hidden):
+    if not use_triton(hidden):
         check_token_ids(completion_ids, torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask != 0,
                         weight.shape[0])
         return fused_linear_token_logprobs_reference(hidden, weight, completion_ids, **options)

@@ -3,12 +3,10 @@ dispatcher for the split-K Triton kernel in grm_engine.kernels.skinny_linear (de
 where cuBLAS leaves most SMs idle; DecoderConfig.skinny_linear turns it on)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from grm_engine._backends import forced_backend
+from grm_engine._backends import use_triton
 
 SKINNY_MAX_ROWS = 128  # grm_engine.kernels.skinny_linear.MAX_ROWS (not imported: importing triton is not free)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,20 +38,6 @@ def check_skinny_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             raise ValueError(f"skinny_linear: bias must be [N] = [{weight.shape[0]}], got {list(bias.shape)}")
         if bias.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"skinny_linear: bias must be {x.dtype} or float32, got {bias.dtype}")
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """GRM_ENGINE_BACKEND=reference|triton forces a path (triton on the CPU needs TRITON_INTERPRET=1); otherwise
-    Triton on CUDA, the reference elsewhere."""
-    forced = forced_backend()
-    if forced == "reference":
-        return False
-    if forced == "triton":
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("GRM_ENGINE_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 (set before "
-                               "importing triton) to run the kernels in Triton's interpreter")
-        return True
-    return x.is_cuda
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config=None
