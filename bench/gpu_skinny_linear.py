@@ -29,10 +29,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_rollout_step  # noqa: E402  (the rollout setup, the 0.5B projection shapes, the CUDA-graph timer)
+from gpu_rollout_step import replay_us  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")
 BANDWIDTH = 4.2e12  # bytes/s, the measured device copy ceiling (DESIGN.md)
-SHAPES = {"qkv": (1152, 896), "o": (896, 896), "gate_up": (9728, 896), "down": (896, 4864),
+SHAPES = {**{name: nk for name, nk in gpu_rollout_step.LINEARS.items() if name != "lm_head"},  # 0.5B
           "qkv_7b": (4608, 3584), "o_7b": (3584, 3584), "gate_up_7b": (37888, 3584), "down_7b": (3584, 18944)}
 ROWS = (16, 32, 64, 128)
 SWEEP_BUDGET_S = 60.0
@@ -48,35 +50,6 @@ def emit(row: dict) -> None:
     if ROWS_FILE is not None:
         ROWS_FILE.write(line + "\n")
         ROWS_FILE.flush()
-
-
-def replay_us(call, repeat: int = 50) -> float:
-    """Median us per call of `call` captured `repeat` times in one CUDA graph (5 timed replays); on the CPU (smoke)
-    the wall time of one eager call."""
-    if not torch.cuda.is_available():
-        start = time.perf_counter()
-        call()
-        return (time.perf_counter() - start) * 1e6
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # compiles, sizes workspaces, sets up cuBLAS
-            call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeat):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / repeat)
-    return sorted(times)[len(times) // 2]
 
 
 def operands(rows: int, n: int, k: int, device: str, dtype: torch.dtype):
@@ -192,29 +165,11 @@ def tuned_entry(row: dict) -> str:
 def rollout(flag: bool) -> tuple[dict, list[list[int]]]:
     """The GRPO rollout shape of bench/gpu_rollout_step.py (8 prompts of 512 tokens x 8 samples, 256 new tokens)
     -> (its JSON row, every sample's tokens)."""
-    import gpu_decode
-    import gpu_rollout_step
-
-    from grm_engine.decode import Decoder, SamplingParams
-
-    shape = gpu_rollout_step.SHAPE
-    model = gpu_decode.build_model("qwen2", shape)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(10, shape["vocab_size"], (512,), generator=g).tolist() for _ in range(8)]
-    decoder = Decoder.from_pretrained(model, max_num_seqs=128, num_kv_blocks=128 * (768 // 16 + 2), skinny_linear=flag)
-    decoder.generate(prompts, SamplingParams(n=8, max_tokens=4, ignore_eos=True, seed=1), use_tqdm=False)
-    for attempt in range(2):
-        torch.cuda.synchronize()
-        begin = time.perf_counter()
-        outputs = decoder.generate(prompts, SamplingParams(n=8, max_tokens=256, ignore_eos=True, seed=attempt),
-                                   use_tqdm=False)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - begin
-    stats = decoder.stats
-    row = {"section": "skinny_rollout", "skinny_linear": flag, "rows": 64, "generate_s": round(seconds, 3),
-           "decode_step_ms": round(1e3 * stats.decode_seconds / max(stats.decode_steps, 1), 4),
-           "decode_s": round(stats.decode_seconds, 3), "prefill_s": round(stats.prefill_seconds, 3),
-           "cuda_graphs": stats.extra.get("cuda_graphs")}
+    model, decoder, prompts = gpu_rollout_step.rollout_setup(8, skinny_linear=flag)
+    row, outputs = gpu_rollout_step.timed_rollout(decoder, prompts)
+    row = {"section": "skinny_rollout", "skinny_linear": flag, **row,
+           **{key: round(row[key], 3) for key in ("generate_s", "decode_s", "prefill_s")},
+           "decode_step_ms": round(row["decode_step_ms"], 4)}
     tokens = [s.token_ids for r in outputs for s in r.outputs]
     del decoder, model
     torch.cuda.empty_cache()
