@@ -25,6 +25,20 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("GRM_ENGINE_BACKEND", "triton")
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[int]:
+    """The rows of every skinny_linear_triton launch from here on (the launcher still runs)."""
+    calls = []
+    launcher = kernel.skinny_linear_triton
+
+    def counting(x, weight, bias=None, config=None):
+        calls.append(x.shape[0])
+        return launcher(x, weight, bias, config)
+
+    monkeypatch.setattr(kernel, "skinny_linear_triton", counting)
+    return calls
+
+
 def fp32_close(ours, ref, in_features):
     # one fp32 rounding per term at most, summed in another order: |error| <~ K * eps * |x||w| (here |x w| ~ 1)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=in_features * 2e-7)
@@ -125,20 +139,12 @@ def test_reference_backend_is_the_reference(monkeypatch):
     assert torch.equal(skinny_linear(x, weight, bias), linear_reference(x, weight, bias))
 
 
-def test_decoder_greedy_tokens_same_with_the_flag(triton_backend, monkeypatch):
+def test_decoder_greedy_tokens_same_with_the_flag(triton_backend, kernel_calls):
     """A tiny random-init Qwen2 (q/k/v bias, merged projections) decodes the same greedy tokens with
     skinny_linear on and off; with it on, the kernel serves every decode-step projection and no prefill."""
     from grm_engine.decode import Decoder, SamplingParams
     from test_decode_models import make_prompts, tiny_model
 
-    calls = []
-    launcher = kernel.skinny_linear_triton
-
-    def counting(x, weight, bias=None, config=None):
-        calls.append(x.shape[0])
-        return launcher(x, weight, bias, config)
-
-    monkeypatch.setattr(kernel, "skinny_linear_triton", counting)
     model = tiny_model("qwen2", seed=2)
     prompts = [make_prompts()[0], [7], list(range(40, 52))]  # 5, 1 and 12 tokens (the interpreter is slow)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=True)
@@ -147,12 +153,12 @@ def test_decoder_greedy_tokens_same_with_the_flag(triton_backend, monkeypatch):
         decoder = Decoder.from_pretrained(model, num_kv_blocks=64, block_size=4, max_num_seqs=8, skinny_linear=flag)
         assert decoder.config.skinny_linear is flag
         results[flag] = [r.outputs[0] for r in decoder.generate(prompts, params, use_tqdm=False)]
-        assert bool(calls) is flag
+        assert bool(kernel_calls) is flag
     assert [s.token_ids for s in results[True]] == [s.token_ids for s in results[False]]
     for on, off in zip(results[True], results[False]):
         torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=1e-4, rtol=1e-4)
     # 2 layers x (qkv, o, gate_up, down) per decode step; 3 decode steps of 3 rows (prefill made the first token)
-    assert calls == [3] * (8 * 3)
+    assert kernel_calls == [3] * (8 * 3)
 
 
 def test_bench_script_smoke(tmp_path):
@@ -322,7 +328,7 @@ def test_decoder_with_cuda_graphs_same_tokens_with_the_flag():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
-def test_decoder_bf16_greedy_with_the_flag_against_transformers(family, monkeypatch):
+def test_decoder_bf16_greedy_with_the_flag_against_transformers(family, kernel_calls, monkeypatch):
     """bf16 decode steps through the kernel: every greedy token is fp32 transformers' best or a near tie (within 4x
     transformers' own bf16 error), as the decoder's GPU lane checks without the flag."""
     import copy
@@ -331,21 +337,13 @@ def test_decoder_bf16_greedy_with_the_flag_against_transformers(family, monkeypa
     from grm_engine.decode import Decoder
     from test_decode_gpu import medium_model
 
-    calls = []
-    launcher = kernel.skinny_linear_triton
-
-    def counting(x, weight, bias=None, config=None):
-        calls.append(x.shape[0])
-        return launcher(x, weight, bias, config)
-
-    monkeypatch.setattr(kernel, "skinny_linear_triton", counting)
     original = Decoder.from_pretrained.__func__
     monkeypatch.setattr(Decoder, "from_pretrained",
                         classmethod(lambda cls, *args, **kwargs: original(cls, *args, skinny_linear=True, **kwargs)))
     model32 = medium_model(family)
     check_bf16_first_step_and_greedy(model32, copy.deepcopy(model32).to(torch.bfloat16), medium_prompts(), monkeypatch,
                                      label=family)
-    assert calls, "the decode steps did not use the kernel"
+    assert kernel_calls, "the decode steps did not use the kernel"
 
 
 if __name__ == "__main__":
