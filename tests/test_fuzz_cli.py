@@ -257,6 +257,28 @@ def test_fuzzed_train_config(model, tmp_path_factory, key, text):
     COUNTS["correct results"] += 1
 
 
+def load_grpo_config(model, data, folder, flags, key: str, allowed: bool, what: str):
+    """`load_config("grpo")` with flags after --model / --data / --output_dir FOLDER/out: a ConfigError must name
+    key and come exactly when the input is not allowed, and nothing in folder is written or changed. -> the config,
+    or None after a clear error."""
+    from grm_engine.train.config import ConfigError, load_config
+
+    before = fingerprint(folder)
+    try:
+        config = load_config("grpo", None, ["--model", model, "--data", data, "--output_dir", str(folder / "out"),
+                                            *flags])
+    except ConfigError as e:
+        assert key in str(e), e
+        assert not allowed, f"{what} is valid but was refused: {e}"
+        COUNTS["clear errors"] += 1
+        config = None
+    else:
+        assert allowed, f"{what} was accepted"
+        COUNTS["correct results"] += 1
+    assert fingerprint(folder) == before  # nothing written, nothing changed
+    return config
+
+
 TEMPLATE_CHOICES = ["default", "single", "", "Default", "grm", "single:", "good", "single:good", "bad", "single:bad",
                     "empty", "missing", "single:missing", "folder"]
 
@@ -268,7 +290,6 @@ def test_fuzzed_train_template(model, tmp_path_factory, choice):
     (a file with an unknown placeholder, an empty or missing file, a folder, another word) a ConfigError naming the
     key, and nothing written."""
     from grm_engine.templates import BUILTIN_DIR
-    from grm_engine.train.config import ConfigError, load_config
 
     COUNTS["inputs"] += 1
     folder = tmp_path_factory.mktemp("fuzz_template")
@@ -284,19 +305,8 @@ def test_fuzzed_train_template(model, tmp_path_factory, choice):
     prefix, _, rest = choice.rpartition(":") if choice.startswith("single:") else ("", "", choice)
     value = f"{prefix}:{paths[rest]}" if prefix and rest in paths else paths.get(choice, choice)
     allowed = choice in ("default", "single", "good", "single:good")
-    before = fingerprint(folder)
-    try:
-        config = load_config("grpo", None, ["--model", model, "--data", data, "--output_dir", str(folder / "out"),
-                                            f"--template={value}"])
-    except ConfigError as e:
-        assert "template" in str(e), e
-        assert not allowed, f"template {choice!r} is valid but was refused: {e}"
-        COUNTS["clear errors"] += 1
-    else:
-        assert allowed, f"template {choice!r} was accepted"
-        assert config.template == value
-        COUNTS["correct results"] += 1
-    assert fingerprint(folder) == before  # nothing written, nothing changed
+    config = load_grpo_config(model, data, folder, [f"--template={value}"], "template", allowed, f"template {choice!r}")
+    assert config is None or config.template == value
 
 
 def test_report_counts():
@@ -312,23 +322,12 @@ REFERENCES = ["copy", "sharded", "none", "", "Sharded", "shard", "copy,none"]
 def test_fuzzed_train_reference(model, tmp_path_factory, reference, deepspeed, beta):
     """reference (grpo): copy, sharded (only with a ZeRO-3 config) or none (only with beta 0); anything else a
     ConfigError naming the key, before any model loads, and nothing written."""
-    from grm_engine.train.config import ConfigError, load_config
-
     COUNTS["inputs"] += 1
     folder = tmp_path_factory.mktemp("fuzz_reference")
     data = write_jsonl(folder / "data.jsonl", make_examples(2))
     allowed = (reference in ("copy", "sharded", "none") and (reference != "sharded" or deepspeed == "zero3")
                and (reference != "none" or beta == "0"))
-    before = fingerprint(folder)
-    try:
-        config = load_config("grpo", None, ["--model", model, "--data", data, "--output_dir", str(folder / "out"),
-                                            f"--reference={reference}", f"--deepspeed={deepspeed}", f"--beta={beta}"])
-    except ConfigError as e:
-        assert "reference" in str(e), e
-        assert not allowed, f"reference {reference!r} with deepspeed {deepspeed!r}, beta {beta} was refused: {e}"
-        COUNTS["clear errors"] += 1
-    else:
-        assert allowed, f"reference {reference!r} with deepspeed {deepspeed!r}, beta {beta} was accepted"
-        assert config.reference == reference
-        COUNTS["correct results"] += 1
-    assert fingerprint(folder) == before  # nothing written, nothing changed
+    config = load_grpo_config(model, data, folder,
+                              [f"--reference={reference}", f"--deepspeed={deepspeed}", f"--beta={beta}"], "reference",
+                              allowed, f"reference {reference!r} with deepspeed {deepspeed!r}, beta {beta}")
+    assert config is None or config.reference == reference
